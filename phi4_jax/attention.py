@@ -1,0 +1,261 @@
+"""Causal grouped-query attention over packed sequences, behind one function.
+
+Axes: B batch, T query length, S key length, N query heads, K kv heads, G = N / K query
+heads per kv head, H head dim, M segments per row.
+
+Every implementation applies the same mask: query slot i sees key slot j iff
+j <= i + q_offset (causal), the two carry the same segment id, and the key's segment id is
+not 0 (padding). So no token attends across packed documents on any path.
+  - `xla`: the plain einsum/softmax reference; materializes [B, N, T, S] logits.
+  - `blockwise`: flash-style online softmax over key blocks with a recomputing backward;
+    memory O(T * block) for long sequences where no fused kernel exists.
+  - `cudnn`: cuDNN flash attention on NVIDIA GPUs, packed documents passed as segment
+    offsets and lengths (the plain `jax.nn.dot_product_attention` has no segment argument).
+Softmax and its statistics are always float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # finite, so fully masked rows stay NaN-free on every path
+
+
+def resolve_impl(impl: str, seq_len: int, block_size: int) -> str:
+    """Picks the implementation for `auto` from the backend and sequence length."""
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "gpu":
+        return "cudnn"
+    return "blockwise" if seq_len > 2 * block_size else "xla"
+
+
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
+              q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0,
+              impl: str = "auto", block_size: int = 512) -> jax.Array:
+    """Masked causal attention; returns [B, T, N, H] in the query dtype."""
+    impl = resolve_impl(impl, q_BTNH.shape[1], block_size)
+    if impl == "xla":
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
+    if impl == "blockwise":
+        if not isinstance(q_offset, int) or q_offset:
+            return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
+        return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids,
+                                   block_size=block_size)
+    if impl == "cudnn":
+        if q_BTNH.shape[1] != k_BSKH.shape[1] or (not isinstance(q_offset, int) or q_offset):
+            # Cached decoding: short queries against a long cache; the plain path is cheap.
+            return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
+        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids)
+    raise ValueError(f"model.attention_impl={impl!r}: choose auto, xla, blockwise or cudnn.")
+
+
+def _mask(q_seg_BT, kv_seg_BS, q_index_T, kv_index_S):
+    """[B, 1, 1, T, S] boolean: causal, same segment, key not padding."""
+    causal_TS = kv_index_S[None, :] <= q_index_T[:, None]
+    same_BTS = (q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]) & (kv_seg_BS[:, None, :] != 0)
+    return (same_BTS & causal_TS)[:, None, None]
+
+
+def _group(q_BTNH, num_kv_heads):
+    b, t, n, h = q_BTNH.shape
+    return q_BTNH.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset=0):
+    """Reference path: full logits, float32 softmax."""
+    q_BTKGH = _group(q_BTNH, k_BSKH.shape[2])
+    scale = q_BTNH.shape[-1] ** -0.5
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                              preferred_element_type=jnp.float32) * scale
+    t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+    mask = _mask(q_segment_ids, kv_segment_ids, jnp.arange(t) + q_offset, jnp.arange(s))
+    probs_BKGTS = jax.nn.softmax(jnp.where(mask, logits_BKGTS, _MASKED), axis=-1)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH,
+                           preferred_element_type=jnp.float32)
+    return out_BTKGH.reshape(q_BTNH.shape).astype(q_BTNH.dtype)
+
+
+# --- blockwise (flash-style) -------------------------------------------------------------
+
+def _pad_to(x, multiple, axis):
+    pad = -x.shape[axis] % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _block_logits(q_blk, k_blk, q_seg, kv_seg, q_start, kv_start, scale):
+    """Masked float32 logits [B, K, G, bq, bk] for one (query block, key block) pair."""
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
+    mask = _mask(q_seg, kv_seg, q_start + jnp.arange(q_blk.shape[1]),
+                 kv_start + jnp.arange(k_blk.shape[1]))
+    return jnp.where(mask, logits * scale, _MASKED)
+
+
+def _split_blocks(x, block, axis=1):
+    """[B, T, ...] -> [T / block, B, block, ...] for scanning over blocks."""
+    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _merge_blocks(x, axis=1):
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _flash_forward(q, k, v, q_seg, kv_seg, block):
+    """Online-softmax forward; returns the output [B,T,K,G,H] and log-sum-exp [B,K,G,T]."""
+    scale = q.shape[-1] ** -0.5
+    k_blocks, v_blocks, kv_seg_blocks = (_split_blocks(x, block) for x in (k, v, kv_seg))
+
+    def one_query_block(args):
+        q_blk, q_seg_blk, q_start = args
+        b, bq, kh, g, h = q_blk.shape
+
+        def step(carry, kv):
+            acc, row_max, row_sum = carry
+            k_blk, v_blk, kv_seg_blk, kv_start = kv
+            logits = _block_logits(q_blk, k_blk, q_seg_blk, kv_seg_blk, q_start, kv_start, scale)
+            new_max = jnp.maximum(row_max, logits.max(-1))
+            probs = jnp.exp(logits - new_max[..., None])
+            correction = jnp.exp(row_max - new_max)
+            row_sum = row_sum * correction + probs.sum(-1)
+            pv = jnp.einsum("bkgts,bskh->bkgth", probs.astype(v_blk.dtype), v_blk,
+                            preferred_element_type=jnp.float32)
+            return (acc * correction[..., None] + pv, new_max, row_sum), None
+
+        init = (jnp.zeros((b, kh, g, bq, h), jnp.float32),
+                jnp.full((b, kh, g, bq), _MASKED, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32))
+        kv_starts = jnp.arange(k_blocks.shape[0]) * block
+        (acc, row_max, row_sum), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, kv_seg_blocks,
+                                                               kv_starts))
+        out = acc / row_sum[..., None]
+        return jnp.einsum("bkgth->btkgh", out), row_max + jnp.log(row_sum)
+
+    q_starts = jnp.arange(q.shape[1] // block) * block
+    out, lse = jax.lax.map(one_query_block, (_split_blocks(q, block), _split_blocks(q_seg, block),
+                                             q_starts))
+    return _merge_blocks(out), _merge_blocks(lse, axis=3)
+
+
+def _flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, block):
+    """Recomputes block probabilities from the log-sum-exp; never holds [T, S]."""
+    scale = q.shape[-1] ** -0.5
+    delta = jnp.einsum("btkgh,btkgh->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    q_blocks, q_seg_blocks, d_out_blocks = (_split_blocks(x, block) for x in (q, q_seg, d_out))
+    lse_blocks, delta_blocks = (_split_blocks(x, block, axis=3) for x in (lse, delta))
+    k_blocks, v_blocks, kv_seg_blocks = (_split_blocks(x, block) for x in (k, v, kv_seg))
+    starts = jnp.arange(q.shape[1] // block) * block
+
+    def grad_pieces(q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk, k_blk, v_blk,
+                    kv_seg_blk, kv_start):
+        logits = _block_logits(q_blk, k_blk, q_seg_blk, kv_seg_blk, q_start, kv_start, scale)
+        probs = jnp.exp(logits - lse_blk[..., None])
+        d_probs = jnp.einsum("btkgh,bskh->bkgts", d_out_blk.astype(jnp.float32),
+                             v_blk.astype(jnp.float32))
+        d_logits = probs * (d_probs - delta_blk[..., None]) * scale
+        return probs, d_logits
+
+    def dq_for_query_block(args):
+        q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk = args
+
+        def step(dq, kv):
+            k_blk, v_blk, kv_seg_blk, kv_start = kv
+            _, d_logits = grad_pieces(q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk,
+                                      k_blk, v_blk, kv_seg_blk, kv_start)
+            return dq + jnp.einsum("bkgts,bskh->btkgh", d_logits, k_blk.astype(jnp.float32)), None
+
+        dq, _ = jax.lax.scan(step, jnp.zeros(q_blk.shape, jnp.float32),
+                             (k_blocks, v_blocks, kv_seg_blocks, starts))
+        return dq
+
+    def dkv_for_key_block(args):
+        k_blk, v_blk, kv_seg_blk, kv_start = args
+
+        def step(carry, qs):
+            dk, dv = carry
+            q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk = qs
+            probs, d_logits = grad_pieces(q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk,
+                                          k_blk, v_blk, kv_seg_blk, kv_start)
+            dv = dv + jnp.einsum("bkgts,btkgh->bskh", probs, d_out_blk.astype(jnp.float32))
+            dk = dk + jnp.einsum("bkgts,btkgh->bskh", d_logits, q_blk.astype(jnp.float32))
+            return (dk, dv), None
+
+        zeros = jnp.zeros(k_blk.shape, jnp.float32)
+        (dk, dv), _ = jax.lax.scan(step, (zeros, zeros), (q_blocks, q_seg_blocks, starts,
+                                                          d_out_blocks, lse_blocks, delta_blocks))
+        return dk, dv
+
+    dq = jax.lax.map(dq_for_query_block, (q_blocks, q_seg_blocks, starts, d_out_blocks, lse_blocks,
+                                          delta_blocks))
+    dk, dv = jax.lax.map(dkv_for_key_block, (k_blocks, v_blocks, kv_seg_blocks, starts))
+    return (_merge_blocks(dq).astype(q.dtype), _merge_blocks(dk).astype(k.dtype),
+            _merge_blocks(dv).astype(v.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, kv_seg, block):
+    return _flash_forward(q, k, v, q_seg, kv_seg, block)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, block):
+    out, lse = _flash_forward(q, k, v, q_seg, kv_seg, block)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(block, residuals, d_out):
+    q, k, v, q_seg, kv_seg, out, lse = residuals
+    dq, dk, dv = _flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, block)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, *,
+                        block_size: int = 512):
+    """Memory-efficient self-attention (T == S); pads T up to a multiple of the block."""
+    t = q_BTNH.shape[1]
+    block = min(block_size, t)
+    q = _pad_to(_group(q_BTNH, k_BSKH.shape[2]), block, 1)
+    k, v = _pad_to(k_BSKH, block, 1), _pad_to(v_BSKH, block, 1)
+    q_seg, kv_seg = _pad_to(q_segment_ids, block, 1), _pad_to(kv_segment_ids, block, 1)
+    out = _flash(q, k, v, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32), block)
+    return out[:, :t].reshape(q_BTNH.shape).astype(q_BTNH.dtype)
+
+
+# --- cuDNN (NVIDIA) ----------------------------------------------------------------------
+
+def segment_offsets(segment_ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed layout: segment starts plus end [B, M+1] and lengths [B, M], -1 padded.
+
+    Assumes the packer's convention: segments numbered 1, 2, ... in order, padding (0) last.
+    M = T, the most segments a row can hold, so no packing can overflow it.
+    """
+    b, t = segment_ids_BT.shape
+    rows = jnp.arange(b)[:, None]
+    counts = jnp.zeros((b, t + 1), jnp.int32).at[rows, segment_ids_BT].add(1)[:, 1:]
+    num_segments = segment_ids_BT.max(axis=1, keepdims=True)
+    slot = jnp.arange(t)[None, :]
+    lengths = jnp.where(slot < num_segments, counts, -1)
+    ends = jnp.cumsum(counts, axis=1)
+    starts = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), ends], axis=1)
+    offsets = jnp.where(jnp.arange(t + 1)[None, :] <= num_segments, starts, -1)
+    return offsets, lengths
+
+
+def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    """cuDNN flash attention with padding-causal masking per packed segment (sm90+, bf16)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+
+    offsets, lengths = segment_offsets(segment_ids_BT)
+    return cudnn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+        kv_offsets=offsets, scale=q_BTNH.shape[-1] ** -0.5,
+        mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")

@@ -1,0 +1,220 @@
+"""The Phi-4 decoder in Flax NNX: pre-norm blocks of GQA attention and a SwiGLU MLP.
+
+Axes: B batch, T query length, S key length, N query heads, K kv heads, H head dim,
+D model dim, F ffn dim, V vocab, L layers.
+
+Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so compile time
+and remat are per layer, not per model. Every parameter carries logical axis names
+(`out_sharding` metadata); `phi4_jax.sharding` maps them onto the mesh. Training code
+treats the model as `graphdef` + parameter pytree (`nnx.split` / `nnx.merge`), so a
+train step is a pure function of arrays.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
+
+from phi4_jax import attention as attention_lib
+from phi4_jax.model_config import ModelConfig
+from phi4_jax.rope import apply_rope
+from phi4_jax.sharding import constrain
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+}
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float,
+           dtype: str) -> nnx.Param:
+    value = jax.random.normal(rngs.params(), shape, jnp.float32) * std
+    return nnx.Param(value.astype(dtype), out_sharding=names, eager_sharding=False)
+
+
+def _ones(dim: int, dtype: str) -> nnx.Param:
+    return nnx.Param(jnp.ones((dim,), dtype), out_sharding=("norm",), eager_sharding=False)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of every layer for batched decoding; slots fill from index 0 upwards."""
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    segment_ids_BS: jax.Array  # 0 = empty slot or left padding
+    index: jax.Array  # scalar int32: the next slot to write
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, the statistics in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.scale = _ones(cfg.d_model, cfg.param_dtype)
+        self.eps = cfg.norm_eps
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x32 = x_BTD.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x_BTD.dtype) * self.scale[...].astype(x_BTD.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE and no biases."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h, std, dt = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                               cfg.init_std, cfg.param_dtype)
+        self.q_DNH = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), std, dt)
+        self.k_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt)
+        self.v_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt)
+        self.o_NHD = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), std, dt)
+        self.cfg = cfg
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv=None):
+        cfg, dt = self.cfg, x_BTD.dtype
+        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
+        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
+        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_DKH[...].astype(dt))
+        q_BTNH, k_BTKH, v_BTKH = (checkpoint_name(a, "qkv_proj")
+                                  for a in (q_BTNH, k_BTKH, v_BTKH))
+        rope = dict(theta=cfg.rope_theta, rotary_dim=cfg.rotary_dim)
+        q_BTNH = constrain(apply_rope(q_BTNH, positions_BT, **rope),
+                           ("batch", "seq", "q_heads", "head_dim"))
+        k_BTKH = constrain(apply_rope(k_BTKH, positions_BT, **rope),
+                           ("batch", "seq", "kv_heads", "head_dim"))
+        if cache_kv is None:
+            k_all, v_all, kv_segments, offset = k_BTKH, v_BTKH, segment_ids_BT, 0
+            new_cache_kv = None
+        else:
+            k_cache, v_cache, kv_segments, offset = cache_kv
+            k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTKH.astype(k_cache.dtype),
+                                                        offset, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BTKH.astype(v_cache.dtype),
+                                                        offset, axis=1)
+            new_cache_kv = (k_all, v_all)
+        out_BTNH = attention_lib.attention(
+            q_BTNH, k_all.astype(dt), v_all.astype(dt), q_segment_ids=segment_ids_BT,
+            kv_segment_ids=kv_segments, q_offset=offset, impl=cfg.attention_impl,
+            block_size=cfg.attention_block_size)
+        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD[...].astype(dt))
+        return out_BTD, new_cache_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(up(x) * silu(gate(x)))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, std, dt = cfg.d_model, cfg.ffn_dim, cfg.init_std, cfg.param_dtype
+        self.gate_DF = _param(rngs, (d, f), ("embed", "mlp"), std, dt)
+        self.up_DF = _param(rngs, (d, f), ("embed", "mlp"), std, dt)
+        self.down_FD = _param(rngs, (f, d), ("mlp", "embed"), std, dt)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dt = x_BTD.dtype
+        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate_DF[...].astype(dt))
+        up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up_DF[...].astype(dt))
+        hidden_BTF = constrain(up_BTF * jax.nn.silu(gate_BTF), ("batch", "seq", "mlp"))
+        return jnp.einsum("btf,fd->btd", hidden_BTF, self.down_FD[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv=None):
+        attn_out, new_cache_kv = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
+                                           cache_kv)
+        x_BTD = constrain(x_BTD + attn_out, ("batch", "seq", "embed"))
+        x_BTD = constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ("batch", "seq", "embed"))
+        return x_BTD, new_cache_kv
+
+
+class Transformer(nnx.Module):
+    """Embedding, L stacked blocks, final norm and (untied or tied) LM head."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                               cfg.init_std, cfg.param_dtype)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                     cfg.init_std, cfg.param_dtype)
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array) -> jax.Array:
+        """Float32 logits [B, T, V] of a packed batch (training and scoring)."""
+        return self.forward(tokens_BT, positions_BT, segment_ids_BT)[0]
+
+    def forward(self, tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None = None):
+        """Logits and, when decoding with a cache, the cache with these tokens written in."""
+        cfg = self.cfg
+        x_BTD = self.embed_VD[...][tokens_BT].astype(cfg.compute_dtype)
+        x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+        if cache is None:
+            x_BTD = self._run_blocks(x_BTD, positions_BT, segment_ids_BT)
+            new_cache = None
+        else:
+            x_BTD, new_cache = self._run_blocks_cached(x_BTD, positions_BT, segment_ids_BT, cache)
+        x_BTD = self.final_norm(x_BTD)
+        head_DV = self.embed_VD[...].T if cfg.tie_embeddings else self.lm_head_DV[...]
+        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(x_BTD.dtype),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits_BTV, ("batch", "seq", "vocab")), new_cache
+
+    def _run_blocks(self, x_BTD, positions_BT, segment_ids_BT):
+        # A plain lax.scan over the split layer state: pure JAX, so it traces the same under
+        # jit, grad or neither, whichever level the parameters come from.
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT)[0], None
+
+        if self.cfg.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat_policy],
+                                   prevent_cse=False)
+        return jax.lax.scan(layer, x_BTD, stacked)[0]
+
+    def _run_blocks_cached(self, x_BTD, positions_BT, segment_ids_BT, cache: KVCache):
+        t = x_BTD.shape[1]
+        kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BS, segment_ids_BT,
+                                                          cache.index, axis=1)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, xs):
+            layer_state, k_cache, v_cache = xs
+            block = nnx.merge(graphdef, layer_state)
+            x, k_v = block(x, positions_BT, segment_ids_BT,
+                           (k_cache, v_cache, kv_segments, cache.index))
+            return x, k_v
+
+        x_BTD, (k_LBSKH, v_LBSKH) = jax.lax.scan(layer, x_BTD,
+                                                 (stacked, cache.k_LBSKH, cache.v_LBSKH))
+        return x_BTD, KVCache(k_LBSKH, v_LBSKH, kv_segments, cache.index + t)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A freshly initialized model (use `nnx.eval_shape` for shapes without allocation)."""
+    return Transformer(cfg, nnx.Rngs(params=seed))

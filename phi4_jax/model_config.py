@@ -1,0 +1,147 @@
+"""The model's typed configuration and the table of named Phi-4 sizes.
+
+A `ModelConfig` is frozen and validated on construction, so a bad geometry is refused
+before any parameter is built. `param_count` works from shapes alone: it is how a 14B
+size is checked on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+AttentionImpl = Literal["auto", "xla", "cudnn", "splash", "blockwise"]
+RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Geometry and numerics of a Phi-4-family decoder."""
+
+    name: str
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    max_positions: int = 4096
+    rope_theta: float = 10_000.0
+    rotary_fraction: float = 1.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    attention_impl: AttentionImpl = "auto"
+    attention_block_size: int = 512
+    remat_policy: RematPolicy = "none"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        validate_model_config(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that cannot be built; the message names the field and the fix."""
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Refuses impossible geometries with a message naming the field and the fix."""
+    positive = ("num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_dim", "vocab_size",
+                "max_positions", "attention_block_size")
+    for field in positive:
+        value = getattr(cfg, field)
+        if not isinstance(value, int) or value <= 0:
+            raise ModelConfigError(f"model.{field}={value!r} must be a positive integer.")
+    if cfg.d_model % cfg.num_heads:
+        raise ModelConfigError(
+            f"model.num_heads={cfg.num_heads} does not divide model.d_model={cfg.d_model}; "
+            f"pick num_heads from the divisors of d_model (head_dim = d_model / num_heads).")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ModelConfigError(
+            f"model.num_kv_heads={cfg.num_kv_heads} does not divide "
+            f"model.num_heads={cfg.num_heads}; grouped attention needs an equal number of query "
+            f"heads per KV head, so pick num_kv_heads from the divisors of num_heads.")
+    if not 0.0 < cfg.rotary_fraction <= 1.0:
+        raise ModelConfigError(
+            f"model.rotary_fraction={cfg.rotary_fraction} must lie in (0, 1].")
+    rotary_exact = cfg.head_dim * cfg.rotary_fraction
+    if rotary_exact != int(rotary_exact) or int(rotary_exact) % 2:
+        raise ModelConfigError(
+            f"model.rotary_fraction={cfg.rotary_fraction} gives a rotary dimension of "
+            f"{rotary_exact} for head_dim={cfg.head_dim}; RoPE rotates pairs, so choose a "
+            f"fraction that makes head_dim * rotary_fraction an even integer.")
+    if cfg.rope_theta <= 0:
+        raise ModelConfigError(f"model.rope_theta={cfg.rope_theta} must be positive.")
+    for field in ("param_dtype", "compute_dtype"):
+        if getattr(cfg, field) not in ("float32", "bfloat16", "float16"):
+            raise ModelConfigError(
+                f"model.{field}={getattr(cfg, field)!r}: use 'float32', 'bfloat16' or 'float16'.")
+    if cfg.attention_impl not in AttentionImpl.__args__:
+        raise ModelConfigError(
+            f"model.attention_impl={cfg.attention_impl!r}: choose one of {AttentionImpl.__args__}.")
+    if cfg.remat_policy not in RematPolicy.__args__:
+        raise ModelConfigError(
+            f"model.remat_policy={cfg.remat_policy!r}: choose one of {RematPolicy.__args__}.")
+
+
+# Named sizes. phi4-14b and phi4-mini are the released geometries (rope base of the
+# released 16K phi-4; the 4K pretraining base is set by configs/pretrain.py). The research
+# sizes keep Phi-4's vocabulary and head layout at smaller width and depth.
+_SIZES: dict[str, dict] = {
+    "phi4-14b": dict(num_layers=40, d_model=5120, num_heads=40, num_kv_heads=10, ffn_dim=17920,
+                     vocab_size=100352, max_positions=16384, rope_theta=250_000.0),
+    "phi4-mini": dict(num_layers=32, d_model=3072, num_heads=24, num_kv_heads=8, ffn_dim=8192,
+                      vocab_size=200064, max_positions=4096, rope_theta=10_000.0,
+                      rotary_fraction=0.75, tie_embeddings=True),
+    # phi4-14b layer geometry with 4 layers: single-GPU benchmarks of the real layer.
+    "phi4-14b-4l": dict(num_layers=4, d_model=5120, num_heads=40, num_kv_heads=10, ffn_dim=17920,
+                        vocab_size=100352, max_positions=16384, rope_theta=250_000.0),
+    "1b": dict(num_layers=16, d_model=2048, num_heads=16, num_kv_heads=4, ffn_dim=5632,
+               vocab_size=100352, max_positions=4096),
+    # GPT-3 Small geometry (85M non-embedding parameters; ~240M with Phi-4's vocabulary).
+    "125m": dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, ffn_dim=2048,
+                 vocab_size=100352, max_positions=4096),
+    "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=192,
+                 vocab_size=100352, max_positions=1024),
+}
+
+SIZE_NAMES: tuple[str, ...] = tuple(_SIZES)
+
+
+def model_config_for(size: str, **overrides) -> ModelConfig:
+    """Builds the named size, with field overrides (dtype, rope base, attention, ...)."""
+    if size not in _SIZES:
+        raise ModelConfigError(
+            f"model.size={size!r} is not a known size; choose one of {', '.join(SIZE_NAMES)}.")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ModelConfigError(f"unknown model field(s) {unknown}; known fields: {sorted(fields)}.")
+    return ModelConfig(name=size, **{**_SIZES[size], **overrides})
+
+
+def param_count(cfg: ModelConfig, *, include_embeddings: bool = True) -> int:
+    """Parameters implied by the geometry: fused QKV, output, SwiGLU, two norms per layer."""
+    d, h, f = cfg.d_model, cfg.head_dim, cfg.ffn_dim
+    attention = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * h + cfg.num_heads * h * d
+    per_layer = attention + 3 * d * f + 2 * d
+    total = cfg.num_layers * per_layer + d  # final norm
+    if include_embeddings:
+        total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return total

@@ -1,0 +1,270 @@
+"""Phi-4's tokenizer: tiktoken's cl100k_base ranks, Phi-4's special tokens, and its ChatML.
+
+The rank files ship inside the package and are checked against `assets/SHA256SUMS` when
+loaded, so a tokenizer never touches the network and a damaged install fails loudly.
+Ordinary text, chat contents included, is always encoded as plain text: a literal
+`<|im_end|>` in a web page is spelled out in ordinary tokens and cannot forge a turn.
+`phi4-mini` has only o200k_base's `<|endoftext|>` and `<|endofprompt|>`: Phi-4-mini's own
+chat special tokens are not in our reference notes, so they are left out (no `encode_chat`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+# The pre-tokenization regexes tiktoken publishes for cl100k_base and o200k_base.
+CL100K_PAT_STR = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+O200K_PAT_STR = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+
+PHI4_VOCAB_SIZE = 100352
+PHI4_MINI_VOCAB_SIZE = 200064  # o200k's ids padded by the model's embedding table.
+CHAT_ROLES = ("system", "user", "assistant")
+
+_PHI4_NAMED_SPECIALS = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|im_start|>": 100264,
+    "<|im_end|>": 100265,
+    "<|im_sep|>": 100266,
+    "<|endofprompt|>": 100276,
+}
+
+
+def _phi4_special_tokens() -> dict[str, int]:
+    """Named specials plus `<|dummy_k|>` filling, in order, every id above the ranks left free."""
+    named_ids = set(_PHI4_NAMED_SPECIALS.values())
+    free_ids = [i for i in range(100256, PHI4_VOCAB_SIZE) if i not in named_ids]
+    dummies = {f"<|dummy_{k}|>": token_id for k, token_id in enumerate(free_ids)}
+    return {**_PHI4_NAMED_SPECIALS, **dummies}
+
+
+PHI4_SPECIAL_TOKENS: dict[str, int] = _phi4_special_tokens()
+PHI4_MINI_SPECIAL_TOKENS: dict[str, int] = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizerSpec:
+    """What distinguishes one named tokenizer from another."""
+
+    rank_file: str
+    pat_str: str
+    special_tokens: Mapping[str, int]
+    vocab_size: int
+    pad_token: str
+
+
+_SPECS = {
+    "phi4": _TokenizerSpec(
+        "cl100k_base.tiktoken", CL100K_PAT_STR, PHI4_SPECIAL_TOKENS, PHI4_VOCAB_SIZE,
+        pad_token="<|dummy_85|>",
+    ),
+    "phi4-mini": _TokenizerSpec(
+        "o200k_base.tiktoken", O200K_PAT_STR, PHI4_MINI_SPECIAL_TOKENS, PHI4_MINI_VOCAB_SIZE,
+        pad_token="<|endoftext|>",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatEncoding:
+    """Token ids of a ChatML conversation and a 0/1 mask of the ids a model is trained to emit."""
+
+    ids: list[int]
+    loss_mask: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.loss_mask):
+            raise ValueError(f"ChatEncoding: {len(self.ids)} ids but {len(self.loss_mask)} mask entries")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phi4Tokenizer:
+    """A tiktoken encoding with Phi-4's ids for the tokens that structure documents and chats.
+
+    `vocab_size` is the model's (padded) embedding size; `im_*` ids are None for a tokenizer
+    without ChatML specials.
+    """
+
+    name: str
+    vocab_size: int
+    eot_id: int
+    pad_id: int
+    im_start_id: int | None
+    im_end_id: int | None
+    im_sep_id: int | None
+    special_tokens: Mapping[str, int] = dataclasses.field(repr=False, compare=False)
+    encoding: tiktoken.Encoding = dataclasses.field(repr=False, compare=False)
+
+    def encode(self, text: str) -> list[int]:
+        """Encodes text with special-token strings as ordinary text, so data cannot inject control ids."""
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        """`encode` over many texts on tiktoken's thread pool."""
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens written as their strings; invalid UTF-8 becomes U+FFFD."""
+        token_ids = [int(i) for i in ids]
+        try:
+            return self.encoding.decode(token_ids)
+        except (KeyError, OverflowError) as err:
+            raise ValueError(
+                f"the {self.name} tokenizer cannot decode ids {self._unknown_ids(token_ids)[:8]}: they are "
+                f"neither ranks nor special tokens; ids past {self.encoding.max_token_value} (up to "
+                f"{self.vocab_size - 1}) only pad the embedding, mask them out of the logits before sampling"
+            ) from err
+
+    def special_id(self, token: str) -> int:
+        """Id of a special token such as '<|im_end|>'."""
+        if token not in self.special_tokens:
+            named = [t for t in self.special_tokens if not t.startswith("<|dummy_")]
+            dummies = len(self.special_tokens) - len(named)
+            raise KeyError(
+                f"{token!r} is not a special token of the {self.name} tokenizer; it has {', '.join(named)}"
+                + (f" and <|dummy_0|>..<|dummy_{dummies - 1}|>" if dummies else "")
+            )
+        return self.special_tokens[token]
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
+    ) -> ChatEncoding:
+        """Phi-4's ChatML: `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` per message, no separators.
+
+        The loss mask is 1 on each assistant turn's content and its `<|im_end|>`, 0 elsewhere.
+        Keys other than 'role' and 'content' are ignored, as Phi-4's template ignores them.
+        """
+        if self.im_start_id is None or self.im_end_id is None or self.im_sep_id is None:
+            raise ValueError(
+                f"the {self.name} tokenizer has no ChatML special tokens; "
+                "use load_tokenizer('phi4') for chat data"
+            )
+        ids: list[int] = []
+        loss_mask: list[int] = []
+        for index, message in enumerate(messages):
+            role, content = _checked_message(index, message)
+            header = [self.im_start_id, *self.encode(role), self.im_sep_id]
+            body = [*self.encode(content), self.im_end_id]
+            ids += header + body
+            loss_mask += [0] * len(header) + [int(role == "assistant")] * len(body)
+        if add_generation_prompt:
+            prompt = [self.im_start_id, *self.encode("assistant"), self.im_sep_id]
+            ids += prompt
+            loss_mask += [0] * len(prompt)
+        return ChatEncoding(ids=ids, loss_mask=loss_mask)
+
+    def _unknown_ids(self, token_ids: list[int]) -> list[int]:
+        """The ids among `token_ids` that tiktoken cannot decode."""
+        unknown = []
+        for token_id in token_ids:
+            try:
+                self.encoding.decode_single_token_bytes(token_id)
+            except (KeyError, OverflowError):
+                unknown.append(token_id)
+        return unknown
+
+
+def _checked_message(index: int, message: Mapping[str, str]) -> tuple[str, str]:
+    """The (role, content) of a chat message, or an error naming the message and what is wrong."""
+    if not isinstance(message, Mapping):
+        raise TypeError(
+            f"chat message {index} is a {type(message).__name__}; "
+            "expected a mapping with 'role' and 'content'"
+        )
+    missing = [key for key in ("role", "content") if key not in message]
+    if missing:
+        raise ValueError(
+            f"chat message {index} lacks {missing}; each message needs 'role' and 'content' "
+            f"(got keys {sorted(map(str, message))})"
+        )
+    role, content = message["role"], message["content"]
+    if role not in CHAT_ROLES:
+        raise ValueError(f"chat message {index} has role {role!r}; Phi-4's template knows {list(CHAT_ROLES)}")
+    if not isinstance(content, str):
+        raise TypeError(f"chat message {index} has content of type {type(content).__name__}; expected str")
+    return role, content
+
+
+def _packaged_sha256(filename: str) -> str:
+    """The sha256 that `assets/SHA256SUMS` records for a packaged file."""
+    for line in (ASSETS_DIR / "SHA256SUMS").read_text(encoding="utf-8").splitlines():
+        digest, _, listed = line.strip().partition("  ")
+        if listed == filename:
+            return digest
+    raise ValueError(f"{ASSETS_DIR / 'SHA256SUMS'} has no entry for {filename}; reinstall phi4_jax")
+
+
+def _load_ranks(path: Path, expected_sha256: str) -> dict[bytes, int]:
+    """BPE ranks from a local .tiktoken file, refused unless its sha256 is the expected one."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer ranks file {path} is missing; "
+            "reinstall phi4_jax (pip install --force-reinstall phi4_jax)"
+        )
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != expected_sha256:
+        raise ValueError(
+            f"tokenizer ranks file {path} has sha256 {actual}, expected {expected_sha256} "
+            f"(assets/SHA256SUMS): the file is corrupted or was replaced; reinstall phi4_jax "
+            f"(pip install --force-reinstall phi4_jax, or restore phi4_jax/assets from the repository)"
+        )
+    return load_tiktoken_bpe(str(path), expected_hash=expected_sha256)
+
+
+def _build_tokenizer(name: str, spec: _TokenizerSpec, ranks: dict[bytes, int]) -> Phi4Tokenizer:
+    """Wraps ranks and a spec's special tokens in a tiktoken encoding."""
+    encoding = tiktoken.Encoding(
+        name=name, pat_str=spec.pat_str, mergeable_ranks=ranks, special_tokens=dict(spec.special_tokens)
+    )
+    specials = types.MappingProxyType(dict(spec.special_tokens))
+    return Phi4Tokenizer(
+        name=name,
+        vocab_size=spec.vocab_size,
+        eot_id=specials["<|endoftext|>"],
+        pad_id=specials[spec.pad_token],
+        im_start_id=specials.get("<|im_start|>"),
+        im_end_id=specials.get("<|im_end|>"),
+        im_sep_id=specials.get("<|im_sep|>"),
+        special_tokens=specials,
+        encoding=encoding,
+    )
+
+
+def load_tokenizer(name: str = "phi4") -> Phi4Tokenizer:
+    """The named tokenizer ('phi4' or 'phi4-mini'), built once per process."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(_SPECS)}")
+    return _cached_tokenizer(name)
+
+
+@functools.cache
+def _cached_tokenizer(name: str) -> Phi4Tokenizer:
+    """Builds a tokenizer from its packaged, hash-checked rank file; cached on the name alone."""
+    spec = _SPECS[name]
+    ranks = _load_ranks(ASSETS_DIR / spec.rank_file, _packaged_sha256(spec.rank_file))
+    return _build_tokenizer(name, spec, ranks)

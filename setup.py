@@ -1,0 +1,39 @@
+"""phi4_jax: the Phi-4 training recipe in JAX/Flax, from a laptop CPU to accelerator pods."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "tiktoken>=0.14,<0.15",
+    "ml_collections>=1.1,<2",
+    "tensorflow-datasets>=4.9.10,<5",
+    "safetensors>=0.8,<0.9",
+    "numpy>=2.0,<3",
+    "absl-py>=2.1",
+    "tensorboardX>=2.6",
+    "tqdm>=4.66",
+]
+
+setup(
+    name="phi4_jax",
+    version="0.1.0",
+    description="The Phi-4 training recipe (pretraining to PTS-DPO) in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["phi4_jax", "phi4_jax.*"]),
+    package_data={"phi4_jax": ["assets/*.tiktoken", "assets/SHA256SUMS"]},
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Only for interop checks against the reference implementation.
+        "hf": ["torch>=2.4", "transformers>=5,<6"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    },
+)
