@@ -1,7 +1,7 @@
 #!/bin/bash
 # One Phi-4 stage on every worker of a Cloud TPU VM slice.
 #
-#   TPU_NAME=phi4-v5p-128 ZONE=us-east5-a CONFIG=configs/pretrain.py:14b \
+#   TPU_NAME=phi4-v5p-128 ZONE=us-east5-a CONFIG=configs/pretrain.py \
 #     WORKDIR=gs://my-bucket/runs/pt14b launch/tpu_vm.sh [--config.x=y ...]
 #
 # Needs the repository and its Python environment at REPO_DIR (default ~/phi4_jax) on every
@@ -12,7 +12,7 @@
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM slice name}"
 : "${ZONE:?set ZONE to the slice zone, e.g. us-east5-a}"
-: "${CONFIG:?set CONFIG, e.g. configs/pretrain.py:14b}"
+: "${CONFIG:?set CONFIG, e.g. configs/pretrain.py}"
 : "${WORKDIR:?set WORKDIR to storage every worker can write, e.g. gs://bucket/run}"
 
 # Quote each piece for the remote shell; OVERRIDES is split on spaces on purpose.

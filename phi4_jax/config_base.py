@@ -1,0 +1,169 @@
+"""Every run-config key, declared once with its default, and its start-up validation.
+
+Stage configs (`configs/<stage>.py`) start from `base_config()` and change values; they
+never add keys. `validate_config` runs before anything is built, and each error names
+the key, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from phi4_jax.model_config import SIZE_NAMES, ModelConfig, model_config_for
+from phi4_jax.sharding import MESH_AXES
+
+STAGES = ("pretrain",)
+SCHEDULES = ("linear", "cosine")
+
+# Logical axis -> mesh axes. FSDP shards weights over their `embed` dimension, tensor
+# parallelism splits heads and the MLP width, and the batch spans data and fsdp.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+)
+
+# The built-in offline sources; the tiny configs mix these two.
+BUILTIN_SOURCES = {
+    "synthetic": {"kind": "synthetic"},
+    "code": {"kind": "python_stdlib"},
+}
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key and the fix."""
+
+
+def _source(kind: str, paths: str = "", unique_tokens: int = 0) -> dict:
+    return {"kind": kind, "paths": paths, "text_key": "text", "tfds_name": "", "split": "train",
+            "data_dir": "", "unique_tokens": unique_tokens}
+
+
+def source_spec(kind: str, **fields) -> ml_collections.ConfigDict:
+    """A data-source spec with every field declared (see phi4_jax.data.sources)."""
+    return ml_collections.ConfigDict({**_source(kind), **fields})
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with neutral defaults; stage configs set the recipe's values."""
+    c = ml_collections.ConfigDict()
+    c.stage = "pretrain"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "tiny"
+    c.model.rope_theta = 10_000.0
+    c.model.max_positions = 4096
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32"
+    c.model.attention_impl = "auto"
+    c.model.attention_block_size = 512
+    c.model.remat_policy = "none"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.seq_len = 4096
+    c.train.global_batch = 8
+    c.train.microbatches = 1
+    c.train.steps = 100
+    c.train.lr = 3e-4
+    c.train.warmup_steps = 10
+    c.train.schedule = "linear"
+    c.train.final_lr_fraction = 0.0
+    c.train.weight_decay = 0.1
+    c.train.decay_norms = False
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.grad_clip = 1.0
+
+    c.mesh = ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES})
+    c.mesh.fsdp = -1
+    c.mesh.rules = DEFAULT_RULES
+
+    c.data = ml_collections.ConfigDict()
+    c.data.seed = 0
+    c.data.sources = ml_collections.ConfigDict(
+        {name: source_spec(**spec) for name, spec in BUILTIN_SOURCES.items()})
+    c.data.mix = ml_collections.ConfigDict({"synthetic": 0.6, "code": 0.4})
+    c.data.eval_holdout = 0.01
+    c.data.read_threads = 4
+    c.data.prefetch = 4
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 50
+    c.eval.batches = 2
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.tensorboard = True
+    c.log.progress_bar = True
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.memory = ml_collections.ConfigDict()
+    c.memory.check = True
+    c.memory.device_bytes = 0  # 0: ask the device (host RAM share on CPU)
+    return c
+
+
+def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The typed model config: the named size with the run's numerics and rope base."""
+    m = config.model
+    return model_config_for(
+        m.size, rope_theta=float(m.rope_theta), max_positions=int(m.max_positions),
+        param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention_impl=m.attention_impl,
+        attention_block_size=int(m.attention_block_size), remat_policy=m.remat_policy)
+
+
+def _require(ok: bool, key: str, value, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {fix}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """Checks the whole config before anything is built; returns the model config."""
+    _require(config.stage in STAGES, "stage", config.stage, f"choose one of {STAGES}.")
+    _require(config.model.size in SIZE_NAMES, "model.size", config.model.size,
+             f"choose one of {', '.join(SIZE_NAMES)}.")
+    model_cfg = build_model_config(config)
+    t = config.train
+    for key in ("seq_len", "global_batch", "microbatches", "steps"):
+        _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
+                 "must be a positive integer.")
+    _require(t.seq_len <= model_cfg.max_positions, "train.seq_len", t.seq_len,
+             f"exceeds model.max_positions={model_cfg.max_positions}; raise "
+             f"--config.model.max_positions or shorten the sequence.")
+    _require(t.global_batch % t.microbatches == 0, "train.microbatches", t.microbatches,
+             f"must divide train.global_batch={t.global_batch}.")
+    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be a positive number.")
+    _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
+             f"must lie in [0, train.steps={t.steps}].")
+    _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"choose one of {SCHEDULES}.")
+    _require(0.0 <= t.final_lr_fraction <= 1.0, "train.final_lr_fraction", t.final_lr_fraction,
+             "must lie in [0, 1].")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0.")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables).")
+    _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1).")
+    for key in ("every_steps",):
+        for section in ("eval", "log", "checkpoint"):
+            value = config[section][key]
+            _require(isinstance(value, int) and value > 0, f"{section}.{key}", value,
+                     "must be a positive integer.")
+    _require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
+             "must keep at least one checkpoint.")
+    for axis in MESH_AXES:
+        _require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
+                 "must be an integer size (or -1 to fill the remaining devices).")
+    for rule in config.mesh.rules:
+        targets = (rule[1],) if isinstance(rule[1], str) or rule[1] is None else tuple(rule[1])
+        _require(len(rule) == 2 and all(a is None or a in MESH_AXES for a in targets),
+                 "mesh.rules", rule, f"each rule is (logical_name, mesh axis or tuple of {MESH_AXES}).")
+    return model_cfg

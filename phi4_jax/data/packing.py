@@ -1,0 +1,54 @@
+"""Documents to fixed-length training rows: tokenize, pair for next-token prediction, pack.
+
+A document `d = encode(text) + [<|endoftext|>]` becomes the pair `inputs = d[:-1]`,
+`targets = d[1:]`, so each token after the first is a target exactly once and `<|endoftext|>`
+is the target that ends a document. Pairs are packed by grain's `ConcatThenSplitIterDataset`:
+pairs are laid end to end and cut every `seq_len` tokens, so a long document continues in the
+next row and no token is dropped or repeated. Each piece of a document in a row is a segment
+(`segment_ids` 1, 2, ... in the row, 0 on padding) with `positions` counting from 0 within
+it, so attention masked by segment never crosses documents. A piece continued from the
+previous row starts again at position 0. Rows are full except the last row of a finite stream.
+Its iterator state is grain's: it resumes exactly.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from phi4_jax.tokenizer import Phi4Tokenizer
+
+ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def document_pair(text: str, tokenizer: Phi4Tokenizer) -> dict[str, np.ndarray]:
+    """The next-token pair (int32 `inputs`, `targets`) of one document ended by `<|endoftext|>`."""
+    tokens = np.asarray([*tokenizer.encode(text), tokenizer.eot_id], dtype=np.int32)
+    return {"inputs": tokens[:-1], "targets": tokens[1:]}
+
+
+def has_tokens(pair: dict[str, np.ndarray]) -> bool:
+    """False for an empty document, which has no target to train on."""
+    return len(pair["inputs"]) > 0
+
+
+def pack_pairs(pairs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """Rows of `seq_len` tokens (the `ROW_KEYS` arrays) packed from a stream of non-empty pairs."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len is {seq_len}; rows need at least one token")
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        pairs, length_struct={"inputs": seq_len, "targets": seq_len}
+    )
+    return packed.map(training_row)
+
+
+def training_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed element in the trainer's names; inputs and targets share segments and positions."""
+    segment_ids = packed["inputs_segment_ids"]
+    return {
+        "inputs": packed["inputs"],
+        "targets": packed["targets"],
+        "segment_ids": segment_ids,
+        "positions": packed["inputs_positions"],
+        "loss_mask": (segment_ids > 0).astype(np.float32),
+    }

@@ -1,0 +1,142 @@
+"""The pretraining input pipeline: validated config -> per-process, checkpointable batch iterator.
+
+Per source: its train or eval documents (`sources`), this process's share (every
+`process_count`-th record from `process_index`), shuffled per epoch from a seed derived from
+`data.seed` and the source name (train only), repeated without end, tokenized on
+`data.read_threads` threads, packed into rows (`packing`). Sources are mixed by tokens
+(`mixture`), rows batched to the per-process batch and prefetched on a thread
+(`data.prefetch` batches). The returned grain iterator's `get_state()` / `set_state()`
+resume the exact batch sequence. The eval stream is the held-out records in a fixed order.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from phi4_jax.data import mixture, packing, sources
+from phi4_jax.tokenizer import load_tokenizer
+
+DATA_KEYS = ("seed", "sources", "mix", "eval_holdout", "read_threads", "prefetch")
+DOCUMENTS_BUFFERED_PER_THREAD = 4
+
+
+def validate_data_config(data_cfg: Mapping[str, Any]) -> None:
+    """Refuses a data config that would fail during training, with an error naming the key and the fix."""
+    _checked_config(data_cfg)
+
+
+def make_train_iterator(
+    data_cfg: Mapping[str, Any],
+    *,
+    seq_len: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = "train",
+) -> grain.DatasetIterator:
+    """Endless iterator of this process's batches: [batch_size, seq_len] arrays of `packing.ROW_KEYS`."""
+    cfg = _checked_config(data_cfg)
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}; both must be >= 1")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, process_count={process_count})")
+    weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
+    rows = {
+        name: _source_rows(name, cfg, seq_len, split=split, shard=(process_index, process_count))
+        for name, weight in weights.items()
+        if weight > 0
+    }
+    batches = mixture.mix_rows(rows, weights).batch(batch_size, drop_remainder=True)
+    return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=cfg["prefetch"]))
+
+
+def make_eval_batches(
+    data_cfg: Mapping[str, Any],
+    *,
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """A fixed held-out set: the first `num_batches` batches of the eval stream (it cycles small holdouts)."""
+    iterator = make_train_iterator(
+        data_cfg,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        split="eval",
+    )
+    batches = [next(iterator) for _ in range(num_batches)]
+    iterator.close()
+    return batches
+
+
+def _checked_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The data config as a plain dict, every key and source checked."""
+    cfg = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
+    missing = [key for key in DATA_KEYS if key not in cfg]
+    unknown = sorted(set(cfg) - set(DATA_KEYS))
+    if missing or unknown:
+        raise ValueError(
+            f"data config: missing keys {missing}, unknown keys {unknown}; it takes exactly {list(DATA_KEYS)}"
+        )
+    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
+        raise ValueError(f"data.seed is {cfg['seed']!r}; give an integer >= 0")
+    holdout = cfg["eval_holdout"]
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ValueError(f"data.eval_holdout is {holdout!r}; give a fraction in [0, 1), e.g. 0.01")
+    for key in ("read_threads", "prefetch"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 0:
+            raise ValueError(f"data.{key} is {cfg[key]!r}; give an integer >= 0 (0 = none)")
+    if not isinstance(cfg["sources"], Mapping) or not cfg["sources"]:
+        raise ValueError(f"data.sources is {cfg['sources']!r}; give a mapping from source name to spec")
+    if not isinstance(cfg["mix"], Mapping):
+        raise ValueError(f"data.mix is {cfg['mix']!r}; give a mapping from source name to weight")
+    weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
+    for name, spec in cfg["sources"].items():
+        sources.validate_source_spec(name, spec, check_files=weights.get(name, 0) > 0)
+    return cfg
+
+
+def shard_documents(
+    name: str, data_cfg: Mapping[str, Any], *, split: str, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """The documents this process reads from one source, endless, in the order it reads them."""
+    cfg = _checked_config(data_cfg)
+    documents = sources.open_documents(
+        name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
+    )
+    share = documents[process_index::process_count]
+    if len(share) == 0:
+        raise ValueError(
+            f"data.sources.{name} has {len(documents)} {split} records, too few for {process_count} processes"
+        )
+    if split == "train":
+        share = share.shuffle(seed=_source_seed(cfg["seed"], name))
+    return share.repeat()
+
+
+def _source_rows(
+    name: str, cfg: dict[str, Any], seq_len: int, *, split: str, shard: tuple[int, int]
+) -> grain.IterDataset:
+    """One source's packed rows for this process: its documents tokenized on read threads, then packed."""
+    documents = shard_documents(name, cfg, split=split, process_index=shard[0], process_count=shard[1])
+    pairs = documents.map(functools.partial(packing.document_pair, tokenizer=load_tokenizer("phi4")))
+    read_options = grain.ReadOptions(
+        num_threads=cfg["read_threads"],
+        prefetch_buffer_size=DOCUMENTS_BUFFERED_PER_THREAD * cfg["read_threads"],
+    )
+    return packing.pack_pairs(pairs.filter(packing.has_tokens).to_iter_dataset(read_options), seq_len)
+
+
+def _source_seed(seed: int, name: str) -> int:
+    """A 32-bit shuffle seed of its own per source, stable across runs and processes."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])

@@ -1,0 +1,297 @@
+"""Pretraining sources: each spec in `data.sources` opened as a grain `MapDataset` of document strings.
+
+Kinds and what one document is:
+- `synthetic`: `render_document(exercise(seed, index))`, random access by index over a finite span of
+  `SYNTHETIC_SPAN` (2**40) indices, so it behaves like any other MapDataset (shardable, repeatable)
+  and is endless in practice. The eval split reads the next span, `[SYNTHETIC_SPAN, 2 * SYNTHETIC_SPAN)`.
+- `python_stdlib`: one `.py` file of the running interpreter's standard library (test and
+  site-packages folders left out), in sorted path order.
+- `text`: one whole file per document (a book, a paper), files in sorted path order.
+- `jsonl`: one JSON object per non-empty line, its `text_key` field.
+- `array_record`: one record per document, plain UTF-8 text when `text_key` is None or '', else a
+  JSON object whose `text_key` field is the text.
+- `tfds`: one example of `tfds.data_source(tfds_name, split=..., data_dir=...)` (ArrayRecord files,
+  no TensorFlow), its `text_key` feature.
+
+Files are decoded as UTF-8 with undecodable bytes replaced, so one bad byte does not stop a run.
+Finite sources hold out the records whose index hashes below `eval_holdout` (`held_out_mask`):
+the split depends on the record index alone, so it stays put across seeds and restarts as long
+as the file list is unchanged. Only the held-out indices are kept in memory (about
+`8 * eval_holdout` bytes per record); the training split maps onto the records between them.
+`jsonl` keeps 20 bytes of line offsets per record: use array_record or TFDS for billions of records.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import mmap
+import os
+import sysconfig
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from phi4_jax.data import synthetic
+
+KINDS = ("synthetic", "python_stdlib", "jsonl", "text", "array_record", "tfds")
+SPEC_KEYS = frozenset({"kind", "paths", "text_key", "tfds_name", "split", "data_dir", "unique_tokens"})
+REQUIRED_KEYS = {
+    "synthetic": ("kind",),
+    "python_stdlib": ("kind",),
+    "jsonl": ("kind", "paths", "text_key"),
+    "text": ("kind", "paths"),
+    "array_record": ("kind", "paths"),
+    "tfds": ("kind", "tfds_name", "split", "text_key"),
+}
+SPLITS = ("train", "eval")
+SYNTHETIC_SPAN = 2**40
+HOLDOUT_CHUNK = 2**22
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+)
+
+
+def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: bool) -> None:
+    """Refuses a source spec that could only fail later in training, naming the key and the fix.
+
+    `check_files` also requires every glob to match files: on for the sources a run reads, off for
+    specs a config declares but does not mix.
+    """
+    where = f"data.sources.{name}"
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{where} is a {type(spec).__name__}; expected a mapping with at least 'kind'")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{where}.kind is {kind!r}; choose one of {list(KINDS)}")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; a source spec takes only {sorted(SPEC_KEYS)}")
+    missing = [key for key in REQUIRED_KEYS[kind] if spec.get(key) in (None, "")]
+    if missing:
+        required = list(REQUIRED_KEYS[kind])
+        raise ValueError(f"{where} (kind {kind!r}) needs {missing}; set them (required: {required})")
+    unique_tokens = spec.get("unique_tokens", 0)
+    if isinstance(unique_tokens, bool) or not isinstance(unique_tokens, int) or unique_tokens < 0:
+        raise ValueError(f"{where}.unique_tokens is {unique_tokens!r}; give a count >= 0 (0 = unknown)")
+    if check_files and "paths" in REQUIRED_KEYS[kind]:
+        resolve_paths(name, spec["paths"])
+
+
+def resolve_paths(name: str, paths: str | Sequence[str]) -> list[str]:
+    """The sorted files that a source's glob or globs match; every glob must match at least one file."""
+    globs = [paths] if isinstance(paths, str) else list(paths)
+    if not globs or not all(isinstance(pattern, str) for pattern in globs):
+        raise ValueError(
+            f"data.sources.{name}.paths is {paths!r}; give a glob string or a list of glob strings"
+        )
+    files: set[str] = set()
+    for pattern in globs:
+        matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+        if not matched:
+            raise FileNotFoundError(
+                f"data.sources.{name}.paths: glob {pattern!r} matches no files; "
+                "fix the path or remove the glob"
+            )
+        files.update(matched)
+    return sorted(files)
+
+
+def open_documents(
+    name: str, spec: Mapping[str, Any], *, seed: int, split: str, eval_holdout: float
+) -> grain.MapDataset:
+    """The documents (str) of one source's train or eval split, in a fixed order."""
+    validate_source_spec(name, spec, check_files=True)
+    if split not in SPLITS:
+        raise ValueError(f"split is {split!r}; choose one of {list(SPLITS)}")
+    if spec["kind"] == "synthetic":
+        start = 0 if split == "train" else SYNTHETIC_SPAN
+        indices = grain.MapDataset.range(start, start + SYNTHETIC_SPAN)
+        return indices.map(functools.partial(_synthetic_document, seed))
+    records = _open_records(name, spec)
+    held_out = held_out_indices(len(records), eval_holdout)
+    count = len(held_out) if split == "eval" else len(records) - len(held_out)
+    if count == 0:
+        raise ValueError(
+            f"data.sources.{name} has no {split} records: {len(records)} records with "
+            f"data.eval_holdout={eval_holdout}; give the source more records or change data.eval_holdout"
+        )
+    if split == "eval":
+        return grain.MapDataset.source(held_out).map(functools.partial(_record_at, records))
+    gaps = held_out - np.arange(len(held_out))
+    return grain.MapDataset.range(count).map(functools.partial(_train_record, records, gaps))
+
+
+def held_out_mask(indices: np.ndarray, eval_holdout: float) -> np.ndarray:
+    """True for the record indices held out for evaluation: a splitmix64 hash in [0, 1) below the fraction."""
+    z = np.asarray(indices, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < eval_holdout
+
+
+def held_out_indices(num_records: int, eval_holdout: float) -> np.ndarray:
+    """The sorted held-out indices among `num_records`, hashed in chunks so only the holdout is kept."""
+    chunks = []
+    for start in range(0, num_records, HOLDOUT_CHUNK):
+        indices = np.arange(start, min(start + HOLDOUT_CHUNK, num_records))
+        chunks.append(indices[held_out_mask(indices, eval_holdout)])
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+
+
+def stdlib_python_files() -> list[str]:
+    """The running interpreter's standard-library `.py` files, sorted, without tests or installed packages."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in STDLIB_EXCLUDED_DIRS]
+        files.extend(os.path.join(directory, n) for n in names if n.endswith(".py"))
+    return sorted(files)
+
+
+class FileDocuments:
+    """One document per file, read when asked for, so a corpus is never held in memory."""
+
+    def __init__(self, paths: Sequence[str]):
+        self._paths = tuple(paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> str:
+        with open(self._paths[index], encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+class JsonlDocuments:
+    """One document per non-empty JSON line; line offsets are indexed once so any record is one seek away."""
+
+    def __init__(self, paths: Sequence[str], text_key: str):
+        self._paths = tuple(paths)
+        self._text_key = text_key
+        spans = [_line_spans(path) for path in self._paths]
+        self._file_ids = np.concatenate([np.full(len(s), i, np.int32) for i, s in enumerate(spans)])
+        self._spans = np.concatenate(spans) if spans else np.zeros((0, 2), np.int64)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __getitem__(self, index: int) -> str:
+        path = self._paths[self._file_ids[index]]
+        start, stop = (int(x) for x in self._spans[index])
+        with open(path, "rb") as f:
+            f.seek(start)
+            line = f.read(stop - start)
+        where = f"{path} (byte {start})"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"record at {where} is not JSON ({err}); a jsonl file needs one object per line"
+            ) from err
+        return _text_field(record, self._text_key, where)
+
+
+def _line_spans(path: str) -> np.ndarray:
+    """[start, stop) byte spans of the non-blank lines of a file, found with one vectorized newline scan."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return np.zeros((0, 2), np.int64)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        buffer = np.frombuffer(data, np.uint8)
+        newlines = np.flatnonzero(buffer == ord("\n"))
+        starts = np.concatenate([[0], newlines + 1])
+        stops = np.concatenate([newlines, [size]])
+        last_bytes = buffer[np.maximum(stops - 1, 0)]
+        del buffer  # the mmap cannot close while a view of it is alive
+    stops = np.where((stops > starts) & (last_bytes == ord("\r")), stops - 1, stops)
+    keep = stops > starts
+    return np.stack([starts[keep], stops[keep]], axis=1).astype(np.int64)
+
+
+def _text_field(record: Any, text_key: str, where: str) -> str:
+    """The text of a decoded JSON record, or an error naming the record and the key."""
+    if not isinstance(record, dict) or text_key not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise KeyError(
+            f"record at {where} has no {text_key!r} field (it has {keys}); fix the source's text_key"
+        )
+    text = record[text_key]
+    if isinstance(text, bytes):
+        return text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise TypeError(f"record at {where}: field {text_key!r} is a {type(text).__name__}, expected text")
+    return text
+
+
+def _open_records(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
+    """A finite source's records as documents, in a fixed order."""
+    kind = spec["kind"]
+    if kind == "python_stdlib":
+        return grain.MapDataset.source(FileDocuments(stdlib_python_files()))
+    if kind == "tfds":
+        return _open_tfds(name, spec)
+    paths = resolve_paths(name, spec["paths"])
+    if kind == "text":
+        return grain.MapDataset.source(FileDocuments(paths))
+    if kind == "jsonl":
+        return grain.MapDataset.source(JsonlDocuments(paths, spec["text_key"]))
+    records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    return records.map(functools.partial(_array_record_document, name, spec.get("text_key") or None))
+
+
+def _open_tfds(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
+    """A prepared TFDS dataset read through its ArrayRecord files, its `text_key` feature as the document."""
+    import tensorflow_datasets as tfds  # Here, not at the top: most runs never pay TFDS's import time.
+
+    try:
+        data_dir = spec.get("data_dir") or None  # None or '': TFDS's default data directory
+        source = tfds.data_source(spec["tfds_name"], split=spec["split"], data_dir=data_dir)
+    except Exception as err:
+        raise ValueError(
+            f"data.sources.{name}: cannot open tfds dataset {spec['tfds_name']!r} split {spec['split']!r} "
+            f"in data_dir {spec.get('data_dir')!r}; prepare it with file_format='array_record' there first"
+        ) from err
+    where = f"tfds {spec['tfds_name']}"
+    return grain.MapDataset.source(source).map(functools.partial(_tfds_document, spec["text_key"], where))
+
+
+def _array_record_document(name: str, text_key: str | None, record: bytes) -> str:
+    """An ArrayRecord record as text: the record itself, or its JSON `text_key` field."""
+    if text_key is None:
+        return record.decode("utf-8", errors="replace")
+    try:
+        decoded = json.loads(record)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"data.sources.{name}: a record is not JSON ({err}); for plain-text records set text_key to ''"
+        ) from err
+    return _text_field(decoded, text_key, f"data.sources.{name}")
+
+
+def _tfds_document(text_key: str, where: str, example: Mapping[str, Any]) -> str:
+    """A TFDS example's text feature (TFDS gives text features as UTF-8 bytes)."""
+    return _text_field(dict(example), text_key, where)
+
+
+def _record_at(records: grain.MapDataset, index: np.integer) -> str:
+    """The record at a (NumPy) index of the held-out list."""
+    return records[int(index)]
+
+
+def _train_record(records: grain.MapDataset, gaps: np.ndarray, train_index: int) -> str:
+    """The `train_index`-th record that is not held out: skip one record per held-out index at or below it.
+
+    `gaps[k]` is the k-th held-out index minus k, the count of training records before it.
+    """
+    return records[train_index + int(np.searchsorted(gaps, train_index, side="right"))]
+
+
+def _synthetic_document(seed: int, index: int) -> str:
+    """The synthetic exercise at `index`, rendered as a pretraining document."""
+    return synthetic.render_document(synthetic.exercise(seed, index))
+

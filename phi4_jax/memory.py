@@ -1,0 +1,337 @@
+"""Per-device training memory estimated from shapes, before anything is compiled or allocated.
+
+The point is to refuse a run that cannot fit in a second, with the change that would make it
+fit, instead of after minutes of compilation or an out-of-memory crash. It is an estimate
+(XLA's temporaries, fusion and fragmentation are not modelled; `check_fits` keeps headroom
+for them). The assumptions, per device:
+
+- parameters: `param_count(cfg)` in `param_dtype`, sharded over fsdp * tensor (embedding
+  and LM head included), replicated over data;
+- gradients: float32, same sharding; with microbatches > 1 a second float32 copy for the
+  accumulation buffer;
+- optimizer: AdamW's two float32 moments, same sharding;
+- activations, for `per_device_batch` rows of `seq_len` tokens: what each layer keeps for
+  the backward under its remat policy, plus the layer whose backward is in flight (its
+  residuals once more without remat, 1.5x with remat: recomputed forward plus gradients).
+  Without remat a layer keeps (the residuals JAX saves for model.py) its input, both norm
+  inputs in float32, RoPE'd q and k, v, the MLP gate, up and silu's three intermediates,
+  and for attention: `xla` a bool mask, float32 masked logits and exp, and compute-dtype
+  probabilities, each [N, T, S]; `blockwise` a float32 output and log-sum-exp, plus
+  float32 [N, block, block] tiles while it runs; fused kernels (cudnn, splash) the output
+  and softmax statistics. When param_dtype differs from compute_dtype it also keeps every
+  layer's cast weights. `full` remat keeps only each layer's input; `save_dots` its input
+  and the projection outputs (q/k/v, output, gate, up, down); `save_qkv_proj` its input
+  and q/k/v. Head and MLP widths are divided by the tensor axis; the D-wide residual
+  stream is not. On the CPU test configs this lands within about a third of XLA's own
+  memory analysis (tests/test_memory.py);
+- logits: float32 [T, V] per row, vocab sharded over tensor, three copies (logits,
+  log-softmax, gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+
+import jax
+
+from phi4_jax import attention as attention_lib
+from phi4_jax.model_config import SIZE_NAMES, ModelConfig, model_config_for, param_count
+from phi4_jax.sharding import MESH_AXES
+
+GIB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_FLOAT32 = 4
+_ADAM_MOMENTS = 2
+_LOGITS_COPIES = 3
+_BLOCKWISE_TILES = 4  # logits, probabilities and their two gradients per (query, key) block
+_MAX_FSDP_GROWTH = 1024
+# A remat layer's backward holds its recomputed forward and the gradients flowing through
+# it: about 1.5 layers' residuals in XLA's memory analysis of the CPU tests' configs.
+_REMAT_IN_FLIGHT = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainMemoryInputs:
+    """What an estimate was made for: re-estimated with one change to suggest fixes."""
+
+    cfg: ModelConfig
+    seq_len: int
+    per_device_batch: int
+    microbatches: int
+    data: int
+    fsdp: int
+    tensor: int
+
+    def describe(self) -> str:
+        impl = _resolved_attention(self.cfg, self.seq_len)
+        return (f"{self.cfg.name}, seq {self.seq_len}, {self.per_device_batch} row(s)/device x "
+                f"{self.microbatches} microbatch(es), remat {self.cfg.remat_policy}, attention "
+                f"{impl}, mesh data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated bytes per device by component; `total` is their sum."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    inputs: TrainMemoryInputs
+    total: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        parts = (self.params, self.grads, self.optimizer, self.activations, self.logits)
+        object.__setattr__(self, "total", sum(parts))
+
+    def describe(self) -> str:
+        """A small table in GiB per device, headed by what it was estimated for."""
+        rows = [("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer),
+                ("activations", self.activations), ("logits", self.logits),
+                ("total", self.total)]
+        lines = [f"estimate for {self.inputs.describe()}:",
+                 f"  {'component':<12}{'GiB/device':>12}"]
+        lines += [f"  {name:<12}{size / GIB:>12.2f}" for name, size in rows]
+        return "\n".join(lines)
+
+
+class MemoryBudgetError(RuntimeError):
+    """The estimated per-device memory exceeds the device; the message says what to change."""
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+def estimate_train_memory(cfg: ModelConfig, *, seq_len: int, per_device_batch: int,
+                          mesh_shape: Mapping[str, int], microbatches: int = 1) -> MemoryEstimate:
+    """Bytes per device for one training step; `per_device_batch` rows are live at once."""
+    _check_positive(seq_len=seq_len, per_device_batch=per_device_batch, microbatches=microbatches)
+    sizes = {axis: mesh_shape.get(axis) for axis in MESH_AXES}
+    if set(mesh_shape) != set(MESH_AXES) or not all(
+            isinstance(s, int) and s > 0 for s in sizes.values()):
+        raise ValueError(
+            f"mesh_shape={dict(mesh_shape)} must give a positive size for each of {MESH_AXES}; "
+            f"fill a -1 first with phi4_jax.sharding.resolve_mesh_shape.")
+    return _estimate(TrainMemoryInputs(cfg, seq_len, per_device_batch, microbatches, **sizes))
+
+
+def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
+    cfg = inputs.cfg
+    state_shards = inputs.fsdp * inputs.tensor
+    params = param_count(cfg)
+    grad_copies = 2 if inputs.microbatches > 1 else 1
+    logits = (inputs.per_device_batch * inputs.seq_len * math.ceil(cfg.vocab_size / inputs.tensor)
+              * _FLOAT32 * _LOGITS_COPIES)
+    return MemoryEstimate(
+        params=math.ceil(params * _DTYPE_BYTES[cfg.param_dtype] / state_shards),
+        grads=grad_copies * math.ceil(params * _FLOAT32 / state_shards),
+        optimizer=math.ceil(_ADAM_MOMENTS * params * _FLOAT32 / state_shards),
+        activations=math.ceil(_activation_bytes(inputs)),
+        logits=logits,
+        inputs=inputs)
+
+
+def _resolved_attention(cfg: ModelConfig, seq_len: int) -> str:
+    return attention_lib.resolve_impl(cfg.attention_impl, seq_len, cfg.attention_block_size)
+
+
+def _activation_bytes(inputs: TrainMemoryInputs) -> float:
+    """Saved activations of every layer plus one layer's backward working set."""
+    cfg, t = inputs.cfg, inputs.tensor
+    c = _DTYPE_BYTES[cfg.compute_dtype]
+    impl = _resolved_attention(cfg, inputs.seq_len)
+    layer = _layer_bytes_per_token(cfg, inputs.seq_len, t, impl)
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim / t
+    saved = {"none": layer, "full": 0.0, "save_qkv_proj": c * qkv,
+             "save_dots": c * (qkv + 2 * cfg.d_model + 2 * cfg.ffn_dim / t)}[cfg.remat_policy]
+    saved += c * cfg.d_model  # the layer input: the scan carry
+    in_flight = layer * (1.0 if cfg.remat_policy == "none" else _REMAT_IN_FLIGHT)
+    tokens = inputs.per_device_batch * inputs.seq_len
+    total = tokens * (cfg.num_layers * saved + in_flight)
+    if impl == "blockwise":
+        block = min(cfg.attention_block_size, inputs.seq_len)
+        total += (inputs.per_device_batch * cfg.num_heads / t * block**2 * _FLOAT32
+                  * _BLOCKWISE_TILES)
+    if cfg.remat_policy == "none" and cfg.param_dtype != cfg.compute_dtype:
+        weights = param_count(cfg, include_embeddings=False) - cfg.d_model  # all but the final norm
+        total += weights * c / (inputs.fsdp * t)  # each layer's cast weights
+    return total
+
+
+def _layer_bytes_per_token(cfg: ModelConfig, seq_len: int, tensor: int, impl: str) -> float:
+    """What one layer keeps for its backward without remat, besides its input."""
+    c = _DTYPE_BYTES[cfg.compute_dtype]
+    heads = cfg.num_heads / tensor
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim / tensor
+    # Both norms' inputs in float32; with float32 compute the first is the layer input.
+    norm_inputs = _FLOAT32 * cfg.d_model * (1 if c == _FLOAT32 else 2)
+    mlp = c * 5 * cfg.ffn_dim / tensor  # gate, up and silu's three intermediates
+    if impl == "xla":  # per [N, S] row: bool mask, float32 masked logits and exp, probabilities
+        attention = heads * seq_len * (1 + 2 * _FLOAT32 + c)
+    elif impl == "blockwise":  # float32 output and log-sum-exp
+        attention = _FLOAT32 * heads * (cfg.head_dim + 1)
+    else:  # fused kernels: output and softmax statistics
+        attention = heads * (c * cfg.head_dim + _FLOAT32)
+    return norm_inputs + c * qkv + attention + mlp
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """The device's usable bytes: the allocator's limit, or for CPUs a share of host RAM."""
+    stats = device.memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        host = _host_memory_bytes()
+        return None if host is None else host // len(jax.local_devices(backend="cpu"))
+    return None
+
+
+def _host_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def check_fits(estimate: MemoryEstimate, capacity_bytes: int, *, headroom: float = 0.9,
+               context: str = "") -> None:
+    """Raises MemoryBudgetError, with re-estimated fixes, if the estimate exceeds the budget."""
+    _check_positive(capacity_bytes=capacity_bytes)
+    if not 0.0 < headroom <= 1.0:
+        raise ValueError(f"headroom={headroom!r} must lie in (0, 1]: the usable share of memory.")
+    budget = capacity_bytes * headroom
+    if estimate.total <= budget:
+        return
+    prefix = f"{context}: " if context else ""
+    lines = [f"{prefix}training needs ~{estimate.total / GIB:.2f} GiB per device, over the "
+             f"{budget / GIB:.2f} GiB usable ({headroom:.0%} of {capacity_bytes / GIB:.2f} GiB).",
+             estimate.describe(),
+             "What to change (each alone, re-estimated):"]
+    changes = [change for remedy in _REMEDIES if (change := remedy(estimate.inputs, budget))]
+    smaller = _smaller_size(estimate.inputs, budget)
+    lines += [f"  - {change.what}: {change.flags}{_outcome(change.inputs, budget)}"
+              for change in changes + ([smaller] if smaller else [])]
+    if not any(_total(change.inputs) <= budget for change in changes):
+        flags, combined = _combined_changes(estimate.inputs, budget)
+        lines.append(f"No single change above keeps the model; together: {' '.join(flags)}"
+                     f"{_outcome(combined, budget)}")
+    raise MemoryBudgetError("\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Change:
+    """One config change, in words and flags, and the inputs it leads to."""
+
+    what: str
+    flags: str
+    inputs: TrainMemoryInputs
+
+
+def _total(inputs: TrainMemoryInputs) -> int:
+    return _estimate(inputs).total
+
+
+def _state_bytes(estimate: MemoryEstimate) -> int:
+    return estimate.params + estimate.grads + estimate.optimizer
+
+
+def _outcome(inputs: TrainMemoryInputs, budget: float) -> str:
+    total = _total(inputs)
+    return f" -> ~{total / GIB:.2f} GiB{'' if total <= budget else ' (still over)'}"
+
+
+def _combined_changes(inputs: TrainMemoryInputs,
+                      budget: float) -> tuple[list[str], TrainMemoryInputs]:
+    """Applies the remedies one after another until the estimate fits."""
+    flags = []
+    for remedy in _REMEDIES:
+        change = remedy(inputs, budget)
+        if change and _total(change.inputs) < _total(inputs):
+            flags.append(change.flags)
+            inputs = change.inputs
+        if _total(inputs) <= budget:
+            break
+    return flags, inputs
+
+
+def _full_remat(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
+    if inputs.cfg.remat_policy == "full":
+        return None
+    return _Change("recompute activations in the backward (remat)",
+                   "--config.model.remat_policy=full",
+                   dataclasses.replace(inputs, cfg=inputs.cfg.replace(remat_policy="full")))
+
+
+def _fused_attention(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
+    cfg = inputs.cfg
+    if (_resolved_attention(cfg, inputs.seq_len) != "xla"
+            or inputs.seq_len <= cfg.attention_block_size):
+        return None
+    return _Change("drop the [N, T, S] attention logits (or attention_impl=cudnn on NVIDIA GPUs)",
+                   "--config.model.attention_impl=blockwise",
+                   dataclasses.replace(inputs, cfg=cfg.replace(attention_impl="blockwise")))
+
+
+def _more_fsdp(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
+    """The smallest power-of-two growth of fsdp that fits; else, if the sharded state is
+    large, the one that makes it small (a tenth of the budget) to combine with other changes."""
+    growths = [2**i for i in range(1, int(math.log2(_MAX_FSDP_GROWTH)) + 1)]
+    grown = {g: _estimate(dataclasses.replace(inputs, fsdp=inputs.fsdp * g)) for g in growths}
+    growth = next((g for g in growths if grown[g].total <= budget), None)
+    if growth is None and _state_bytes(_estimate(inputs)) > budget / 10:
+        growth = next((g for g in growths if _state_bytes(grown[g]) <= budget / 10), None)
+    if growth is None:
+        return None
+    data = inputs.data // math.gcd(inputs.data, growth)  # take what it can from the data axis
+    flags = f"--config.mesh.fsdp={inputs.fsdp * growth}"
+    if data != inputs.data:
+        flags += f" --config.mesh.data={data}"
+    devices = data * inputs.fsdp * growth * inputs.tensor
+    same = devices == inputs.data * inputs.fsdp * inputs.tensor
+    return _Change(f"shard parameters and optimizer {growth}x further (mesh.fsdp; "
+                   f"{'the same devices' if same else f'{devices} devices'})", flags,
+                   dataclasses.replace(grown[growth].inputs, data=data))
+
+
+def _more_microbatches(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
+    """The fewest extra microbatches (dividing the rows) that fit, else one row each."""
+    rows = inputs.per_device_batch
+    splits = [k for k in range(2, rows + 1) if rows % k == 0]
+    if not splits:
+        return None
+    for k in splits:
+        split = dataclasses.replace(inputs, per_device_batch=rows // k,
+                                    microbatches=inputs.microbatches * k)
+        if _total(split) <= budget:
+            break
+    return _Change(f"accumulate gradients over more, smaller microbatches "
+                   f"({rows} -> {rows // k} rows per device)",
+                   f"--config.train.microbatches={inputs.microbatches * k}", split)
+
+
+def _smaller_size(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
+    """The largest named size that fits with everything else unchanged."""
+    cfg = inputs.cfg
+    numerics = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
+                    attention_impl=cfg.attention_impl,
+                    attention_block_size=cfg.attention_block_size, remat_policy=cfg.remat_policy)
+    smaller = [model_config_for(name, **numerics) for name in SIZE_NAMES]
+    smaller = [c for c in smaller if param_count(c) < param_count(cfg)]
+    for candidate in sorted(smaller, key=param_count, reverse=True):
+        resized = dataclasses.replace(inputs, cfg=candidate)
+        if _total(resized) <= budget:
+            return _Change(f"a smaller model ({param_count(candidate) / 1e9:.2f}B parameters)",
+                           f"--config.model.size={candidate.name}", resized)
+    return None
+
+
+# Changes that keep the model, in the order they are combined; each maps
+# (inputs, budget) to a _Change, or None where it does not apply.
+_REMEDIES = (_full_remat, _fused_attention, _more_fsdp, _more_microbatches)

@@ -1,0 +1,229 @@
+"""Sources read back what was written; held-out splits; the config errors raised before training."""
+
+import json
+import os
+import re
+import sysconfig
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from phi4_jax.data import pipeline, sources, synthetic
+
+DOCS = [
+    "first document\nwith two lines",
+    "",
+    "naïve café 数学 🙂",
+    '{"looks": "like json"}',
+    "x" * 5000,
+]
+
+
+def _train_split(name, spec):
+    return sources.open_documents(name, spec, seed=0, split="train", eval_holdout=0.0)
+
+
+def _train(name, spec):
+    return list(_train_split(name, spec))
+
+
+def test_jsonl_reads_each_line_skipping_blank_ones(tmp_path):
+    lines = [json.dumps({"text": d, "id": i}) for i, d in enumerate(DOCS)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:3]) + "\n\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_bytes(("\r\n".join(lines[3:])).encode())  # CRLF, no final newline
+    (tmp_path / "c.jsonl").write_text("", encoding="utf-8")
+    spec = {"kind": "jsonl", "paths": str(tmp_path / "*.jsonl"), "text_key": "text"}
+    assert _train("j", spec) == DOCS
+
+
+def test_jsonl_missing_field_names_the_record(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "no text key"}) + "\n", encoding="utf-8")
+    spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
+    with pytest.raises(KeyError, match=r"a\.jsonl \(byte 0\) has no 'text' field \(it has \['body'\]\)"):
+        _train("j", spec)
+
+
+def test_jsonl_bad_line_names_the_file(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
+    with pytest.raises(ValueError, match=r"a\.jsonl \(byte 15\) is not JSON"):
+        _train("j", spec)
+
+
+def test_text_reads_one_document_per_file_in_sorted_order(tmp_path):
+    for i, doc in enumerate(DOCS):
+        (tmp_path / "books" / f"{i:02d}").mkdir(parents=True)
+        (tmp_path / "books" / f"{i:02d}" / "book.txt").write_text(doc, encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")  # latin-1 byte: replaced, not fatal
+    spec = {"kind": "text", "paths": [str(tmp_path / "books" / "**" / "*.txt"), str(tmp_path / "bad.txt")]}
+    assert _train("t", spec) == ["caf\ufffd", *DOCS]
+
+
+def _write_array_record(path, records):
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for record in records:
+        writer.write(record)
+    writer.close()
+
+
+def test_array_record_plain_text_and_json_records(tmp_path):
+    _write_array_record(tmp_path / "plain.array_record", [d.encode() for d in DOCS])
+    _write_array_record(tmp_path / "json.array_record", [json.dumps({"body": d}).encode() for d in DOCS])
+    plain = {"kind": "array_record", "paths": str(tmp_path / "plain.array_record"), "text_key": ""}
+    as_json = {"kind": "array_record", "paths": str(tmp_path / "json.array_record"), "text_key": "body"}
+    assert _train("plain", plain) == DOCS
+    assert _train("json", as_json) == DOCS
+    with pytest.raises(ValueError, match="set text_key to ''"):
+        _train("plain", {**plain, "text_key": "text"})
+
+
+class Phi4JaxTinyText(tfds.core.GeneratorBasedBuilder):
+    """A five-example text dataset, prepared as ArrayRecord files without TensorFlow."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, doc in enumerate(DOCS):
+            yield i, {"text": doc}
+
+
+def test_tfds_reads_a_prepared_array_record_dataset(tmp_path):
+    Phi4JaxTinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    spec = {"kind": "tfds", "tfds_name": "phi4_jax_tiny_text", "split": "train", "data_dir": str(tmp_path),
+            "text_key": "text"}
+    assert sorted(_train("tf", spec)) == sorted(DOCS)  # TFDS shuffles examples when it writes them
+    with pytest.raises(ValueError, match="cannot open tfds dataset 'phi4_jax_tiny_text' split 'validation'"):
+        _train("tf", {**spec, "split": "validation"})
+
+
+def test_python_stdlib_is_the_sorted_standard_library_without_tests():
+    files = sources.stdlib_python_files()
+    root = sysconfig.get_paths()["stdlib"]
+    assert files == sorted(files) and len(files) > 500
+    assert os.path.join(root, "json", "decoder.py") in files
+    for path in files:
+        parts = os.path.relpath(path, root).split(os.sep)
+        assert path.endswith(".py") and not sources.STDLIB_EXCLUDED_DIRS & set(parts)
+    documents = _train_split("code", {"kind": "python_stdlib"})
+    index = files.index(os.path.join(root, "json", "decoder.py"))
+    with open(files[index], encoding="utf-8") as f:
+        assert documents[index] == f.read()
+
+
+def test_synthetic_train_and_eval_use_disjoint_index_spans():
+    def opened(split, seed=3):
+        return sources.open_documents("s", {"kind": "synthetic"}, seed=seed, split=split, eval_holdout=0.01)
+
+    train, held_out = opened("train"), opened("eval")
+    assert len(train) == len(held_out) == sources.SYNTHETIC_SPAN
+    for index in (0, 1, 12345):
+        assert train[index] == synthetic.render_document(synthetic.exercise(3, index))
+        eval_exercise = synthetic.exercise(3, sources.SYNTHETIC_SPAN + index)
+        assert held_out[index] == synthetic.render_document(eval_exercise)
+    assert [train[i] for i in range(5)] != [opened("train", seed=4)[i] for i in range(5)]
+
+
+def test_held_out_mask_is_a_stable_fraction_of_indices():
+    mask = sources.held_out_mask(np.arange(200_000), 0.01)
+    assert abs(mask.mean() - 0.01) < 0.001
+    np.testing.assert_array_equal(mask[777:1000], sources.held_out_mask(np.arange(777, 1000), 0.01))
+    assert not sources.held_out_mask(np.arange(1000), 0.0).any()
+    # Raising the fraction only adds records, so a larger holdout contains a smaller one.
+    assert np.all(sources.held_out_mask(np.arange(5000), 0.05)[mask[:5000]])
+
+
+def test_held_out_indices_are_the_same_in_chunks(monkeypatch):
+    whole = np.flatnonzero(sources.held_out_mask(np.arange(10_000), 0.03))
+    monkeypatch.setattr(sources, "HOLDOUT_CHUNK", 1000)
+    np.testing.assert_array_equal(sources.held_out_indices(10_000, 0.03), whole)
+    assert sources.held_out_indices(0, 0.03).size == 0
+
+
+SPLITS = ("train", "eval")
+
+
+def test_train_and_eval_partition_a_finite_source(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(300)))
+    spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
+    split = {s: list(sources.open_documents("j", spec, seed=0, split=s, eval_holdout=0.1)) for s in SPLITS}
+    held_out = np.flatnonzero(sources.held_out_mask(np.arange(300), 0.1))
+    assert 10 <= len(held_out) <= 50
+    assert split["eval"] == [str(i) for i in held_out]
+    assert split["train"] == [str(i) for i in range(300) if i not in set(held_out)]
+
+
+def _cfg(sources_, mix, **overrides):
+    cfg = dict(seed=0, sources=sources_, mix=mix, eval_holdout=0.01, read_threads=1, prefetch=1)
+    return {**cfg, **overrides}
+
+
+SYNTH = {"kind": "synthetic"}
+
+
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        ({"kind": "parquet"}, ValueError, "data.sources.s.kind is 'parquet'; choose one of"),
+        ({"kind": "jsonl", "text_key": "text"}, ValueError, "data.sources.s (kind 'jsonl') needs ['paths']"),
+        ({"kind": "tfds", "tfds_name": "c4", "split": "train"}, ValueError, "needs ['text_key']"),
+        ({"kind": "synthetic", "path": "x"}, ValueError, "data.sources.s has unknown keys ['path']"),
+        ({"kind": "synthetic", "unique_tokens": -1}, ValueError, "data.sources.s.unique_tokens is -1"),
+        ({"kind": "text", "paths": "/nonexistent/dir/*.txt"}, FileNotFoundError,
+         "data.sources.s.paths: glob '/nonexistent/dir/*.txt' matches no files"),
+        ({"kind": "text", "paths": []}, ValueError, "data.sources.s.paths is []"),
+    ],
+)
+def test_bad_source_spec_is_refused_before_training(spec, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        pipeline.validate_data_config(_cfg({"s": spec}, {"s": 1.0}))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(eval_holdout=1.0), "data.eval_holdout is 1.0"),
+        (dict(read_threads=-1), "data.read_threads is -1"),
+        (dict(seed=1.5), "data.seed is 1.5"),
+        (dict(mixture={}), "unknown keys ['mixture']"),
+    ],
+)
+def test_bad_data_keys_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pipeline.validate_data_config(_cfg({"s": SYNTH}, {"s": 1.0}, **overrides))
+
+
+def test_files_are_required_only_for_sources_the_mix_reads():
+    declared = {"kind": "jsonl", "paths": "/nonexistent/web/*.jsonl", "text_key": "text"}
+    pipeline.validate_data_config(_cfg({"s": SYNTH, "web": declared}, {"s": 1.0}))
+    pipeline.validate_data_config(_cfg({"s": SYNTH, "web": declared}, {"s": 1.0, "web": 0.0}))
+    with pytest.raises(FileNotFoundError, match="data.sources.web.paths"):
+        pipeline.validate_data_config(_cfg({"s": SYNTH, "web": declared}, {"s": 1.0, "web": 0.5}))
+
+
+def test_missing_data_key_is_named():
+    cfg = _cfg({"s": SYNTH}, {"s": 1.0})
+    del cfg["prefetch"]
+    with pytest.raises(ValueError, match=re.escape("missing keys ['prefetch']")):
+        pipeline.validate_data_config(cfg)
+
+
+def test_source_with_no_eval_records_is_named(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
+    with pytest.raises(ValueError, match=re.escape("data.sources.j has no eval records: 1 records")):
+        sources.open_documents("j", spec, seed=0, split="eval", eval_holdout=0.01)
+
+
+def test_config_dict_is_accepted():
+    import ml_collections
+
+    pipeline.validate_data_config(ml_collections.ConfigDict(_cfg({"s": SYNTH}, {"s": 1.0})))

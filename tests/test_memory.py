@@ -1,0 +1,212 @@
+"""Memory estimate: hand-counted state bytes, XLA's own analysis, and the fit check's advice."""
+
+import re
+import time
+import tracemalloc
+import types
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from phi4_jax import memory
+from phi4_jax.model import init_model
+from phi4_jax.model_config import model_config_for
+
+ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
+PHI4_PARAMS = 14_659_507_200
+
+
+def _host_ram_bytes() -> int:
+    """Host RAM read by psutil, independently of memory.py's sysconf reading."""
+    return pytest.importorskip("psutil").virtual_memory().total
+
+
+def _mesh(data=1, fsdp=1, tensor=1):
+    return dict(data=data, fsdp=fsdp, tensor=tensor)
+
+
+def _estimate(cfg, mesh=ONE_DEVICE, **kw):
+    kw = {"seq_len": 4096, "per_device_batch": 1, **kw}
+    return memory.estimate_train_memory(cfg, mesh_shape=mesh, **kw)
+
+
+def test_phi4_14b_state_on_one_device_by_hand():
+    est = _estimate(model_config_for("phi4-14b"))
+    assert est.params == PHI4_PARAMS * 4  # float32 parameters
+    assert est.grads == PHI4_PARAMS * 4
+    assert est.optimizer == PHI4_PARAMS * 8  # two float32 AdamW moments
+    assert est.total == est.params + est.grads + est.optimizer + est.activations + est.logits
+    assert "54.61" in est.describe()  # 14.66e9 * 4 bytes in GiB
+
+
+@pytest.mark.parametrize("mesh", [_mesh(fsdp=8), _mesh(fsdp=4, tensor=2), _mesh(data=4, fsdp=8)])
+def test_state_is_sharded_over_fsdp_and_tensor_only(mesh):
+    est = _estimate(model_config_for("phi4-14b", param_dtype="bfloat16"), mesh)
+    assert est.params == PHI4_PARAMS * 2 // 8
+    assert est.grads == PHI4_PARAMS * 4 // 8
+    assert est.optimizer == PHI4_PARAMS * 8 // 8
+
+
+def test_tiny_state_by_hand_and_accumulation_buffer():
+    cfg = model_config_for("tiny")  # L=2, D=64, N=4, K=2, H=16, F=192, V=100352, untied
+    layer = 64 * (4 + 2 * 2) * 16 + 4 * 16 * 64 + 3 * 64 * 192 + 2 * 64
+    params = 2 * layer + 64 + 2 * 100352 * 64
+    assert params == 12_943_680
+    one = _estimate(cfg, seq_len=128, per_device_batch=4)
+    accumulated = _estimate(cfg, seq_len=128, per_device_batch=4, microbatches=4)
+    assert (one.params, one.grads, one.optimizer) == (4 * params, 4 * params, 8 * params)
+    assert accumulated.grads == 2 * one.grads  # gradients plus the accumulation buffer
+    assert one.logits == 4 * 128 * 100352 * 4 * 3
+    assert accumulated.activations == one.activations
+
+
+def test_remat_policies_order_activations():
+    cfg = model_config_for("1b", compute_dtype="bfloat16", attention_impl="cudnn")
+    acts = {p: _estimate(cfg.replace(remat_policy=p), per_device_batch=2).activations
+            for p in ("none", "save_dots", "save_qkv_proj", "full")}
+    assert acts["full"] < acts["save_qkv_proj"] < acts["save_dots"] < acts["none"]
+
+
+def test_blockwise_is_linear_in_length_and_xla_quadratic():
+    cfg = model_config_for("125m", remat_policy="full")
+    xla = [_estimate(cfg.replace(attention_impl="xla"), seq_len=t).activations
+           for t in (8192, 16384)]
+    blockwise = [_estimate(cfg.replace(attention_impl="blockwise"), seq_len=t).activations
+                 for t in (8192, 16384)]
+    assert blockwise[0] < xla[0] / 4
+    assert blockwise[1] / blockwise[0] == pytest.approx(2.0, rel=0.05)
+    assert xla[1] / xla[0] > 3.5
+
+
+def test_tensor_axis_divides_activations_and_logits():
+    cfg = model_config_for("1b", attention_impl="cudnn")
+    one, four = _estimate(cfg), _estimate(cfg, _mesh(tensor=4))
+    assert four.logits == one.logits // 4
+    assert one.activations / 4 < four.activations < one.activations / 2  # D-wide stream stays
+
+
+def _xla_temp_bytes(cfg, batch, seq):
+    """XLA's own peak temporaries for value_and_grad of the training loss (no allocation)."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(cfg)))
+
+    def loss(params, tokens):
+        positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        logits = nnx.merge(graphdef, params)(tokens, positions, jnp.ones_like(tokens))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(attention_impl="xla"),
+    dict(attention_impl="xla", remat_policy="full"),
+    dict(attention_impl="blockwise", attention_block_size=64, num_layers=6),
+])
+def test_activations_track_xla_memory_analysis(overrides):
+    cfg = model_config_for("tiny", vocab_size=256, d_model=256, num_heads=8, num_kv_heads=2,
+                           ffn_dim=768, **overrides)
+    est = _estimate(cfg, seq_len=256, per_device_batch=2)
+    ratio = (est.activations + est.logits) / _xla_temp_bytes(cfg, 2, 256)
+    assert 0.65 < ratio < 1.35, ratio
+
+
+def test_fits_passes_quietly():
+    est = _estimate(model_config_for("tiny"), seq_len=128, per_device_batch=4)
+    memory.check_fits(est, memory.device_memory_bytes(jax.devices("cpu")[0]))
+
+
+def test_phi4_14b_on_one_cpu_device_fails_fast_without_allocating():
+    capacity, live_before = _host_ram_bytes(), len(jax.live_arrays())
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(memory.MemoryBudgetError) as err:
+        memory.check_fits(_estimate(model_config_for("phi4-14b")), capacity,
+                          context="pretrain phi4-14b")
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 0.5 and peak < 10 * 2**20
+    assert len(jax.live_arrays()) == live_before
+    message = str(err.value)
+    assert message.startswith("pretrain phi4-14b: training needs")
+    for text in ("params", "optimizer", "activations", "--config.model.remat_policy=full",
+                 "--config.mesh.fsdp=", "--config.model.size="):
+        assert text in message
+
+
+def _suggested(message, flag):
+    return int(re.search(rf"--config\.{re.escape(flag)}=(\d+)", message).group(1))
+
+
+def test_suggested_fsdp_is_the_smallest_that_fits():
+    cfg = model_config_for("phi4-14b", compute_dtype="bfloat16", attention_impl="cudnn",
+                           remat_policy="full")
+    capacity = 80 * memory.GIB
+    with pytest.raises(memory.MemoryBudgetError) as err:
+        memory.check_fits(_estimate(cfg, _mesh(data=8)), capacity)
+    fsdp = _suggested(str(err.value), "mesh.fsdp")
+    assert "--config.mesh.data=" in str(err.value)  # taken from the data axis first
+    memory.check_fits(_estimate(cfg, _mesh(fsdp=fsdp)), capacity)
+    with pytest.raises(memory.MemoryBudgetError):
+        memory.check_fits(_estimate(cfg, _mesh(fsdp=fsdp // 2)), capacity)
+
+
+def test_suggested_microbatches_fit():
+    cfg = model_config_for("1b", compute_dtype="bfloat16", attention_impl="cudnn")
+    capacity = 40 * memory.GIB
+    with pytest.raises(memory.MemoryBudgetError) as err:
+        memory.check_fits(_estimate(cfg, per_device_batch=8), capacity)
+    micro = _suggested(str(err.value), "train.microbatches")
+    memory.check_fits(_estimate(cfg, per_device_batch=8 // micro, microbatches=micro), capacity)
+
+
+def test_long_xla_attention_suggests_blockwise_and_remat():
+    cfg = model_config_for("125m", attention_impl="xla")
+    with pytest.raises(memory.MemoryBudgetError) as err:
+        memory.check_fits(_estimate(cfg), 40 * memory.GIB)
+    message = str(err.value)
+    assert "--config.model.attention_impl=blockwise" in message
+    assert "--config.model.remat_policy=full" in message
+    memory.check_fits(_estimate(cfg.replace(attention_impl="blockwise")), 40 * memory.GIB)
+
+
+def test_combined_advice_when_no_single_change_fits():
+    cfg = model_config_for("phi4-14b", compute_dtype="bfloat16", attention_impl="cudnn")
+    with pytest.raises(memory.MemoryBudgetError) as err:
+        memory.check_fits(_estimate(cfg, _mesh(data=8), per_device_batch=4), 80 * memory.GIB)
+    together = str(err.value).splitlines()[-1]
+    assert "together" in together and "(still over)" not in together
+    assert "--config.model.remat_policy=full" in together and "--config.mesh.fsdp=" in together
+    fixed = cfg.replace(remat_policy="full")
+    fsdp = _suggested(together, "mesh.fsdp")
+    memory.check_fits(_estimate(fixed, _mesh(fsdp=fsdp), per_device_batch=4), 80 * memory.GIB)
+
+
+def test_device_memory_from_allocator_or_host():
+    gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 80 * 2**30})
+    assert memory.device_memory_bytes(gpu) == 80 * 2**30
+    bare = types.SimpleNamespace(platform="gpu", memory_stats=lambda: None)
+    assert memory.device_memory_bytes(bare) is None
+    cpu = jax.devices("cpu")[0]
+    assert memory.device_memory_bytes(cpu) == _host_ram_bytes() // len(
+        jax.devices("cpu"))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: _estimate(model_config_for("tiny"), dict(data=-1, fsdp=1, tensor=1)),
+     "resolve_mesh_shape"),
+    (lambda: _estimate(model_config_for("tiny"), dict(data=1, fsdp=1)), "mesh_shape"),
+    (lambda: _estimate(model_config_for("tiny"), seq_len=0), "seq_len"),
+    (lambda: _estimate(model_config_for("tiny"), microbatches=0), "microbatches"),
+    (lambda: memory.check_fits(_estimate(model_config_for("tiny")), 2**30, headroom=1.5),
+     "headroom"),
+    (lambda: memory.check_fits(_estimate(model_config_for("tiny")), 0), "capacity_bytes"),
+])
+def test_bad_arguments_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

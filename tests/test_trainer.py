@@ -1,0 +1,120 @@
+"""End to end on the built-in data: learning, resume, preemption, divergence, memory refusal."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from phi4_jax import memory, trainer
+from phi4_jax.checkpoint import Checkpointer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(arg=None):
+    namespace = {"__name__": "pretrain_config"}
+    exec(compile((ROOT / "configs/pretrain.py").read_text(), "pretrain.py", "exec"), namespace)
+    return namespace["get_config"](arg)
+
+
+def _tiny(steps, **train):
+    c = _load("tiny")
+    c.train.update(**{"steps": steps, "seq_len": 64, "global_batch": 8, "warmup_steps": 2,
+                      **train})
+    c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
+    c.eval.update(every_steps=steps, batches=1)
+    c.checkpoint.update(every_steps=4, async_save=False)
+    return c
+
+
+def _losses(history):
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def _final_params(workdir, config):
+    run = trainer.build_run(config)
+    checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=3, every_steps=1)
+    from phi4_jax.data import pipeline
+    it = pipeline.make_train_iterator(config.data, seq_len=config.train.seq_len,
+                                      batch_size=config.train.global_batch)
+    state, _ = checkpointer.restore(checkpointer.latest_step(), trainer.abstract_state(run), it)
+    checkpointer.close()
+    return jax.device_get(state.params)
+
+
+def test_loss_falls_on_builtin_data(tmp_path):
+    history = trainer.train(_tiny(30, lr=3e-3), str(tmp_path))
+    losses = _losses(history)
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert evals and np.isfinite(evals[-1])
+    assert Checkpointer(f"{tmp_path}/checkpoints", keep=3, every_steps=4).latest_step() == 30
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    straight = trainer.train(_tiny(8), str(tmp_path / "straight"))
+    first = trainer.train(_tiny(8), str(tmp_path / "resumed"), stop_at_step=4)
+    second = trainer.train(_tiny(8), str(tmp_path / "resumed"))
+    resumed_losses = _losses(first) + _losses(second)
+    np.testing.assert_allclose(resumed_losses, _losses(straight), rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "resumed", _tiny(8)),
+                 _final_params(tmp_path / "straight", _tiny(8)))
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+    first_mesh = _tiny(6)
+    first_mesh.mesh.update(data=1, fsdp=8, tensor=1)
+    trainer.train(first_mesh, str(tmp_path / "a"), stop_at_step=3)
+    other_mesh = _tiny(6)
+    other_mesh.mesh.update(data=2, fsdp=2, tensor=2)
+    resumed = _losses(trainer.train(other_mesh, str(tmp_path / "a")))
+    straight = _losses(trainer.train(_tiny(6), str(tmp_path / "b")))
+    np.testing.assert_allclose(resumed, straight[3:], rtol=1e-4)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer.train(_tiny(12), str(tmp_path), stop_at_step=4)
+    good = _final_params(tmp_path, _tiny(12))
+    exploding = _tiny(12, lr=1e9, grad_clip=0.0, warmup_steps=0)
+    with pytest.raises(trainer.TrainingDivergedError, match="intact"):
+        trainer.train(exploding, str(tmp_path))
+    assert Checkpointer(f"{tmp_path}/checkpoints", keep=3, every_steps=4).latest_step() == 4
+    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path, _tiny(12)), good)
+
+
+def test_14b_on_one_cpu_is_refused_before_compiling():
+    config = _load()  # the paper's phi4-14b recipe
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    start = time.perf_counter()
+    with pytest.raises(memory.MemoryBudgetError, match="model.remat_policy|mesh.fsdp"):
+        trainer.build_run(config, jax.devices()[:1])
+    assert time.perf_counter() - start < 10
+
+
+def test_sigterm_writes_a_checkpoint(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py:tiny",
+               f"--workdir={tmp_path}", "--config.train.steps=100000",
+               "--config.train.seq_len=64", "--config.log.every_steps=1",
+               "--config.log.progress_bar=False", "--config.checkpoint.every_steps=100000"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output = []
+    deadline = time.time() + 240
+    for line in process.stdout:
+        output.append(line)
+        if "step 2:" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(output)
+    output.extend(process.stdout)
+    assert process.wait(timeout=120) == 0, "".join(output)
+    steps = Checkpointer(f"{tmp_path}/checkpoints", keep=3, every_steps=1).latest_step()
+    assert steps is not None and steps >= 2, "".join(output)
