@@ -11,6 +11,8 @@ not 0 (padding). So no token attends across packed documents on any path.
     memory O(T * block) for long sequences where no fused kernel exists.
   - `cudnn`: cuDNN flash attention on NVIDIA GPUs, packed documents passed as segment
     offsets and lengths (the plain `jax.nn.dot_product_attention` has no segment argument).
+  - `splash`: the Pallas splash-attention kernel on TPU, packed documents passed as segment
+    ids and grouped KV heads served natively.
 Softmax and its statistics are always float32.
 """
 
@@ -20,6 +22,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 _MASKED = -1e30  # finite, so fully masked rows stay NaN-free on every path
 
@@ -30,6 +34,8 @@ def resolve_impl(impl: str, seq_len: int, block_size: int) -> str:
         return impl
     if jax.default_backend() == "gpu":
         return "cudnn"
+    if jax.default_backend() == "tpu":
+        return "splash"
     return "blockwise" if seq_len > 2 * block_size else "xla"
 
 
@@ -50,7 +56,15 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
             # Cached decoding: short queries against a long cache; the plain path is cheap.
             return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
         return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids)
-    raise ValueError(f"model.attention_impl={impl!r}: choose auto, xla, blockwise or cudnn.")
+    if impl == "splash":
+        if q_BTNH.shape[1] != k_BSKH.shape[1] or (not isinstance(q_offset, int) or q_offset):
+            return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
+        if jax.default_backend() != "tpu":
+            raise ValueError(f"model.attention_impl='splash' needs a TPU, but the backend is "
+                             f"{jax.default_backend()!r}; use auto, xla or blockwise here.")
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, block_size=block_size)
+    raise ValueError(
+        f"model.attention_impl={impl!r}: choose auto, xla, blockwise, cudnn or splash.")
 
 
 def _mask(q_seg_BT, kv_seg_BS, q_index_T, kv_index_S):
@@ -259,3 +273,53 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
         q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
         kv_offsets=offsets, scale=q_BTNH.shape[-1] ** -0.5,
         mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
+
+# --- splash (TPU) ------------------------------------------------------------------------
+
+_TPU_LANES = 128  # the kernel tiles queries and keys in multiples of the TPU lane width
+
+
+def splash_block(seq_len: int, block_size: int) -> int:
+    """The kernel's query and key tile: the configured block, capped at T rounded up to lanes."""
+    if block_size % _TPU_LANES:
+        raise ValueError(
+            f"model.attention_block_size={block_size}: splash attention tiles by multiples of "
+            f"{_TPU_LANES} (the TPU lane width); set it to 128, 256, 512 or 1024.")
+    return min(block_size, -(-seq_len // _TPU_LANES) * _TPU_LANES)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, seq_len: int, block: int, interpret: bool):
+    """A causal splash kernel over [N, T, H]; its block sparsity is worked out once per shape.
+
+    Built eagerly even inside a trace, so the cached kernel holds constants, not tracers.
+    """
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * num_heads)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                     segment_ids_BT: jax.Array, *, block_size: int = 512,
+                     interpret: bool = False) -> jax.Array:
+    """Packed causal self-attention (T == S) with the TPU splash kernel; pads T to the block.
+
+    The kernel masks by segment equality, so padding (segment 0) sees only padding, never a
+    document; those rows are garbage on every path. `interpret` runs it on CPU for tests.
+    """
+    t, h = q_BTNH.shape[1], q_BTNH.shape[3]
+    block = splash_block(t, block_size)
+    kernel = _splash_kernel(q_BTNH.shape[2], t + -t % block, block, interpret)
+    q_BNTH = jnp.einsum("btnh->bnth", _pad_to(q_BTNH * h**-0.5, block, 1))  # kernel does not scale
+    k_BKSH, v_BKSH = (jnp.einsum("bskh->bksh", _pad_to(x, block, 1)) for x in (k_BSKH, v_BSKH))
+    seg_BT = _pad_to(segment_ids_BT.astype(jnp.int32), block, 1)
+
+    def one_row(q_NTH, k_KSH, v_KSH, seg_T):
+        return kernel(q_NTH, k_KSH, v_KSH, splash.SegmentIds(q=seg_T, kv=seg_T))
+
+    out_BNTH = jax.vmap(one_row)(q_BNTH, k_BKSH, v_BKSH, seg_BT)
+    return jnp.einsum("bnth->btnh", out_BNTH)[:, :t].astype(q_BTNH.dtype)

@@ -1,0 +1,120 @@
+"""The TPU splash-attention path, run by the Pallas interpreter on CPU.
+
+Checked against float64 NumPy and the xla path on packed rows with grouped KV heads, by
+perturbing one packed document, and through the dispatcher's fallbacks and errors.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phi4_jax import attention as attention_lib
+
+B, T, N, K, H = 2, 200, 4, 2, 64  # T is not a multiple of the 128 block: the padding path
+SEGMENTS = jnp.array([[1] * 70 + [2] * 90 + [3] * 40, [1] * 150 + [0] * 50], jnp.int32)
+REAL = np.asarray(SEGMENTS) != 0
+
+
+def _qkv(seed, t=T):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (B, t, N, H)), jax.random.normal(keys[1], (B, t, K, H)),
+            jax.random.normal(keys[2], (B, t, K, H)))
+
+
+def _splash(q, k, v, seg=SEGMENTS):
+    return attention_lib.splash_attention(q, k, v, seg, block_size=128, interpret=True)
+
+
+def _numpy_attention(q, k, v, seg):
+    """float64 causal attention within segments, query head n reading kv head n // (N / K)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    seg = np.asarray(seg)
+    k, v = (np.repeat(a, q.shape[2] // a.shape[2], axis=2) for a in (k, v))
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    t = q.shape[1]
+    allowed = (np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+               & (seg[:, None, :] != 0))[:, None]
+    logits = np.where(allowed, logits, -np.inf)
+    with np.errstate(invalid="ignore"):  # padding rows see nothing: NaN, and never compared
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def test_splash_values_equal_float64_reference_and_xla():
+    q, k, v = _qkv(seed=0)
+    got = np.asarray(_splash(q, k, v))
+    plain = np.asarray(attention_lib.xla_attention(q, k, v, SEGMENTS, SEGMENTS))
+    reference = _numpy_attention(q, k, v, SEGMENTS)
+    assert got.shape == (B, T, N, H)
+    np.testing.assert_allclose(got[REAL], reference[REAL], atol=2e-5)
+    np.testing.assert_allclose(got[REAL], plain[REAL], atol=2e-5)
+
+
+def test_splash_gradients_equal_xla():
+    q, k, v = _qkv(seed=1)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.where(REAL[..., None, None], fn(q, k, v), 0.0) ** 2)
+
+    g_splash = jax.grad(loss(_splash), argnums=(0, 1, 2))(q, k, v)
+    g_plain = jax.grad(loss(lambda q, k, v: attention_lib.xla_attention(
+        q, k, v, SEGMENTS, SEGMENTS)), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", g_splash, g_plain):
+        np.testing.assert_allclose(a, b, atol=5e-5, err_msg=f"d{name}")
+
+
+def test_splash_isolates_packed_documents():
+    q, k, v = _qkv(seed=2)
+    q2, k2, v2 = _qkv(seed=3)
+    doc_b = (np.asarray(SEGMENTS) == 2)[..., None, None]  # row 0, slots 70..159
+    mixed = [jnp.where(doc_b, new, old) for old, new in zip((q, k, v), (q2, k2, v2))]
+    before, after = np.asarray(_splash(q, k, v)), np.asarray(_splash(*mixed))
+    others = REAL & ~doc_b[..., 0, 0]
+    np.testing.assert_array_equal(after[others], before[others])
+    assert np.abs(after[~others & REAL] - before[~others & REAL]).max() > 1e-2
+    # Document B computed at the start of its own row gives the same output as packed.
+    alone = _splash(*(jnp.roll(x, -70, axis=1) for x in mixed),
+                    seg=jnp.array([[1] * 90 + [0] * 110] * B, jnp.int32))
+    np.testing.assert_allclose(np.asarray(alone)[0, :90], after[0, 70:160], atol=2e-5)
+
+
+def test_splash_kernel_built_in_one_trace_serves_the_next():
+    attention_lib._splash_kernel.cache_clear()  # pylint: disable=protected-access
+    q, k, v = _qkv(seed=6)
+    first = jax.jit(_splash)(q, k, v)
+    second = jax.jit(lambda q, k, v: 2.0 * _splash(q, k, v))(q, k, v)  # a cache hit
+    assert attention_lib._splash_kernel.cache_info().hits >= 1  # pylint: disable=protected-access
+    np.testing.assert_allclose(np.asarray(second)[REAL], 2.0 * np.asarray(first)[REAL],
+                               rtol=1e-6)
+
+
+def test_splash_block_rounds_to_lanes_and_refuses_unaligned_blocks():
+    assert attention_lib.splash_block(200, 512) == 256
+    assert attention_lib.splash_block(4096, 512) == 512
+    assert attention_lib.splash_block(16, 128) == 128
+    with pytest.raises(ValueError, match="model.attention_block_size=100"):
+        attention_lib.splash_block(4096, 100)
+
+
+def test_auto_picks_splash_on_tpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert attention_lib.resolve_impl("auto", 4096, 512) == "splash"
+    assert attention_lib.resolve_impl("xla", 4096, 512) == "xla"
+
+
+def test_splash_dispatch_falls_back_to_xla_for_cached_decoding():
+    q, k, v = _qkv(seed=4)
+    step = q[:, 150:151]  # one query against the whole cache, as in decoding
+    got = attention_lib.attention(step, k, v, q_segment_ids=SEGMENTS[:, 150:151],
+                                  kv_segment_ids=SEGMENTS, q_offset=150, impl="splash")
+    full = attention_lib.xla_attention(q, k, v, SEGMENTS, SEGMENTS)
+    np.testing.assert_allclose(got[0], full[0, 150:151], atol=1e-5)
+
+
+def test_splash_dispatch_off_tpu_says_what_to_use():
+    q, k, v = _qkv(seed=5)
+    with pytest.raises(ValueError, match="needs a TPU.*xla or blockwise"):
+        attention_lib.attention(q, k, v, q_segment_ids=SEGMENTS, kv_segment_ids=SEGMENTS,
+                                impl="splash")
