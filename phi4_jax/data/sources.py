@@ -186,14 +186,8 @@ class JsonlDocuments:
         with open(path, "rb") as f:
             f.seek(start)
             line = f.read(stop - start)
-        where = f"{path} (byte {start})"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"record at {where} is not JSON ({err}); a jsonl file needs one object per line"
-            ) from err
-        return _text_field(record, self._text_key, where)
+        return _json_text(line, self._text_key, f"record at {path} (byte {start})",
+                          "a jsonl file needs one object per line")
 
 
 def _line_spans(path: str) -> np.ndarray:
@@ -264,13 +258,17 @@ def _array_record_document(name: str, text_key: str | None, record: bytes) -> st
     """An ArrayRecord record as text: the record itself, or its JSON `text_key` field."""
     if text_key is None:
         return record.decode("utf-8", errors="replace")
+    return _json_text(record, text_key, f"data.sources.{name}: a record",
+                      "for plain-text records set text_key to ''")
+
+
+def _json_text(raw: bytes, text_key: str, where: str, hint: str) -> str:
+    """The `text_key` field of a JSON record; a clear error if it is not JSON."""
     try:
-        decoded = json.loads(record)
+        record = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(
-            f"data.sources.{name}: a record is not JSON ({err}); for plain-text records set text_key to ''"
-        ) from err
-    return _text_field(decoded, text_key, f"data.sources.{name}")
+        raise ValueError(f"{where} is not JSON ({err}); {hint}") from err
+    return _text_field(record, text_key, where)
 
 
 def _tfds_document(text_key: str, where: str, example: Mapping[str, Any]) -> str:
