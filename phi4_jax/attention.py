@@ -8,7 +8,8 @@ j <= i + q_offset (causal), the two carry the same segment id, and the key's seg
 not 0 (padding). So no token attends across packed documents on any path.
   - `xla`: the plain einsum/softmax reference; materializes [B, N, T, S] logits.
   - `blockwise`: flash-style online softmax over key blocks with a recomputing backward;
-    memory O(T * block) for long sequences where no fused kernel exists.
+    memory O(T * block) for long sequences where no fused kernel exists; key blocks
+    wholly in a query block's future are skipped.
   - `cudnn`: cuDNN flash attention on NVIDIA GPUs, packed documents passed as segment
     offsets and lengths (the plain `jax.nn.dot_product_attention` has no segment argument).
   - `splash`: the Pallas splash-attention kernel on TPU, packed documents passed as segment
@@ -123,6 +124,12 @@ def _merge_blocks(x, axis=1):
     return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
+def _unless_future(kv_start, q_start, q_block, update, carry, xs):
+    """Applies `update` unless the key block lies wholly after the query block: causal
+    masking zeroes those blocks, so skipping them halves the work on long sequences."""
+    return jax.lax.cond(kv_start <= q_start + q_block - 1, update, lambda c, _: c, carry, xs)
+
+
 def _flash_forward(q, k, v, q_seg, kv_seg, block):
     """Online-softmax forward; returns the output [B,T,K,G,H] and log-sum-exp [B,K,G,T]."""
     scale = q.shape[-1] ** -0.5
@@ -132,7 +139,7 @@ def _flash_forward(q, k, v, q_seg, kv_seg, block):
         q_blk, q_seg_blk, q_start = args
         b, bq, kh, g, h = q_blk.shape
 
-        def step(carry, kv):
+        def update(carry, kv):
             acc, row_max, row_sum = carry
             k_blk, v_blk, kv_seg_blk, kv_start = kv
             logits = _block_logits(q_blk, k_blk, q_seg_blk, kv_seg_blk, q_start, kv_start, scale)
@@ -142,7 +149,10 @@ def _flash_forward(q, k, v, q_seg, kv_seg, block):
             row_sum = row_sum * correction + probs.sum(-1)
             pv = jnp.einsum("bkgts,bskh->bkgth", probs.astype(v_blk.dtype), v_blk,
                             preferred_element_type=jnp.float32)
-            return (acc * correction[..., None] + pv, new_max, row_sum), None
+            return acc * correction[..., None] + pv, new_max, row_sum
+
+        def step(carry, kv):
+            return _unless_future(kv[3], q_start, bq, update, carry, kv), None
 
         init = (jnp.zeros((b, kh, g, bq, h), jnp.float32),
                 jnp.full((b, kh, g, bq), _MASKED, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32))
@@ -179,11 +189,14 @@ def _flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, block):
     def dq_for_query_block(args):
         q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk = args
 
-        def step(dq, kv):
+        def update(dq, kv):
             k_blk, v_blk, kv_seg_blk, kv_start = kv
             _, d_logits = grad_pieces(q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk,
                                       k_blk, v_blk, kv_seg_blk, kv_start)
-            return dq + jnp.einsum("bkgts,bskh->btkgh", d_logits, k_blk.astype(jnp.float32)), None
+            return dq + jnp.einsum("bkgts,bskh->btkgh", d_logits, k_blk.astype(jnp.float32))
+
+        def step(dq, kv):
+            return _unless_future(kv[3], q_start, block, update, dq, kv), None
 
         dq, _ = jax.lax.scan(step, jnp.zeros(q_blk.shape, jnp.float32),
                              (k_blocks, v_blocks, kv_seg_blocks, starts))
@@ -192,14 +205,17 @@ def _flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, block):
     def dkv_for_key_block(args):
         k_blk, v_blk, kv_seg_blk, kv_start = args
 
-        def step(carry, qs):
+        def update(carry, qs):
             dk, dv = carry
             q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk = qs
             probs, d_logits = grad_pieces(q_blk, q_seg_blk, q_start, d_out_blk, lse_blk, delta_blk,
                                           k_blk, v_blk, kv_seg_blk, kv_start)
             dv = dv + jnp.einsum("bkgts,btkgh->bskh", probs, d_out_blk.astype(jnp.float32))
             dk = dk + jnp.einsum("bkgts,btkgh->bskh", d_logits, q_blk.astype(jnp.float32))
-            return (dk, dv), None
+            return dk, dv
+
+        def step(carry, qs):
+            return _unless_future(kv_start, qs[2], block, update, carry, qs), None
 
         zeros = jnp.zeros(k_blk.shape, jnp.float32)
         (dk, dv), _ = jax.lax.scan(step, (zeros, zeros), (q_blocks, q_seg_blocks, starts,
