@@ -1,0 +1,84 @@
+"""Procedural textbook exercises with worked solutions and a final answer that `verify` can check.
+
+`exercise(seed, index)` is a pure function of its arguments (a fresh RNG per index, no shared state), so a
+grain MapDataset can index it directly and every host sees the same exercise. One stream serves pretraining
+text (`render_document`), SFT prompts and targets (`question`, `solution`) and Pivotal Token Search, which
+samples completions to a question and scores each with `verify`. All arithmetic is exact (`Fraction`).
+
+Answers are integers, reduced fractions `a/b` or decimals. A question whose answer is rounded says so
+("rounded to 2 decimal places"), and a question with a unit names it ("Give your answer in meters");
+`verify` reads both back from the question, so an `Exercise` needs no other fields.
+
+Layout: this module holds the family registry and the stream; each family is a function `rng -> Exercise` in
+`arithmetic`, `algebra`, `measures`, `proportion` or `number_theory`, written with the shared wording in
+`text` and `units`; `verifier` checks responses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import random
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+
+from phi4_jax.data.synthetic import algebra, arithmetic, measures, number_theory, proportion
+from phi4_jax.data.synthetic.text import Exercise
+from phi4_jax.data.synthetic.verifier import extract_final_answer, verify
+
+__all__ = ["FAMILIES", "Exercise", "documents", "exercise", "extract_final_answer", "render_document",
+           "verify"]
+
+_GENERATORS: dict[str, Callable[[random.Random], Exercise]] = {
+    "arithmetic": arithmetic.order_of_operations,
+    "linear_equation": algebra.linear_equation,
+    "unit_conversion": measures.unit_conversion,
+    "percentage": proportion.percentage,
+    "ratio": proportion.ratio,
+    "rate": measures.rate,
+    "gcd_lcm": number_theory.gcd_lcm,
+    "modular": number_theory.modular,
+}
+FAMILIES: tuple[str, ...] = tuple(_GENERATORS)
+
+
+def _non_negative(name: str, value: int) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return value
+
+
+def exercise(seed: int, index: int, families: Sequence[str] = FAMILIES) -> Exercise:
+    """The exercise at `index` of the stream `seed`: the same on every machine, whatever was asked before.
+
+    The family is drawn from `families` with the same per-index RNG, so a different `families` gives a
+    different stream.
+    """
+    seed, index = _non_negative("seed", seed), _non_negative("index", index)
+    if isinstance(families, str) or not families:
+        raise ValueError(f"families must be a non-empty sequence of names from {FAMILIES}, got {families!r}")
+    unknown = [f for f in families if f not in _GENERATORS]
+    if unknown:
+        raise ValueError(f"unknown exercise families {unknown}; choose from {FAMILIES}")
+    rng = random.Random(f"phi4_jax.synthetic/{seed}/{index}")  # str seeds hash with SHA-512: same everywhere
+    return _GENERATORS[families[rng.randrange(len(families))]](rng)
+
+
+_HEADINGS = (("Problem", "Solution"), ("Exercise", "Worked solution"), ("Question", "Answer"),
+             ("Example", "Solution"))
+
+
+def render_document(ex: Exercise) -> str:
+    """Textbook-style text for pretraining: the question, then the worked solution with its final answer."""
+    problem, solution = _HEADINGS[zlib.crc32(ex.question.encode()) % len(_HEADINGS)]
+    return f"{problem}. {ex.question}\n\n{solution}.\n{ex.solution}\n"
+
+
+def documents(seed: int, start: int = 0) -> Iterator[str]:
+    """The endless stream render_document(exercise(seed, i)) for i = start, start + 1, ..."""
+    for index in itertools.count(start):
+        yield render_document(exercise(seed, index))
