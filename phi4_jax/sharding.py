@@ -8,19 +8,19 @@ activations with `constrain`; a handful of rules from the config (for example
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-_ACTIVE_RULES: contextvars.ContextVar[LogicalRules | None] = contextvars.ContextVar(
-    "phi4_logical_rules", default=None)
+# A jit-cache-sensitive context: a function traced under one set of rules is traced afresh
+# under another, rather than reusing layouts (and shard_maps) baked in for the first.
+_ACTIVE_RULES = jax.make_user_context(default_value=None)
 
 
 class MeshError(ValueError):
@@ -75,16 +75,26 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules) -> Partiti
 @contextlib.contextmanager
 def logical_rules(rules: LogicalRules) -> Iterator[None]:
     """Activates the rules for `constrain` while tracing the model under a mesh."""
-    token = _ACTIVE_RULES.set(tuple(tuple(r) for r in rules))
-    try:
+    hashable = tuple((name, tuple(target) if isinstance(target, list) else target)
+                     for name, target in rules)
+    with _ACTIVE_RULES(hashable):
         yield
-    finally:
-        _ACTIVE_RULES.reset(token)
+
+
+def active_rules() -> LogicalRules | None:
+    """The rules of the innermost `logical_rules` block, or None outside one."""
+    return _ACTIVE_RULES.value
+
+
+def split_axes(entry: str | tuple[str, ...] | None, mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that one PartitionSpec entry splits its dimension over."""
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    return tuple(axis for axis in axes if mesh.shape[axis] > 1)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pins an activation's layout by logical names; a no-op outside `logical_rules`."""
-    rules = _ACTIVE_RULES.get()
+    rules = active_rules()
     if rules is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))

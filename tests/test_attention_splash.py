@@ -1,15 +1,23 @@
 """The TPU splash-attention path, run by the Pallas interpreter on CPU.
 
 Checked against float64 NumPy and the xla path on packed rows with grouped KV heads, by
-perturbing one packed document, and through the dispatcher's fallbacks and errors.
+perturbing one packed document, and through the dispatcher's fallbacks and errors. On a
+2x2x2 mesh of fake CPU devices the kernel must run per shard: equal to the unsharded xla
+path, on local shapes, with no collectives, and refusing layouts it cannot run locally.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import NamedSharding
+
 from phi4_jax import attention as attention_lib
+from phi4_jax import sharding
+from phi4_jax.config_base import DEFAULT_RULES
 
 B, T, N, K, H = 2, 200, 4, 2, 64  # T is not a multiple of the 128 block: the padding path
 SEGMENTS = jnp.array([[1] * 70 + [2] * 90 + [3] * 40, [1] * 150 + [0] * 50], jnp.int32)
@@ -118,3 +126,117 @@ def test_splash_dispatch_off_tpu_says_what_to_use():
     with pytest.raises(ValueError, match="needs a TPU.*xla or blockwise"):
         attention_lib.attention(q, k, v, q_segment_ids=SEGMENTS, kv_segment_ids=SEGMENTS,
                                 impl="splash")
+
+
+# --- on a 2x2x2 (data, fsdp, tensor) mesh ------------------------------------------------
+
+MESH_B, MESH_T = 4, 128  # the batch splits 4 ways (data x fsdp), the heads 2 ways (tensor)
+MESH_SEGMENTS = jnp.array([[1] * 50 + [2] * 78, [1] * 128, [1] * 30 + [2] * 60 + [0] * 38,
+                           [1] * 100 + [0] * 28], jnp.int32)
+MESH_REAL = np.asarray(MESH_SEGMENTS) != 0
+Q_NAMES = ("batch", "seq", "q_heads", "head_dim")
+KV_NAMES = ("batch", "seq", "kv_heads", "head_dim")
+
+
+def _mesh():
+    return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+def _mesh_qkv(seed, num_kv_heads=K, batch=MESH_B):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (batch, MESH_T, N, H)),
+            jax.random.normal(keys[1], (batch, MESH_T, num_kv_heads, H)),
+            jax.random.normal(keys[2], (batch, MESH_T, num_kv_heads, H)))
+
+
+def _mesh_splash(q, k, v):
+    return attention_lib.splash_attention(q, k, v, MESH_SEGMENTS[:q.shape[0]], block_size=128,
+                                          interpret=True)
+
+
+def _values_and_grads(fn):
+    """The outputs and the gradients of their masked sum of squares w.r.t. q, k and v."""
+    def both(q, k, v):
+        out, pullback = jax.vjp(fn, q, k, v)
+        return out, pullback(2.0 * jnp.where(MESH_REAL[..., None, None], out, 0.0))
+    return both
+
+
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation in a jaxpr, searching nested jaxprs too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                found += _pallas_calls(inner)
+    return found
+
+
+def test_sharded_splash_values_and_gradients_equal_unsharded_xla():
+    q, k, v = _mesh_qkv(seed=7)
+    with jax.set_mesh(_mesh()), sharding.logical_rules(DEFAULT_RULES):
+        out, grads = jax.jit(_values_and_grads(_mesh_splash))(q, k, v)
+    want_out, want_grads = _values_and_grads(lambda q, k, v: attention_lib.xla_attention(
+        q, k, v, MESH_SEGMENTS, MESH_SEGMENTS))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[MESH_REAL], np.asarray(want_out)[MESH_REAL],
+                               atol=2e-5)
+    for name, got, want in zip("qkv", grads, want_grads):
+        np.testing.assert_allclose(got, want, atol=5e-5, err_msg=f"d{name}")
+
+
+def test_sharded_splash_runs_the_kernel_on_local_rows_and_heads():
+    q, k, v = _mesh_qkv(seed=8)
+    mesh = _mesh()
+    with jax.set_mesh(mesh), sharding.logical_rules(DEFAULT_RULES):
+        jaxpr = jax.make_jaxpr(_mesh_splash)(q, k, v).jaxpr
+        shardings = [NamedSharding(mesh, sharding.logical_to_spec(names, DEFAULT_RULES))
+                     for names in (Q_NAMES, KV_NAMES, KV_NAMES)]
+        hlo = jax.jit(_mesh_splash, in_shardings=shardings, out_shardings=shardings[0]).lower(
+            q, k, v).compile().as_text()
+    (shard_map,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map"]
+    assert not [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call"]
+    body = shard_map.params["jaxpr"]
+    local_shapes = {var.aval.shape for var in body.invars}
+    assert {(MESH_B // 4, MESH_T, N // 2, H), (MESH_B // 4, MESH_T, K // 2, H)} <= local_shapes
+    kernel_operands = {var.aval.shape[-3:] for eqn in _pallas_calls(body) for var in eqn.invars}
+    assert {(N // 2, MESH_T, H), (K // 2, MESH_T, H)} <= kernel_operands  # local heads only
+    assert (N, MESH_T, H) not in kernel_operands
+    # Inputs already laid out per device need no gathering: each device works on its own.
+    assert not re.findall(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
+
+
+@pytest.mark.parametrize("rules, num_kv_heads, batch, message", [
+    ((("batch", "data"), ("seq", "fsdp")), K, MESH_B, "split 'seq'.*no context parallelism"),
+    ((("batch", "data"), ("head_dim", "tensor")), K, MESH_B, "split 'head_dim'"),
+    ((("batch", ("data", "fsdp")), ("q_heads", "tensor")), K, MESH_B,
+     r"q_heads over \('tensor',\) but kv_heads over \(\)"),
+    (DEFAULT_RULES, 1, MESH_B, "split heads 2 ways.*does not divide the 1 kv heads"),
+    (DEFAULT_RULES, K, 2, "batch of 2 rows does not split over the 4 devices"),
+])
+def test_sharded_splash_refuses_layouts_it_cannot_run_per_device(rules, num_kv_heads, batch,
+                                                                 message):
+    q, k, v = _mesh_qkv(seed=9, num_kv_heads=num_kv_heads, batch=batch)
+    with jax.set_mesh(_mesh()), sharding.logical_rules(rules):
+        with pytest.raises(ValueError, match=message) as error:
+            jax.eval_shape(_mesh_splash, q, k, v)
+    assert "mesh.rules" in str(error.value)  # names the config key to change
+
+
+def test_sharded_splash_without_rules_says_how_to_lay_it_out():
+    q, k, v = _mesh_qkv(seed=10)
+    with jax.set_mesh(_mesh()), pytest.raises(ValueError, match="inside sharding.logical_rules"):
+        jax.eval_shape(_mesh_splash, q, k, v)
+
+
+def test_sharded_splash_is_traced_afresh_when_the_rules_change():
+    q, k, v = _mesh_qkv(seed=11)
+    seq_split = (("batch", "data"), ("seq", "fsdp"))
+    fn = jax.jit(_mesh_splash)
+    with jax.set_mesh(_mesh()):
+        with sharding.logical_rules(DEFAULT_RULES):
+            fn.trace(q, k, v)  # a layout that works, now in jit's trace cache
+        with sharding.logical_rules(seq_split), pytest.raises(ValueError, match="split 'seq'"):
+            fn.trace(q, k, v)
