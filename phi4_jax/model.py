@@ -171,7 +171,10 @@ class Transformer(nnx.Module):
     def forward(self, tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None = None):
         """Logits and, when decoding with a cache, the cache with these tokens written in."""
         cfg = self.cfg
-        x_BTD = self.embed_VD[...][tokens_BT].astype(cfg.compute_dtype)
+        # Gather from the whole table, as FSDP gathers every weight before use: from a sharded
+        # table the partitioner cannot reach batch-sharded rows and replicates them instead.
+        table_VD = constrain(self.embed_VD[...].astype(cfg.compute_dtype), (None, None))
+        x_BTD = table_VD[tokens_BT]
         x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
         if cache is None:
             x_BTD = self._run_blocks(x_BTD, positions_BT, segment_ids_BT)

@@ -149,8 +149,9 @@ def _numpy_attention(q, k, v, seg):
     allowed = (np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
                & (seg[:, None, :] != 0))[:, None]
     logits = np.where(allowed, logits, -np.inf)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # padding rows see no key: NaN, excluded by callers
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
     return np.einsum("bnts,bsnh->btnh", probs, v)
 
 
