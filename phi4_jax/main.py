@@ -44,7 +44,6 @@ def main(argv: list[str]) -> int:
                 f"stage={config.stage!r}: choose one of {config_base.STAGES}.")
     except (config_base.ConfigError, model_config.ModelConfigError, sharding.MeshError,
             memory.MemoryBudgetError, trainer.TrainingDivergedError) as error:
-        logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -157,6 +157,7 @@ def test_report_reproduces_the_papers_epochs():
     report = mixture.mixture_report(_paper_cfg(), total_tokens=int(10e12))
     assert "| synthetic | 0.400 | 4T | 290B | 13.79 |" in report
     assert "| web | 0.150 | 1.5T | 1.3T | 1.15 |" in report
+    assert "| books | 0.100 | 1T | 580B | 1.72 |" in report  # 0.1 * 10T rounds to 1T, not 1e+03B
 
 
 def test_report_marks_unknown_unique_tokens():

@@ -98,6 +98,17 @@ def test_14b_on_one_cpu_is_refused_before_compiling():
     assert time.perf_counter() - start < 10
 
 
+def test_main_refuses_14b_on_cpu_with_one_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py",
+         f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "XLA_FLAGS": ""})
+    assert result.returncode == 1
+    assert result.stderr.count("error: phi4-14b") == 1, result.stderr
+    assert "--config.mesh.fsdp=" in result.stderr and "--config.train.microbatches=" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_sigterm_writes_a_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py:tiny",

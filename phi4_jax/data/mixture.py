@@ -89,6 +89,7 @@ def mixture_report(data_cfg: Mapping[str, Any], total_tokens: int) -> str:
 
 def _count(n: float) -> str:
     """A token count in K/M/B/T units, three significant digits."""
+    n = float(f"{n:.3g}")  # round first, so 999.99...B reads as 1T
     for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
