@@ -168,6 +168,10 @@ class _StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {key: float(value) for key, value in jax.device_get(metrics).items()}
+
+
 def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpointer) -> None:
     if not math.isfinite(metrics["loss"]):
         checkpointer.wait()
@@ -239,6 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         writer.close()
         checkpointer.wait()
         checkpointer.close()
+        data_iter.close()
 
 
 def _loop(run, state, data_iter, eval_batches, train_fn, eval_fn, checkpointer, writer, stop,
@@ -252,12 +257,11 @@ def _loop(run, state, data_iter, eval_batches, train_fn, eval_fn, checkpointer, 
         batch = to_global_batch(next(data_iter), run.batch_sharding)
         state, metrics = train_fn(state, batch)
         if pending is not None:  # read the previous step's metrics while this one runs
-            _check_finite({k: float(v) for k, v in jax.device_get(pending).items()}, step,
-                          checkpointer)
+            _check_finite(_to_host(pending), step, checkpointer)
         pending, step, window_steps = metrics, step + 1, window_steps + 1
         writer.advance(step)
         if step % config.log.every_steps == 0 or step == config.train.steps:
-            logged = {k: float(v) for k, v in jax.device_get(pending).items()}
+            logged = _to_host(pending)
             _check_finite(logged, step, checkpointer)
             logged.update(_throughput(run, window_steps, time.perf_counter() - window_start))
             writer.write(step, logged)
@@ -270,8 +274,7 @@ def _loop(run, state, data_iter, eval_batches, train_fn, eval_fn, checkpointer, 
         preempted = stop.received or checkpointer.reached_preemption(step)
         final = step >= min(last_step, config.train.steps)
         if preempted or final or checkpointer.should_save(step):
-            _check_finite({k: float(v) for k, v in jax.device_get(pending).items()}, step,
-                          checkpointer)
+            _check_finite(_to_host(pending), step, checkpointer)  # never save a NaN state
             checkpointer.save(step, state, data_iter, meta, force=preempted or final)
         if preempted:
             logging.warning("Stopped at step %d for preemption; checkpoint saved.", step)
