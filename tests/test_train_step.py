@@ -117,3 +117,13 @@ def test_microbatch_accumulation_equals_one_batch():
     np.testing.assert_allclose(acc_losses, one_losses, rtol=1e-5)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=0, atol=PARAM_ATOL),
                  acc_params, one_params)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_qkv_proj"])
+def test_remat_policies_keep_loss_and_gradients(policy):
+    batches = [_random_batch(3)]
+    plain, _, _ = _run_steps(_config(), jax.devices()[:1], batches)
+    remat_config = _config()
+    remat_config.model.remat_policy = policy
+    rematted, _, _ = _run_steps(remat_config, jax.devices()[:1], batches)
+    np.testing.assert_allclose(rematted, plain, rtol=1e-5)  # (loss, grad norm) per step
