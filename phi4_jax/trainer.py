@@ -154,18 +154,26 @@ def to_global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> di
 # --- the loop ----------------------------------------------------------------------------
 
 class _StopSignal:
-    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+    """Turns SIGTERM (preemption) into a flag the loop checks between steps.
+
+    Single-process only: on multi-host runs JAX's preemption service catches SIGTERM itself
+    and `reached_preemption` agrees on one step for every host, which a per-host flag cannot
+    (and a Python handler would displace the service's own).
+    """
 
     def __init__(self):
         self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
         self.received = True
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
