@@ -78,7 +78,7 @@ def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     estimate = memory.estimate_train_memory(
         model_cfg, seq_len=t.seq_len, per_device_batch=t.global_batch // t.microbatches
         // batch_devices, mesh_shape=dict(mesh.shape), microbatches=t.microbatches)
-    capacity = config.memory.device_bytes or memory.device_memory_bytes(jax.devices()[0])
+    capacity = config.memory.device_bytes or memory.device_memory_bytes(jax.local_devices()[0])
     logging.info("Estimated per-device memory:\n%s", estimate.describe())
     if capacity:
         memory.check_fits(estimate, capacity, context=f"{model_cfg.name} on {mesh.devices.size} "
