@@ -49,27 +49,23 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
               impl: str = "auto", block_size: int = 512) -> jax.Array:
     """Masked causal attention; returns [B, T, N, H] in the query dtype."""
     impl = resolve_impl(impl, q_BTNH.shape[1], block_size)
-    if impl == "xla":
+    if impl not in ("xla", "blockwise", "cudnn", "splash"):
+        raise ValueError(
+            f"model.attention_impl={impl!r}: choose auto, xla, blockwise, cudnn or splash.")
+    self_attention = (q_BTNH.shape[1] == k_BSKH.shape[1] and isinstance(q_offset, int)
+                      and not q_offset)
+    if impl == "xla" or not self_attention:
+        # Cached decoding (short queries against a long cache) always takes the plain path.
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
     if impl == "blockwise":
-        if not isinstance(q_offset, int) or q_offset:
-            return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
         return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids,
                                    block_size=block_size)
     if impl == "cudnn":
-        if q_BTNH.shape[1] != k_BSKH.shape[1] or (not isinstance(q_offset, int) or q_offset):
-            # Cached decoding: short queries against a long cache; the plain path is cheap.
-            return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
         return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids)
-    if impl == "splash":
-        if q_BTNH.shape[1] != k_BSKH.shape[1] or (not isinstance(q_offset, int) or q_offset):
-            return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
-        if jax.default_backend() != "tpu":
-            raise ValueError(f"model.attention_impl='splash' needs a TPU, but the backend is "
-                             f"{jax.default_backend()!r}; use auto, xla or blockwise here.")
-        return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, block_size=block_size)
-    raise ValueError(
-        f"model.attention_impl={impl!r}: choose auto, xla, blockwise, cudnn or splash.")
+    if jax.default_backend() != "tpu":
+        raise ValueError(f"model.attention_impl='splash' needs a TPU, but the backend is "
+                         f"{jax.default_backend()!r}; use auto, xla or blockwise here.")
+    return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, block_size=block_size)
 
 
 def _mask(q_seg_BT, kv_seg_BS, q_index_T, kv_index_S):
