@@ -152,11 +152,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0.")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables).")
     _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1).")
-    for key in ("every_steps",):
-        for section in ("eval", "log", "checkpoint"):
-            value = config[section][key]
-            _require(isinstance(value, int) and value > 0, f"{section}.{key}", value,
-                     "must be a positive integer.")
+    for section in ("eval", "log", "checkpoint"):
+        value = config[section].every_steps
+        _require(isinstance(value, int) and value > 0, f"{section}.every_steps", value,
+                 "must be a positive integer.")
     _require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
              "must keep at least one checkpoint.")
     for axis in MESH_AXES:

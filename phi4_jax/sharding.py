@@ -100,13 +100,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
 
 
-def state_logical_names(state: nnx.State) -> nnx.State:
-    """The logical axis names of each parameter, as a tree of PartitionSpecs of names."""
-    return nnx.get_partition_spec(state)
-
-
 def state_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules) -> nnx.State:
     """NamedShardings for every leaf of a (possibly abstract) parameter state."""
-    names = state_logical_names(state)
+    names = nnx.get_partition_spec(state)  # PartitionSpecs of logical names
     return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules)),
                         names, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -50,6 +50,7 @@ class Run:
     graphdef: nnx.GraphDef
     optimizer: optax.GradientTransformation
     state_shardings: Any
+    abstract_state: TrainState  # shapes, dtypes and target shardings, for restoring
     batch_sharding: NamedSharding
 
 
@@ -100,15 +101,18 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     graphdef, abstract_params = nnx.split(abstract_model)
     param_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh, rules))
     optimizer = make_optimizer(config.train, nnx.to_pure_dict(abstract_params))
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer),
-                                    nnx.to_pure_dict(abstract_params))
+    shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer),
+                            nnx.to_pure_dict(abstract_params))
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
+        optimizer, lambda _, sharding: sharding, shapes.opt_state, param_shardings,
         transform_non_params=lambda _: replicated)
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", None), rules))
-    return Run(config, model_cfg, mesh, rules, graphdef, optimizer, shardings, batch_sharding)
+    return Run(config, model_cfg, mesh, rules, graphdef, optimizer, shardings, abstract_state,
+               batch_sharding)
 
 
 def init_state(run: Run) -> TrainState:
@@ -119,14 +123,6 @@ def init_state(run: Run) -> TrainState:
 
     with jax.set_mesh(run.mesh):
         return jax.jit(init, out_shardings=run.state_shardings)()
-
-
-def abstract_state(run: Run) -> TrainState:
-    """Shapes, dtypes and target shardings of the train state, for restoring."""
-    shapes = jax.eval_shape(lambda: init_train_state(
-        nnx.to_pure_dict(nnx.state(init_model(run.model_cfg, run.config.seed))), run.optimizer))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, run.state_shardings)
 
 
 def compile_steps(run: Run):
@@ -214,7 +210,7 @@ def _restore_or_init(run: Run, checkpointer: Checkpointer, data_iter) -> TrainSt
     if latest is None:
         return init_state(run)
     logging.info("Resuming from the checkpoint at step %d.", latest)
-    state, meta = checkpointer.restore(latest, abstract_state(run), data_iter)
+    state, meta = checkpointer.restore(latest, run.abstract_state, data_iter)
     if meta.get("seed") != run.config.seed:
         logging.warning("Checkpoint seed %s differs from config seed %s.", meta.get("seed"),
                         run.config.seed)

@@ -43,7 +43,7 @@ def _final_params(workdir, config):
     from phi4_jax.data import pipeline
     it = pipeline.make_train_iterator(config.data, seq_len=config.train.seq_len,
                                       batch_size=config.train.global_batch)
-    state, _ = checkpointer.restore(checkpointer.latest_step(), trainer.abstract_state(run), it)
+    state, _ = checkpointer.restore(checkpointer.latest_step(), run.abstract_state, it)
     checkpointer.close()
     return jax.device_get(state.params)
 
