@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from phi4_jax import attention
+from phi4_jax.model import attention
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096"], "Sequence lengths.")
 _BLOCK = flags.DEFINE_integer("block", 512, "Blockwise block size.")

@@ -24,7 +24,7 @@ import grain
 import tiktoken
 
 from phi4_jax.data import pipeline
-from phi4_jax.tokenizer import load_tokenizer
+from phi4_jax.data.tokenizer import load_tokenizer
 
 SEQ_LEN = 1024
 BATCH_SIZE = 8

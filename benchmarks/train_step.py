@@ -41,9 +41,12 @@ from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from phi4_jax import config_base, flops, memory, trainer
-from phi4_jax.attention import resolve_impl
-from phi4_jax.model_config import ModelConfig
+from phi4_jax import config_base
+from phi4_jax.train import flops
+from phi4_jax.train import memory
+from phi4_jax.train import loop as trainer
+from phi4_jax.model.attention import resolve_impl
+from phi4_jax.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 1

@@ -11,8 +11,8 @@ import math
 
 import ml_collections
 
-from phi4_jax.model_config import SIZE_NAMES, ModelConfig, model_config_for
-from phi4_jax.sharding import MESH_AXES
+from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
+from phi4_jax.parallel.sharding import MESH_AXES
 
 STAGES = ("pretrain",)
 SCHEDULES = ("linear", "cosine")

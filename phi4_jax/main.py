@@ -22,10 +22,14 @@ _PRINT_MIXTURE = flags.DEFINE_bool("print_mixture", False,
 
 def main(argv: list[str]) -> int:
     del argv
-    from phi4_jax import distributed  # pylint: disable=g-import-not-at-top
+    from phi4_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
     spec = distributed.initialize_distributed()  # before anything touches a JAX backend
-    from phi4_jax import config_base, memory, model_config, sharding, trainer  # pylint: disable=g-import-not-at-top
+    from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
+    from phi4_jax.train import memory
+    from phi4_jax.model import config as model_config
+    from phi4_jax.parallel import sharding
+    from phi4_jax.train import loop as trainer
     from phi4_jax.data import mixture  # pylint: disable=g-import-not-at-top
 
     config = _CONFIG.value

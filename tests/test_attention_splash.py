@@ -15,8 +15,9 @@ import pytest
 
 from jax.sharding import NamedSharding
 
-from phi4_jax import attention as attention_lib
-from phi4_jax import sharding
+from phi4_jax.model import attention as attention_lib
+from phi4_jax.model.attention import splash as splash_lib
+from phi4_jax.parallel import sharding
 from phi4_jax.config_base import DEFAULT_RULES
 
 B, T, N, K, H = 2, 200, 4, 2, 64  # T is not a multiple of the 128 block: the padding path
@@ -31,7 +32,7 @@ def _qkv(seed, t=T):
 
 
 def _splash(q, k, v, seg=SEGMENTS):
-    return attention_lib.splash_attention(q, k, v, seg, block_size=128, interpret=True)
+    return splash_lib.splash_attention(q, k, v, seg, block_size=128, interpret=True)
 
 
 def _numpy_attention(q, k, v, seg):
@@ -89,21 +90,21 @@ def test_splash_isolates_packed_documents():
 
 
 def test_splash_kernel_built_in_one_trace_serves_the_next():
-    attention_lib._splash_kernel.cache_clear()  # pylint: disable=protected-access
+    splash_lib._splash_kernel.cache_clear()  # pylint: disable=protected-access
     q, k, v = _qkv(seed=6)
     first = jax.jit(_splash)(q, k, v)
     second = jax.jit(lambda q, k, v: 2.0 * _splash(q, k, v))(q, k, v)  # a cache hit
-    assert attention_lib._splash_kernel.cache_info().hits >= 1  # pylint: disable=protected-access
+    assert splash_lib._splash_kernel.cache_info().hits >= 1  # pylint: disable=protected-access
     np.testing.assert_allclose(np.asarray(second)[REAL], 2.0 * np.asarray(first)[REAL],
                                rtol=1e-6)
 
 
 def test_splash_block_rounds_to_lanes_and_refuses_unaligned_blocks():
-    assert attention_lib.splash_block(200, 512) == 256
-    assert attention_lib.splash_block(4096, 512) == 512
-    assert attention_lib.splash_block(16, 128) == 128
+    assert splash_lib.splash_block(200, 512) == 256
+    assert splash_lib.splash_block(4096, 512) == 512
+    assert splash_lib.splash_block(16, 128) == 128
     with pytest.raises(ValueError, match="model.attention_block_size=100"):
-        attention_lib.splash_block(4096, 100)
+        splash_lib.splash_block(4096, 100)
 
 
 def test_auto_picks_splash_on_tpu(monkeypatch):
@@ -150,7 +151,7 @@ def _mesh_qkv(seed, num_kv_heads=K, batch=MESH_B):
 
 
 def _mesh_splash(q, k, v):
-    return attention_lib.splash_attention(q, k, v, MESH_SEGMENTS[:q.shape[0]], block_size=128,
+    return splash_lib.splash_attention(q, k, v, MESH_SEGMENTS[:q.shape[0]], block_size=128,
                                           interpret=True)
 
 

@@ -20,7 +20,7 @@ import pytest
 from jax._src.clusters import ClusterEnv
 from jax._src.clusters.cloud_tpu_cluster import GkeTpuCluster
 
-from phi4_jax.distributed import (ClusterEnvError, ClusterSpec, detect_cluster,
+from phi4_jax.parallel.distributed import (ClusterEnvError, ClusterSpec, detect_cluster,
                                   initialize_distributed)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,7 +263,7 @@ _WORKER = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from phi4_jax.distributed import initialize_distributed
+    from phi4_jax.parallel.distributed import initialize_distributed
 
     spec = initialize_distributed()
     mesh = jax.make_mesh((jax.device_count(),), ("data",))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phi4_jax import flops
-from phi4_jax.model import init_model
-from phi4_jax.model_config import model_config_for
+from phi4_jax.train import flops
+from phi4_jax.model.transformer import init_model
+from phi4_jax.model.config import model_config_for
 
 PHI4 = model_config_for("phi4-14b")
 

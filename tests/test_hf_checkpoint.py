@@ -17,10 +17,10 @@ transformers = pytest.importorskip("transformers",
                                    reason="transformers provides the Phi3ForCausalLM reference")
 from safetensors.torch import load_file  # noqa: E402
 
-from phi4_jax import hf_checkpoint as hf  # noqa: E402
-from phi4_jax import sharding  # noqa: E402
-from phi4_jax.model import init_model  # noqa: E402
-from phi4_jax.model_config import model_config_for  # noqa: E402
+from phi4_jax.interop import hf_checkpoint as hf  # noqa: E402
+from phi4_jax.parallel import sharding  # noqa: E402
+from phi4_jax.model.transformer import init_model  # noqa: E402
+from phi4_jax.model.config import model_config_for  # noqa: E402
 
 torch.set_num_threads(1)
 TINY_HF = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

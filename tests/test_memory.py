@@ -11,9 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
-from phi4_jax import memory
-from phi4_jax.model import init_model
-from phi4_jax.model_config import model_config_for
+from phi4_jax.train import memory
+from phi4_jax.model.transformer import init_model
+from phi4_jax.model.config import model_config_for
 
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
 PHI4_PARAMS = 14_659_507_200

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from phi4_jax.data import mixture, pipeline
-from phi4_jax.tokenizer import load_tokenizer
+from phi4_jax.data.tokenizer import load_tokenizer
 
 FRUITS = ("apple", "banana", "cherry")
 

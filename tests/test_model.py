@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phi4_jax import attention as attention_lib
-from phi4_jax.model import KVCache, init_model
-from phi4_jax.model_config import SIZE_NAMES, ModelConfigError, model_config_for, param_count
-from phi4_jax.rope import apply_rope
+from phi4_jax.model import attention as attention_lib
+from phi4_jax.model.attention import cudnn as cudnn_lib
+from phi4_jax.model.transformer import KVCache, init_model
+from phi4_jax.model.config import SIZE_NAMES, ModelConfigError, model_config_for, param_count
+from phi4_jax.model.rope import apply_rope
 
 TINY = model_config_for("tiny", vocab_size=97, num_layers=2)
 
@@ -178,7 +179,7 @@ def test_blockwise_equals_plain_attention_values_and_grads():
 
 def test_segment_offsets_hand_worked():
     seg = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
-    offsets, lengths = attention_lib.segment_offsets(seg)
+    offsets, lengths = cudnn_lib.segment_offsets(seg)
     assert offsets.tolist() == [[0, 3, 5, -1, -1, -1, -1], [0, 6, -1, -1, -1, -1, -1]]
     assert lengths.tolist() == [[3, 2, -1, -1, -1, -1], [6, -1, -1, -1, -1, -1]]
 

@@ -28,9 +28,9 @@ import pytest
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from phi4_jax import trainer
+from phi4_jax.train import loop as trainer
 from phi4_jax.data import pipeline
-from phi4_jax.sharding import logical_rules
+from phi4_jax.parallel.sharding import logical_rules
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 4

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from phi4_jax.data import packing
-from phi4_jax.tokenizer import load_tokenizer
+from phi4_jax.data.tokenizer import load_tokenizer
 
 
 def _pairs_of(documents):

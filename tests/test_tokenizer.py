@@ -13,7 +13,7 @@ import pytest
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
 
-from phi4_jax import tokenizer as tk
+from phi4_jax.data import tokenizer as tk
 
 CONTROL_IDS = set(range(100256, 100352))
 SAMPLE_TEXTS = [

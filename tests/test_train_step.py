@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from phi4_jax import config_base, trainer
-from phi4_jax.losses import next_token_loss_sum
-from phi4_jax.optimizer import learning_rate_schedule, weight_decay_mask
-from phi4_jax.train_step import train_step
+from phi4_jax import config_base
+from phi4_jax.train import loop as trainer
+from phi4_jax.losses.lm import next_token_loss_sum
+from phi4_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
+from phi4_jax.train.step import train_step
 
 
 def _train_cfg(**overrides):

@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from phi4_jax import memory, trainer
-from phi4_jax.checkpoint import Checkpointer
+from phi4_jax.train import memory
+from phi4_jax.train import loop as trainer
+from phi4_jax.train.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from phi4_jax.tokenizer import Phi4Tokenizer
+from phi4_jax.data.tokenizer import Phi4Tokenizer
 
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 

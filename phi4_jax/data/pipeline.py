@@ -20,7 +20,7 @@ import grain
 import numpy as np
 
 from phi4_jax.data import mixture, packing, sources
-from phi4_jax.tokenizer import load_tokenizer
+from phi4_jax.data.tokenizer import load_tokenizer
 
 DATA_KEYS = ("seed", "sources", "mix", "eval_holdout", "read_threads", "prefetch")
 DOCUMENTS_BUFFERED_PER_THREAD = 4

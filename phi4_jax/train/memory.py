@@ -37,9 +37,9 @@ from collections.abc import Mapping
 
 import jax
 
-from phi4_jax import attention as attention_lib
-from phi4_jax.model_config import SIZE_NAMES, ModelConfig, model_config_for, param_count
-from phi4_jax.sharding import MESH_AXES
+from phi4_jax.model import attention as attention_lib
+from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for, param_count
+from phi4_jax.parallel.sharding import MESH_AXES
 
 GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

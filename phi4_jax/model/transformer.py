@@ -17,10 +17,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
-from phi4_jax import attention as attention_lib
-from phi4_jax.model_config import ModelConfig
-from phi4_jax.rope import apply_rope
-from phi4_jax.sharding import constrain
+from phi4_jax.model import attention as attention_lib
+from phi4_jax.model.config import ModelConfig
+from phi4_jax.model.rope import apply_rope
+from phi4_jax.parallel.sharding import constrain
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from phi4_jax.losses import next_token_loss_sum
+from phi4_jax.losses.lm import next_token_loss_sum
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, loss_mask: [B, T]
 

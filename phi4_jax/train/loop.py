@@ -23,16 +23,17 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from phi4_jax import flops, memory
-from phi4_jax.checkpoint import Checkpointer
+from phi4_jax.train import flops
+from phi4_jax.train import memory
+from phi4_jax.train.checkpoint import Checkpointer
 from phi4_jax.config_base import ConfigError, validate_config
 from phi4_jax.data import mixture, pipeline
-from phi4_jax.metrics_writer import MetricsWriter
-from phi4_jax.model import init_model
-from phi4_jax.model_config import ModelConfig
-from phi4_jax.optimizer import learning_rate_schedule, make_optimizer
-from phi4_jax.sharding import logical_rules, logical_to_spec, make_mesh, state_shardings
-from phi4_jax.train_step import TrainState, eval_step, init_train_state, train_step
+from phi4_jax.train.metrics import MetricsWriter
+from phi4_jax.model.transformer import init_model
+from phi4_jax.model.config import ModelConfig
+from phi4_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from phi4_jax.parallel.sharding import logical_rules, logical_to_spec, make_mesh, state_shardings
+from phi4_jax.train.step import TrainState, eval_step, init_train_state, train_step
 
 
 class TrainingDivergedError(RuntimeError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from phi4_jax.model_config import ModelConfig
+from phi4_jax.model.config import ModelConfig
 
 # Dense (not sparse) bf16 peak per device, as the field quotes it. The NVL and GH200 entries
 # are half of NVIDIA's with-sparsity datasheet figures.

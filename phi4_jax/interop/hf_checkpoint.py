@@ -34,9 +34,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from phi4_jax.model import Transformer, init_model
-from phi4_jax.model_config import ModelConfig, ModelConfigError
-from phi4_jax.tokenizer import PHI4_SPECIAL_TOKENS
+from phi4_jax.model.transformer import Transformer, init_model
+from phi4_jax.model.config import ModelConfig, ModelConfigError
+from phi4_jax.data.tokenizer import PHI4_SPECIAL_TOKENS
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 # The pre-tokenization regexes tiktoken publishes for cl100k_base and o200k_base.
 CL100K_PAT_STR = (
