@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import math
 import os
 import platform
@@ -42,11 +41,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from phi4_jax import config_base
-from phi4_jax.train import flops
-from phi4_jax.train import memory
-from phi4_jax.train import loop as trainer
 from phi4_jax.model.attention import resolve_impl
 from phi4_jax.model.config import ModelConfig
+from phi4_jax.parallel.sharding import logical_rules
+from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.train import flops, loop, memory
+from phi4_jax.train import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 1
@@ -93,10 +93,7 @@ class StepTiming:
 
 def load_pretrain_config(size: str) -> ml_collections.ConfigDict:
     """`configs/pretrain.py:<size>`, loaded as the trainer's config flag would load it."""
-    spec = importlib.util.spec_from_file_location("pretrain_config", ROOT / "configs/pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(size)
+    return config_base.load_config("configs/pretrain.py", size)
 
 
 def bench_config(variant: Variant, seq_len: int, batch: int,
@@ -134,22 +131,22 @@ def time_steps(config: ml_collections.ConfigDict, devices: list[jax.Device], ste
                variant: Variant) -> StepTiming:
     """Compiles the real train step ahead of time, then times `steps` steps after a warm-up."""
     try:
-        run = trainer.build_run(config, devices)
+        run = state_lib.build_run(config, devices)
     except memory.MemoryBudgetError as error:
         return StepTiming(variant, skipped=str(error).splitlines()[0])
     t = config.train
-    with jax.set_mesh(run.mesh), trainer.logical_rules(run.rules):
-        train_fn, _ = trainer.compile_steps(run)
-        state = trainer.init_state(run)
-        batch = trainer.to_global_batch(
+    with jax.set_mesh(run.mesh), logical_rules(run.rules):
+        train_fn, _ = loop.compile_steps(run, Pretrain(), None)
+        state = state_lib.init_state(run)
+        batch = state_lib.to_global_batch(
             random_batch(t.global_batch, t.seq_len, run.model_cfg.vocab_size), run.batch_sharding)
         start = time.perf_counter()
-        step = train_fn.lower(state, batch).compile()
+        step = train_fn.lower(state, batch, None).compile()
         compile_s = time.perf_counter() - start
         durations = []
         for i in range(WARMUP_STEPS + steps):
             start = time.perf_counter()
-            state, metrics = jax.block_until_ready(step(state, batch))
+            state, metrics = jax.block_until_ready(step(state, batch, None))
             if i >= WARMUP_STEPS:
                 durations.append(time.perf_counter() - start)
     loss = float(metrics["loss"])

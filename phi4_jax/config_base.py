@@ -7,14 +7,17 @@ the key, the bad value and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import ml_collections
+
+from phi4_jax.errors import Phi4Error
 
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
 from phi4_jax.parallel.sharding import MESH_AXES
 
-STAGES = ("pretrain",)
 SCHEDULES = ("linear", "cosine")
 
 # Logical axis -> mesh axes. FSDP shards weights over their `embed` dimension, tensor
@@ -35,7 +38,7 @@ BUILTIN_SOURCES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(Phi4Error, ValueError):
     """A run configuration that cannot work; the message names the key and the fix."""
 
 
@@ -54,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "pretrain"
     c.seed = 0
+    # Starting parameters: a phi4_jax workdir / checkpoints folder / step folder, or a
+    # microsoft/phi-4-format Hugging Face directory; '' initializes afresh. Parameters only.
+    c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.size = "tiny"
@@ -80,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.95
     c.train.eps = 1e-8
     c.train.grad_clip = 1.0
+    # Positions per chunk of the LM head and loss: [B, chunk, V] float32 logits live at once,
+    # never [B, T, V].
+    c.train.loss_chunk_tokens = 1024
 
     c.mesh = ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES})
     c.mesh.fsdp = -1
@@ -130,12 +139,11 @@ def _require(ok: bool, key: str, value, fix: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """Checks the whole config before anything is built; returns the model config."""
-    _require(config.stage in STAGES, "stage", config.stage, f"choose one of {STAGES}.")
     _require(config.model.size in SIZE_NAMES, "model.size", config.model.size,
              f"choose one of {', '.join(SIZE_NAMES)}.")
     model_cfg = build_model_config(config)
     t = config.train
-    for key in ("seq_len", "global_batch", "microbatches", "steps"):
+    for key in ("seq_len", "global_batch", "microbatches", "steps", "loss_chunk_tokens"):
         _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
                  "must be a positive integer.")
     _require(t.seq_len <= model_cfg.max_positions, "train.seq_len", t.seq_len,
@@ -166,3 +174,27 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
         _require(len(rule) == 2 and all(a is None or a in MESH_AXES for a in targets),
                  "mesh.rules", rule, f"each rule is (logical_name, mesh axis or tuple of {MESH_AXES}).")
     return model_cfg
+
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(spec: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """A stage config as `--config=FILE[:ARG]` loads it: `get_config(ARG)` of FILE.
+
+    FILE is a path, or a name under the repository's `configs/` (`pretrain.py:tiny`). Tests,
+    benchmarks and configs that derive from another stage's config all load through here.
+    """
+    spec = str(spec)
+    if arg is None and ":" in spec:
+        spec, arg = spec.split(":", 1)
+    path = Path(spec)
+    if not path.is_file():
+        path = REPO_CONFIGS / Path(spec).name
+    if not path.is_file():
+        raise ConfigError(f"config file {spec!r} not found (looked in the working directory and "
+                          f"{REPO_CONFIGS}).")
+    module_spec = importlib.util.spec_from_file_location(f"phi4_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

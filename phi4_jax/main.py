@@ -25,12 +25,9 @@ def main(argv: list[str]) -> int:
     from phi4_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
     spec = distributed.initialize_distributed()  # before anything touches a JAX backend
-    from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
-    from phi4_jax.train import memory
-    from phi4_jax.model import config as model_config
-    from phi4_jax.parallel import sharding
-    from phi4_jax.train import loop as trainer
+    from phi4_jax import stages  # pylint: disable=g-import-not-at-top
     from phi4_jax.data import mixture  # pylint: disable=g-import-not-at-top
+    from phi4_jax.errors import Phi4Error  # pylint: disable=g-import-not-at-top
 
     config = _CONFIG.value
     logging.info("Cluster: %s", spec)
@@ -41,13 +38,8 @@ def main(argv: list[str]) -> int:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required to train (checkpoints and logs go there).")
     try:
-        if config.stage == "pretrain":
-            trainer.train(config, _WORKDIR.value)
-        else:
-            raise config_base.ConfigError(
-                f"stage={config.stage!r}: choose one of {config_base.STAGES}.")
-    except (config_base.ConfigError, model_config.ModelConfigError, sharding.MeshError,
-            memory.MemoryBudgetError, trainer.TrainingDivergedError) as error:
+        stages.run(config, _WORKDIR.value)
+    except Phi4Error as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from phi4_jax import config_base
+from phi4_jax import config_base, stages
 from phi4_jax.data import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(arg=None):
-    spec = {"__name__": "pretrain_config"}
-    exec(compile((ROOT / "configs/pretrain.py").read_text(), "pretrain.py", "exec"), spec)
-    return spec["get_config"](arg)
+    return config_base.load_config("configs/pretrain.py", arg)
 
 
 def test_default_is_the_paper_recipe():
@@ -50,7 +48,6 @@ def test_unknown_variant_names_the_choices():
     ("train.warmup_steps", 10_000, "train.warmup_steps"),
     ("train.seq_len", 8192, "model.max_positions"),
     ("model.size", "7b", "model.size"),
-    ("stage", "rlhf", "stage"),
 ])
 def test_validation_names_key_and_fix(key, value, message):
     c = _load("tiny")
@@ -58,6 +55,13 @@ def test_validation_names_key_and_fix(key, value, message):
     (c[section] if section else c)[field] = value
     with pytest.raises(config_base.ConfigError, match=message):
         config_base.validate_config(c)
+
+
+def test_unknown_stage_names_the_stages():
+    c = _load("tiny")
+    c.stage = "rlhf"
+    with pytest.raises(config_base.ConfigError, match="stage='rlhf'.*pretrain"):
+        stages.stage_for(c)
 
 
 def _print_config(*overrides):

@@ -8,7 +8,8 @@ from flax import nnx
 
 from phi4_jax.model import attention as attention_lib
 from phi4_jax.model.attention import cudnn as cudnn_lib
-from phi4_jax.model.transformer import KVCache, init_model
+from phi4_jax.model.kv_cache import KVCache
+from phi4_jax.model.transformer import init_model
 from phi4_jax.model.config import SIZE_NAMES, ModelConfigError, model_config_for, param_count
 from phi4_jax.model.rope import apply_rope
 

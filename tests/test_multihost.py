@@ -8,7 +8,6 @@ Each run takes ~20 s of two busy cores; the straight run is shared by the module
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,7 +27,10 @@ import pytest
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from phi4_jax.train import loop as trainer
+from phi4_jax import config_base
+from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.train import loop
+from phi4_jax.train import state as state_lib
 from phi4_jax.data import pipeline
 from phi4_jax.parallel.sharding import logical_rules
 
@@ -181,10 +183,7 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 def tiny_config() -> ml_collections.ConfigDict:
     """The job's config, built in this process from the same file and `OVERRIDES`."""
-    spec = importlib.util.spec_from_file_location("pretrain_config", REPO / "configs/pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_base.load_config("configs/pretrain.py", "tiny")
     for dotted, value in OVERRIDES.items():
         *parents, leaf = dotted.split(".")
         node = config
@@ -269,13 +268,13 @@ def test_each_process_feeds_its_own_shard_into_the_global_batch(straight):
     assert not np.array_equal(first_batches[0]["inputs"], first_batches[1]["inputs"])
 
     # Step 1's loss is the initial model's loss on both shards' rows together.
-    run = trainer.build_run(config, jax.devices()[:GLOBAL_DEVICES])
+    run = state_lib.build_run(config, jax.devices()[:GLOBAL_DEVICES])
     batch = {key: np.concatenate([b[key] for b in first_batches]) for key in first_batches[0]}
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
-        _, evaluate = trainer.compile_steps(run)
-        totals = evaluate(trainer.init_state(run).params,
-                          trainer.to_global_batch(batch, run.batch_sharding))
+        _, evaluate = loop.compile_steps(run, Pretrain(), None)
+        totals = evaluate(state_lib.init_state(run).params,
+                          state_lib.to_global_batch(batch, run.batch_sharding), None)
     scalars, = tensorboard_runs(straight.workdir)
-    assert scalars["tokens"][1] == float(totals["tokens"])
-    assert scalars["loss"][1] == pytest.approx(float(totals["loss_sum"] / totals["tokens"]),
+    assert scalars["units"][1] == float(totals["units"])
+    assert scalars["loss"][1] == pytest.approx(float(totals["loss_sum"] / totals["units"]),
                                                rel=1e-5)

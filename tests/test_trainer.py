@@ -11,17 +11,16 @@ import jax
 import numpy as np
 import pytest
 
-from phi4_jax.train import memory
-from phi4_jax.train import loop as trainer
+from phi4_jax import config_base, stages
+from phi4_jax.train import loop, memory
+from phi4_jax.train import state as state_lib
 from phi4_jax.train.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(arg=None):
-    namespace = {"__name__": "pretrain_config"}
-    exec(compile((ROOT / "configs/pretrain.py").read_text(), "pretrain.py", "exec"), namespace)
-    return namespace["get_config"](arg)
+    return config_base.load_config("configs/pretrain.py", arg)
 
 
 def _tiny(steps, **train):
@@ -39,7 +38,7 @@ def _losses(history):
 
 
 def _final_params(workdir, config):
-    run = trainer.build_run(config)
+    run = state_lib.build_run(config)
     checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=3, every_steps=1)
     from phi4_jax.data import pipeline
     it = pipeline.make_train_iterator(config.data, seq_len=config.train.seq_len,
@@ -50,7 +49,7 @@ def _final_params(workdir, config):
 
 
 def test_loss_falls_on_builtin_data(tmp_path):
-    history = trainer.train(_tiny(30, lr=3e-3), str(tmp_path))
+    history = stages.run(_tiny(30, lr=3e-3), str(tmp_path))
     losses = _losses(history)
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
@@ -60,9 +59,9 @@ def test_loss_falls_on_builtin_data(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
-    straight = trainer.train(_tiny(8), str(tmp_path / "straight"))
-    first = trainer.train(_tiny(8), str(tmp_path / "resumed"), stop_at_step=4)
-    second = trainer.train(_tiny(8), str(tmp_path / "resumed"))
+    straight = stages.run(_tiny(8), str(tmp_path / "straight"))
+    first = stages.run(_tiny(8), str(tmp_path / "resumed"), stop_at_step=4)
+    second = stages.run(_tiny(8), str(tmp_path / "resumed"))
     resumed_losses = _losses(first) + _losses(second)
     np.testing.assert_allclose(resumed_losses, _losses(straight), rtol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "resumed", _tiny(8)),
@@ -72,20 +71,20 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_resume_onto_a_different_mesh(tmp_path):
     first_mesh = _tiny(6)
     first_mesh.mesh.update(data=1, fsdp=8, tensor=1)
-    trainer.train(first_mesh, str(tmp_path / "a"), stop_at_step=3)
+    stages.run(first_mesh, str(tmp_path / "a"), stop_at_step=3)
     other_mesh = _tiny(6)
     other_mesh.mesh.update(data=2, fsdp=2, tensor=2)
-    resumed = _losses(trainer.train(other_mesh, str(tmp_path / "a")))
-    straight = _losses(trainer.train(_tiny(6), str(tmp_path / "b")))
+    resumed = _losses(stages.run(other_mesh, str(tmp_path / "a")))
+    straight = _losses(stages.run(_tiny(6), str(tmp_path / "b")))
     np.testing.assert_allclose(resumed, straight[3:], rtol=1e-4)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    trainer.train(_tiny(12), str(tmp_path), stop_at_step=4)
+    stages.run(_tiny(12), str(tmp_path), stop_at_step=4)
     good = _final_params(tmp_path, _tiny(12))
     exploding = _tiny(12, lr=1e9, grad_clip=0.0, warmup_steps=0)
-    with pytest.raises(trainer.TrainingDivergedError, match="intact"):
-        trainer.train(exploding, str(tmp_path))
+    with pytest.raises(loop.TrainingDivergedError, match="intact"):
+        stages.run(exploding, str(tmp_path))
     assert Checkpointer(f"{tmp_path}/checkpoints", keep=3, every_steps=4).latest_step() == 4
     jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path, _tiny(12)), good)
 
@@ -95,7 +94,7 @@ def test_14b_on_one_cpu_is_refused_before_compiling():
     config.mesh.update(data=1, fsdp=1, tensor=1)
     start = time.perf_counter()
     with pytest.raises(memory.MemoryBudgetError, match="model.remat_policy|mesh.fsdp"):
-        trainer.build_run(config, jax.devices()[:1])
+        state_lib.build_run(config, jax.devices()[:1])
     assert time.perf_counter() - start < 10
 
 

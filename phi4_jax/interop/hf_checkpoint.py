@@ -34,6 +34,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from phi4_jax.errors import Phi4Error
 from phi4_jax.model.transformer import Transformer, init_model
 from phi4_jax.model.config import ModelConfig, ModelConfigError
 from phi4_jax.data.tokenizer import PHI4_SPECIAL_TOKENS
@@ -66,7 +67,7 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _SAVE_DTYPES = ("bfloat16", "float32", "float16")
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(Phi4Error, ValueError):
     """A Hugging Face checkpoint or config this model cannot take; the message says what to do."""
 
 
@@ -270,6 +271,21 @@ def _read_parameter(shape: tuple[int, ...], dtype: np.dtype, parts: list[tuple[_
     return host
 
 
+def _checked_sources(path: str | Path, cfg: ModelConfig, stack: contextlib.ExitStack
+                     ) -> dict[str, Any]:
+    """The open tensor sources of a checkpoint, after checking every shape against `cfg`."""
+    sources = _tensor_sources(checkpoint_files(path), stack)
+    found = {name: tuple(src.get_slice(name).get_shape()) for name, src in sources.items()}
+    check_checkpoint_matches(found, cfg, source=f"checkpoint {path}")
+    return sources
+
+
+def check_hf_checkpoint(path: str | Path, cfg: ModelConfig) -> None:
+    """Raises HFCheckpointError unless the checkpoint's tensors fit `cfg`; reads headers only."""
+    with contextlib.ExitStack() as stack:
+        _checked_sources(path, cfg, stack)
+
+
 def load_hf_checkpoint(path: str | Path, cfg: ModelConfig, *, dtype: str | None = None,
                        shardings: nnx.State | None = None) -> nnx.State:
     """The parameter state (`nnx.state(model, nnx.Param)`) of a phi-4-format checkpoint.
@@ -285,9 +301,7 @@ def load_hf_checkpoint(path: str | Path, cfg: ModelConfig, *, dtype: str | None 
         for block in tensor.blocks:
             parts.setdefault(block.path, []).append((tensor, block))
     with contextlib.ExitStack() as stack:
-        sources = _tensor_sources(checkpoint_files(path), stack)
-        found = {name: tuple(src.get_slice(name).get_shape()) for name, src in sources.items()}
-        check_checkpoint_matches(found, cfg, source=f"checkpoint {path}")
+        sources = _checked_sources(path, cfg, stack)
         leaves = []
         for param_path, var in nnx.to_flat_state(abstract):
             host = _read_parameter(var.shape, dtype, parts[param_path], sources)

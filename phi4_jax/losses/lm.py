@@ -1,18 +1,85 @@
-"""Losses as pure functions of arrays, in float32."""
+"""Language-model log-probabilities and the next-token loss: pure functions of arrays, float32.
+
+The one-position shift lives in `shift_for_next_token` alone: position t of `inputs` predicts
+`targets[t] = tokens[t + 1]`, and a mask over the tokens becomes a mask over the targets.
+Every data builder (packing, chat, preference pairs) goes through it, so the losses below
+take log-probabilities already aligned with their targets and never shift again.
+"""
+
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from phi4_jax.parallel.sharding import constrain
+
+
+def shift_for_next_token(tokens: np.ndarray, token_mask: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, targets, target_mask) of one token sequence [..., T+1] -> [..., T] each.
+
+    `token_mask[i]` says whether token i is trained on (e.g. assistant content); it becomes
+    the mask of the position that predicts token i, one to its left.
+    """
+    tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
+    return tokens[..., :-1], tokens[..., 1:], token_mask[..., 1:]
 
 
 def token_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """log p(target) per position, from float32 logits."""
+    """log p(target) per position from logits, in float32."""
     log_probs = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(log_probs, targets_BT[..., None], axis=-1)[..., 0]
 
 
-def next_token_loss_sum(logits_BTV: jax.Array, targets_BT: jax.Array,
-                        weights_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed weighted cross-entropy and summed weight; callers divide once at the end,
-    so microbatches and hosts average over tokens, not over batches."""
+def chunked_token_log_probs(x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Array, *,
+                            chunk_tokens: int) -> jax.Array:
+    """log p(target) per position from final hidden states and the LM head, in float32.
+
+    The [B, T, V] logits are never held at once: a scan over chunks of `chunk_tokens`
+    positions forms each chunk's float32 logits, keeps only log p(target), and is
+    rematerialized in the backward, so the loss's extra memory is one chunk's logits
+    (B * chunk * V floats) instead of three copies of the whole. `head_DV` stays in its
+    parameter dtype (cast per chunk), so its gradient accumulates in that dtype.
+    """
+    b, t, d = x_BTD.shape
+    chunk = max(1, min(chunk_tokens, t))
+    pad = -t % chunk
+    x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+    x_NBCD = x_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
+    targets_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_log_probs(x_BCD, targets_BC):
+        logits_BCV = jnp.einsum("bcd,dv->bcv", x_BCD, head_DV.astype(x_BCD.dtype),
+                                preferred_element_type=jnp.float32)
+        logits_BCV = constrain(logits_BCV, ("batch", "seq", "vocab"))
+        picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+        return picked_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
+
+    _, log_probs_NBC = jax.lax.scan(lambda _, xs: (None, chunk_log_probs(*xs)), None,
+                                    (x_NBCD, targets_NBC))
+    return log_probs_NBC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def next_token_loss_sum(log_probs_BT: jax.Array, weights_BT: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+    """Summed weighted negative log-likelihood and summed weight; callers divide once at the
+    end, so microbatches and hosts average over tokens, not over batches."""
     weights = weights_BT.astype(jnp.float32)
-    return -jnp.sum(token_log_probs(logits_BTV, targets_BT) * weights), jnp.sum(weights)
+    return -jnp.sum(log_probs_BT * weights), jnp.sum(weights)
+
+
+def sequence_log_probs(log_probs_BT: jax.Array, mask_BT: jax.Array, *,
+                       length_normalized: bool = False) -> jax.Array:
+    """log p(response) per row [B]: the masked sum of per-target log-probs.
+
+    `length_normalized` divides by the number of masked targets (the mean log-prob per
+    token), as IPO does; in a DPO loss this scales the log-ratios by 1/length, so the
+    effective beta grows with response length relative to the summed form.
+    """
+    mask = mask_BT.astype(jnp.float32)
+    total = jnp.sum(log_probs_BT * mask, axis=-1)
+    return total / jnp.maximum(mask.sum(-1), 1.0) if length_normalized else total

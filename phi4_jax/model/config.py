@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from phi4_jax.errors import Phi4Error
+
 AttentionImpl = Literal["auto", "xla", "cudnn", "splash", "blockwise"]
 RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj"]
 
@@ -56,7 +58,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(Phi4Error, ValueError):
     """A model configuration that cannot be built; the message names the field and the fix."""
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from phi4_jax.model import attention as attention_lib
 from phi4_jax.model.config import ModelConfig
+from phi4_jax.model.kv_cache import KVCache
 from phi4_jax.model.rope import apply_rope
 from phi4_jax.parallel.sharding import constrain
 
@@ -37,22 +38,6 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: 
 
 def _ones(dim: int, dtype: str) -> nnx.Param:
     return nnx.Param(jnp.ones((dim,), dtype), out_sharding=("norm",), eager_sharding=False)
-
-
-@struct.dataclass
-class KVCache:
-    """Keys/values of every layer for batched decoding; slots fill from index 0 upwards."""
-
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
-    segment_ids_BS: jax.Array  # 0 = empty slot or left padding
-    index: jax.Array  # scalar int32: the next slot to write
-
-    @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class RMSNorm(nnx.Module):
@@ -170,6 +155,15 @@ class Transformer(nnx.Module):
 
     def forward(self, tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None = None):
         """Logits and, when decoding with a cache, the cache with these tokens written in."""
+        x_BTD, new_cache = self.hidden(tokens_BT, positions_BT, segment_ids_BT, cache)
+        return self.logits(x_BTD), new_cache
+
+    def hidden(self, tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None = None):
+        """The final-normed hidden states [B, T, D] (and the updated cache when decoding).
+
+        Training losses take these with `head_DV()` and form the logits chunk by chunk
+        (`losses.lm.chunked_token_log_probs`), never holding [B, T, V] at once.
+        """
         cfg = self.cfg
         # Gather from the whole table, as FSDP gathers every weight before use: from a sharded
         # table the partitioner cannot reach batch-sharded rows and replicates them instead.
@@ -181,11 +175,17 @@ class Transformer(nnx.Module):
             new_cache = None
         else:
             x_BTD, new_cache = self._run_blocks_cached(x_BTD, positions_BT, segment_ids_BT, cache)
-        x_BTD = self.final_norm(x_BTD)
-        head_DV = self.embed_VD[...].T if cfg.tie_embeddings else self.lm_head_DV[...]
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(x_BTD.dtype),
+        return self.final_norm(x_BTD), new_cache
+
+    def head_DV(self) -> jax.Array:
+        """The output projection in the parameter dtype: the LM head, or the tied embedding."""
+        return self.embed_VD[...].T if self.cfg.tie_embeddings else self.lm_head_DV[...]
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Float32 logits [B, T, V] of final hidden states."""
+        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.head_DV().astype(x_BTD.dtype),
                                 preferred_element_type=jnp.float32)
-        return constrain(logits_BTV, ("batch", "seq", "vocab")), new_cache
+        return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
     def _run_blocks(self, x_BTD, positions_BT, segment_ids_BT):
         # A plain lax.scan over the split layer state: pure JAX, so it traces the same under

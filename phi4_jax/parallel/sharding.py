@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from phi4_jax.errors import Phi4Error
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -23,7 +25,7 @@ LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 _ACTIVE_RULES = jax.make_user_context(default_value=None)
 
 
-class MeshError(ValueError):
+class MeshError(Phi4Error, ValueError):
     """A mesh shape that does not fit the devices; the message says how to fix it."""
 
 

@@ -8,6 +8,7 @@ the *current* mesh's shardings, so a run can resume on a different mesh shape.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -57,3 +58,35 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def latest_complete_step(directory: str | Path) -> int | None:
+    """The newest complete checkpoint step under a checkpoints directory, read-only."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+        return manager.latest_step()
+
+
+def saved_param_shapes(step_dir: str | Path) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Parameter path -> shape of one checkpoint step, read from its metadata alone."""
+    tree = ocp.PyTreeCheckpointer().metadata(Path(step_dir) / "state").item_metadata.tree
+    flat = {}
+
+    def visit(prefix, node):
+        if isinstance(node, dict):
+            for key, child in node.items():
+                visit((*prefix, str(key)), child)
+        else:
+            flat[prefix] = tuple(node.shape)
+
+    visit((), tree["params"])
+    return flat
+
+
+def restore_params(step_dir: str | Path, abstract_params: Any) -> Any:
+    """Only the parameters of a checkpoint step, placed on `abstract_params`' shardings (any
+    mesh); the optimizer state and data position are left on disk."""
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    return ocp.PyTreeCheckpointer().restore(Path(step_dir) / "state", args=args)["params"]

@@ -1,13 +1,15 @@
-"""The pretraining loop: the side effects (data, metrics, checkpoints, signals) around the pure step.
+"""The one training loop every stage runs: the side effects (data, metrics, checkpoints,
+signals) around the pure step, with the stage's loss, batches and frozen state plugged in.
 
-Order of start-up, cheapest check first: config -> mesh -> memory estimate -> data sources
--> sharded state (shape evaluation -> shardings -> jitted init, never gathered on one
-device) -> resume from the newest complete checkpoint -> train.
+Start-up, cheapest check first: config -> mesh -> memory estimate -> the stage's checks ->
+initial checkpoint located and checked (metadata only) -> abstract state and shardings ->
+frozen state and data -> the state, restored from the newest complete checkpoint of the
+workdir, else from `init_from`'s parameters, else freshly initialized, always in its
+shards -> train.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -16,139 +18,40 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from phi4_jax.train import flops
-from phi4_jax.train import memory
+from phi4_jax.errors import Phi4Error
+from phi4_jax.parallel.sharding import logical_rules
+from phi4_jax.train import flops, initial_params
 from phi4_jax.train.checkpoint import Checkpointer
-from phi4_jax.config_base import ConfigError, validate_config
-from phi4_jax.data import mixture, pipeline
 from phi4_jax.train.metrics import MetricsWriter
-from phi4_jax.model.transformer import init_model
-from phi4_jax.model.config import ModelConfig
-from phi4_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from phi4_jax.parallel.sharding import logical_rules, logical_to_spec, make_mesh, state_shardings
-from phi4_jax.train.step import TrainState, eval_step, init_train_state, train_step
+from phi4_jax.train.optimizer import learning_rate_schedule
+from phi4_jax.train.stage import DataShard, Stage
+from phi4_jax.train.state import Run, build_run, init_params, init_state, to_global_batch
+from phi4_jax.train.step import TrainState, eval_step, train_step
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(Phi4Error, RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint was left as it was."""
 
 
-@dataclasses.dataclass
-class Run:
-    """What start-up builds once and the loop uses."""
-
-    config: ml_collections.ConfigDict
-    model_cfg: ModelConfig
-    mesh: Mesh
-    rules: tuple
-    graphdef: nnx.GraphDef
-    optimizer: optax.GradientTransformation
-    state_shardings: Any
-    abstract_state: TrainState  # shapes, dtypes and target shardings, for restoring
-    batch_sharding: NamedSharding
-
-
-# --- start-up ----------------------------------------------------------------------------
-
-def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """The global batch must split evenly over hosts, microbatches and batch-sharded devices."""
-    t = config.train
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if t.global_batch % (t.microbatches * batch_devices):
-        raise ConfigError(
-            f"train.global_batch={t.global_batch} does not split into train.microbatches="
-            f"{t.microbatches} x {batch_devices} batch-sharded devices (mesh data*fsdp); make "
-            f"global_batch a multiple of {t.microbatches * batch_devices}.")
-    if t.global_batch % jax.process_count():
-        raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of the "
-                          f"{jax.process_count()} hosts.")
-
-
-def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> None:
-    """Refuses, before compiling, a run whose estimated per-device memory cannot fit."""
-    if not config.memory.check:
-        return
-    t = config.train
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    estimate = memory.estimate_train_memory(
-        model_cfg, seq_len=t.seq_len, per_device_batch=t.global_batch // t.microbatches
-        // batch_devices, mesh_shape=dict(mesh.shape), microbatches=t.microbatches)
-    capacity = config.memory.device_bytes or memory.device_memory_bytes(jax.local_devices()[0])
-    logging.info("Estimated per-device memory:\n%s", estimate.describe())
-    if capacity:
-        memory.check_fits(estimate, capacity, context=f"{model_cfg.name} on {mesh.devices.size} "
-                          f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}")
-
-
-def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Run:
-    """Validates everything that can be checked without allocating, then plans shardings."""
-    model_cfg = validate_config(config)
-    mesh = make_mesh({axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}, devices)
-    check_batch_layout(config, mesh)
-    check_memory(config, model_cfg, mesh)
-    try:
-        pipeline.validate_data_config(config.data)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(str(error)) from error
-    rules = tuple(tuple(rule) for rule in config.mesh.rules)
-    abstract_model = nnx.eval_shape(lambda: init_model(model_cfg, config.seed))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    param_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh, rules))
-    optimizer = make_optimizer(config.train, nnx.to_pure_dict(abstract_params))
-    shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer),
-                            nnx.to_pure_dict(abstract_params))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, shapes.opt_state, param_shardings,
-        transform_non_params=lambda _: replicated)
-    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", None), rules))
-    return Run(config, model_cfg, mesh, rules, graphdef, optimizer, shardings, abstract_state,
-               batch_sharding)
-
-
-def init_state(run: Run) -> TrainState:
-    """Creates parameters and optimizer state directly in their shards."""
-    def init() -> TrainState:
-        params = nnx.to_pure_dict(nnx.state(init_model(run.model_cfg, run.config.seed)))
-        return init_train_state(params, run.optimizer)
-
-    with jax.set_mesh(run.mesh):
-        return jax.jit(init, out_shardings=run.state_shardings)()
-
-
-def compile_steps(run: Run):
+def compile_steps(run: Run, stage: Stage, frozen: Any):
     """The jitted train step (state donated) and eval step, with explicit shardings."""
     t = run.config.train
     replicated = NamedSharding(run.mesh, PartitionSpec())
-    step = functools.partial(train_step, graphdef=run.graphdef, optimizer=run.optimizer,
+    loss_fn = stage.loss_fn(run)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    step = functools.partial(train_step, loss_fn=loss_fn, optimizer=run.optimizer,
                              schedule=learning_rate_schedule(t), microbatches=t.microbatches)
-    train = jax.jit(step, in_shardings=(run.state_shardings, run.batch_sharding),
+    train = jax.jit(step, in_shardings=(run.state_shardings, run.batch_sharding, frozen_shardings),
                     out_shardings=(run.state_shardings, replicated), donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, graphdef=run.graphdef),
-                       in_shardings=(run.state_shardings.params, run.batch_sharding),
-                       out_shardings=replicated)
-    return train, evaluate
+    evaluate_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
+                          in_shardings=(run.state_shardings.params, run.batch_sharding,
+                                        frozen_shardings),
+                          out_shardings=replicated)
+    return train, evaluate_fn
 
-
-def to_global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles each host's rows into one batch-sharded global array per field."""
-    def assemble(x: np.ndarray) -> jax.Array:
-        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-        return jax.make_array_from_process_local_data(sharding, x, global_shape)
-    return {key: assemble(value) for key, value in local.items()}
-
-
-# --- the loop ----------------------------------------------------------------------------
 
 class _StopSignal:
     """Turns SIGTERM (preemption) into a flag the loop checks between steps.
@@ -186,30 +89,48 @@ def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpoint
             f"train.warmup_steps or check the data, then resume.")
 
 
-def _throughput(run: Run, steps: int, seconds: float) -> dict[str, float]:
-    t = run.config.train
-    tokens_per_second = steps * t.global_batch * t.seq_len / seconds
+def _throughput(run: Run, tokens_per_step: int, steps: int, seconds: float) -> dict[str, float]:
+    tokens_per_second = steps * tokens_per_step / seconds
     per_device = tokens_per_second / run.mesh.devices.size
     peak = flops.peak_flops(jax.devices()[0].device_kind)
     stats = {"step_time_s": seconds / steps, "tokens_per_s": tokens_per_second,
              "tokens_per_s_per_device": per_device}
-    utilization = flops.mfu(per_device, run.model_cfg, t.seq_len, peak)
+    utilization = flops.mfu(per_device, run.model_cfg, run.config.train.seq_len, peak)
     if utilization is not None:
         stats["mfu"] = utilization
     return stats
 
 
-def evaluate(run: Run, eval_fn, params, eval_batches) -> dict[str, float]:
-    totals = [eval_fn(params, batch) for batch in eval_batches]
-    loss_sum = sum(float(t["loss_sum"]) for t in totals)
-    tokens = sum(float(t["tokens"]) for t in totals)
-    return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": tokens}
+def evaluate(eval_fn, params, frozen, eval_batches) -> dict[str, float]:
+    """Held-out sums over all eval batches, divided once: `eval_loss` and each metric."""
+    if not eval_batches:
+        return {}
+    totals = {}
+    for batch in eval_batches:
+        for key, value in _to_host(eval_fn(params, batch, frozen)).items():
+            totals[key] = totals.get(key, 0.0) + value
+    units = max(totals.pop("units"), 1.0)
+    loss = totals.pop("loss_sum") / units
+    return {"eval_loss": loss, "eval_units": units,
+            **{f"eval_{key}": value / units for key, value in totals.items()}}
 
 
-def _restore_or_init(run: Run, checkpointer: Checkpointer, data_iter) -> TrainState:
+def _initial_params_loader(run: Run, stage_name: str):
+    """Locates and checks `init_from` now (metadata only); returns a loader of its parameters
+    (freshly initialized ones when it is empty), each call giving new buffers."""
+    source = initial_params.locate(run.config.init_from)
+    if source is None:
+        return lambda: init_params(run)
+    initial_params.check(source, run.abstract_params, run.model_cfg)
+    logging.info("%s starts from %s checkpoint %s.", stage_name, source.kind, source.path)
+    return lambda: initial_params.load(source, run.abstract_params, run.model_cfg)
+
+
+def _restore_or_init(run: Run, checkpointer: Checkpointer, data_iter,
+                     load_initial) -> TrainState:
     latest = checkpointer.latest_step()
     if latest is None:
-        return init_state(run)
+        return init_state(run, load_initial())
     logging.info("Resuming from the checkpoint at step %d.", latest)
     state, meta = checkpointer.restore(latest, run.abstract_state, data_iter)
     if meta.get("seed") != run.config.seed:
@@ -218,31 +139,34 @@ def _restore_or_init(run: Run, checkpointer: Checkpointer, data_iter) -> TrainSt
     return state
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
+def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
           stop_at_step: int | None = None) -> list[dict[str, float]]:
-    """Runs pretraining to `train.steps` (or to `stop_at_step`, checkpointing there), resuming
-    if `workdir` has checkpoints; returns the logged metrics, one dict per log step."""
-    run = build_run(config)
-    t = config.train
-    logging.info("Mixture:\n%s", mixture.mixture_report(
-        config.data, total_tokens=t.steps * t.global_batch * t.seq_len))
-    data_kwargs = dict(seq_len=t.seq_len, batch_size=t.global_batch // jax.process_count(),
-                       process_index=jax.process_index(), process_count=jax.process_count())
-    data_iter = pipeline.make_train_iterator(config.data, **data_kwargs)
-    eval_batches = [to_global_batch(b, run.batch_sharding) for b in pipeline.make_eval_batches(
-        config.data, num_batches=config.eval.batches, **data_kwargs)]
+    """Runs `stage` to `train.steps` (or to `stop_at_step`, checkpointing there), resuming if
+    `workdir` has checkpoints; returns the logged metrics, one dict per log or eval step."""
+    run = build_run(config, rows_per_example=stage.rows_per_example)
+    stage.check_config(config)
+    if description := stage.describe(config):
+        logging.info("%s", description)
+    load_initial = _initial_params_loader(run, stage.name)
+    shard = DataShard(config.train.global_batch // jax.process_count(), jax.process_index(),
+                      jax.process_count())
+    frozen = stage.frozen(run, load_initial, workdir)
+    data_iter = stage.train_batches(run, shard)
+    eval_batches = [to_global_batch(b, run.batch_sharding)
+                    for b in stage.eval_batches(run, shard)]
     checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                 every_steps=config.checkpoint.every_steps,
                                 async_save=config.checkpoint.async_save)
-    state = _restore_or_init(run, checkpointer, data_iter)
+    state = _restore_or_init(run, checkpointer, data_iter, load_initial)
     writer = MetricsWriter(workdir, enabled=config.log.tensorboard,
-                           progress=config.log.progress_bar, total_steps=t.steps)
+                           progress=config.log.progress_bar, total_steps=config.train.steps)
     stop = _StopSignal()
     try:
         with jax.set_mesh(run.mesh), logical_rules(run.rules):
-            train_fn, eval_fn = compile_steps(run)
-            return _loop(run, state, data_iter, eval_batches, train_fn, eval_fn, checkpointer,
-                         writer, stop, stop_at_step or config.train.steps)
+            train_fn, eval_fn = compile_steps(run, stage, frozen)
+            loop = _Loop(run, stage, frozen, train_fn, eval_fn, eval_batches, checkpointer,
+                         writer, stop)
+            return loop.steps(state, data_iter, stop_at_step or config.train.steps)
     finally:
         stop.restore()
         writer.close()
@@ -251,37 +175,51 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         data_iter.close()
 
 
-def _loop(run, state, data_iter, eval_batches, train_fn, eval_fn, checkpointer, writer, stop,
-          last_step):
-    config = run.config
-    meta = {"seed": config.seed, "data_seed": config.data.seed}
-    step = int(state.step)
-    pending, history = None, []
-    window_start, window_steps = time.perf_counter(), 0
-    while step < min(last_step, config.train.steps):
-        batch = to_global_batch(next(data_iter), run.batch_sharding)
-        state, metrics = train_fn(state, batch)
-        if pending is not None:  # read the previous step's metrics while this one runs
-            _check_finite(_to_host(pending), step, checkpointer)
-        pending, step, window_steps = metrics, step + 1, window_steps + 1
-        writer.advance(step)
-        if step % config.log.every_steps == 0 or step == config.train.steps:
-            logged = _to_host(pending)
-            _check_finite(logged, step, checkpointer)
-            logged.update(_throughput(run, window_steps, time.perf_counter() - window_start))
-            writer.write(step, logged)
-            history.append({"step": step, **logged})
-            window_start, window_steps = time.perf_counter(), 0
-        if step % config.eval.every_steps == 0 or step == config.train.steps:
-            scores = evaluate(run, eval_fn, state.params, eval_batches)
-            writer.write(step, scores)
-            history.append({"step": step, **scores})
-        preempted = stop.received or checkpointer.reached_preemption(step)
-        final = step >= min(last_step, config.train.steps)
-        if preempted or final or checkpointer.should_save(step):
-            _check_finite(_to_host(pending), step, checkpointer)  # never save a NaN state
-            checkpointer.save(step, state, data_iter, meta, force=preempted or final)
-        if preempted:
-            logging.warning("Stopped at step %d for preemption; checkpoint saved.", step)
-            break
-    return history
+class _Loop:
+    """The step loop; metrics of step n are read while step n + 1 runs."""
+
+    def __init__(self, run, stage, frozen, train_fn, eval_fn, eval_batches, checkpointer,
+                 writer, stop):
+        self.run, self.stage, self.frozen = run, stage, frozen
+        self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
+        self.checkpointer, self.writer, self.stop = checkpointer, writer, stop
+        self.tokens_per_step = stage.tokens_per_step(run.config)
+
+    def evaluate(self, step: int, params) -> dict[str, float]:
+        scores = evaluate(self.eval_fn, params, self.frozen, self.eval_batches)
+        scores.update(self.stage.evaluate(self.run, params, self.frozen))
+        self.writer.write(step, scores)
+        return {"step": step, **scores}
+
+    def steps(self, state: TrainState, data_iter, last_step: int) -> list[dict[str, float]]:
+        config, checkpointer = self.run.config, self.checkpointer
+        meta = {"seed": config.seed, "data_seed": config.data.seed}
+        step = int(state.step)
+        pending, history = None, []
+        window_start, window_steps = time.perf_counter(), 0
+        while step < min(last_step, config.train.steps):
+            batch = to_global_batch(next(data_iter), self.run.batch_sharding)
+            state, metrics = self.train_fn(state, batch, self.frozen)
+            if pending is not None:  # read the previous step's metrics while this one runs
+                _check_finite(_to_host(pending), step, checkpointer)
+            pending, step, window_steps = metrics, step + 1, window_steps + 1
+            self.writer.advance(step)
+            if step % config.log.every_steps == 0 or step == config.train.steps:
+                logged = _to_host(pending)
+                _check_finite(logged, step, checkpointer)
+                logged.update(_throughput(self.run, self.tokens_per_step, window_steps,
+                                          time.perf_counter() - window_start))
+                self.writer.write(step, logged)
+                history.append({"step": step, **logged})
+                window_start, window_steps = time.perf_counter(), 0
+            if step % config.eval.every_steps == 0 or step == config.train.steps:
+                history.append(self.evaluate(step, state.params))
+            preempted = self.stop.received or checkpointer.reached_preemption(step)
+            final = step >= min(last_step, config.train.steps)
+            if preempted or final or checkpointer.should_save(step):
+                _check_finite(_to_host(pending), step, checkpointer)  # never save a NaN state
+                checkpointer.save(step, state, data_iter, meta, force=preempted or final)
+            if preempted:
+                logging.warning("Stopped at step %d for preemption; checkpoint saved.", step)
+                break
+        return history

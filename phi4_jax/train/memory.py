@@ -37,6 +37,8 @@ from collections.abc import Mapping
 
 import jax
 
+from phi4_jax.errors import Phi4Error
+
 from phi4_jax.model import attention as attention_lib
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for, param_count
 from phi4_jax.parallel.sharding import MESH_AXES
@@ -99,7 +101,7 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-class MemoryBudgetError(RuntimeError):
+class MemoryBudgetError(Phi4Error, RuntimeError):
     """The estimated per-device memory exceeds the device; the message says what to change."""
 
 

@@ -1,0 +1,26 @@
+"""Scoring given token sequences with a model: per-target log-probabilities, never holding the
+[B, T, V] logits (`losses.lm.chunked_token_log_probs`). Training losses, reference models,
+evaluation, Pivotal Token Search and GRPO all score through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from phi4_jax.losses.lm import chunked_token_log_probs
+
+
+def target_log_probs(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *,
+                     chunk_tokens: int) -> jax.Array:
+    """log p(targets[b, t] | inputs[b, :t+1] in its segment) [B, T], float32.
+
+    `batch` holds `inputs`, `targets`, `positions` and `segment_ids` [B, T], already shifted
+    (`losses.lm.shift_for_next_token`).
+    """
+    model = nnx.merge(graphdef, params)
+    x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return chunked_token_log_probs(x_BTD, model.head_DV(), batch["targets"],
+                                   chunk_tokens=chunk_tokens)

@@ -1,0 +1,133 @@
+"""Start-up planning and the sharded train state: validated config -> mesh -> memory check ->
+abstract state with its shardings -> the state created directly in its shards.
+
+Order, cheapest check first: config -> mesh -> batch layout -> memory estimate -> shape
+evaluation -> shardings. Nothing here allocates device memory until `init_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from phi4_jax.config_base import ConfigError, validate_config
+from phi4_jax.model.config import ModelConfig
+from phi4_jax.model.transformer import init_model
+from phi4_jax.parallel.sharding import logical_to_spec, make_mesh, state_shardings
+from phi4_jax.train import memory
+from phi4_jax.train.optimizer import make_optimizer
+from phi4_jax.train.step import TrainState, init_train_state
+
+
+@dataclasses.dataclass
+class Run:
+    """What start-up builds once and the loop and the stage use."""
+
+    config: ml_collections.ConfigDict
+    model_cfg: ModelConfig
+    mesh: Mesh
+    rules: tuple
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    state_shardings: Any
+    abstract_state: TrainState  # shapes, dtypes and target shardings, for restoring
+    batch_sharding: NamedSharding  # rows over the batch axes, any rank
+
+    @property
+    def abstract_params(self) -> Any:
+        return self.abstract_state.params
+
+
+def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch must split evenly over hosts, microbatches and batch-sharded devices."""
+    t = config.train
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.global_batch % (t.microbatches * batch_devices):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} does not split into train.microbatches="
+            f"{t.microbatches} x {batch_devices} batch-sharded devices (mesh data*fsdp); make "
+            f"global_batch a multiple of {t.microbatches * batch_devices}.")
+    if t.global_batch % jax.process_count():
+        raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of the "
+                          f"{jax.process_count()} hosts.")
+
+
+def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
+                 rows_per_example: int = 1) -> None:
+    """Refuses, before compiling, a run whose estimated per-device memory cannot fit.
+
+    `rows_per_example` counts the sequences one batch row holds (2 for a preference pair).
+    """
+    if not config.memory.check:
+        return
+    t = config.train
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = t.global_batch // t.microbatches // batch_devices * rows_per_example
+    estimate = memory.estimate_train_memory(
+        model_cfg, seq_len=t.seq_len, per_device_batch=rows, mesh_shape=dict(mesh.shape),
+        microbatches=t.microbatches)
+    capacity = config.memory.device_bytes or memory.device_memory_bytes(jax.local_devices()[0])
+    logging.info("Estimated per-device memory:\n%s", estimate.describe())
+    if capacity:
+        memory.check_fits(estimate, capacity, context=f"{model_cfg.name} on {mesh.devices.size} "
+                          f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}")
+
+
+def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None, *,
+              rows_per_example: int = 1) -> Run:
+    """Validates what can be checked without allocating, then plans shardings."""
+    model_cfg = validate_config(config)
+    mesh = make_mesh({axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}, devices)
+    check_batch_layout(config, mesh)
+    check_memory(config, model_cfg, mesh, rows_per_example)
+    rules = tuple(tuple(rule) for rule in config.mesh.rules)
+    abstract_model = nnx.eval_shape(lambda: init_model(model_cfg, config.seed))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    param_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh, rules))
+    optimizer = make_optimizer(config.train, nnx.to_pure_dict(abstract_params))
+    shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer),
+                            nnx.to_pure_dict(abstract_params))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, shapes.opt_state, param_shardings,
+        transform_non_params=lambda _: replicated)
+    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
+    return Run(config, model_cfg, mesh, rules, graphdef, optimizer, shardings, abstract_state,
+               batch_sharding)
+
+
+def init_params(run: Run) -> Any:
+    """Freshly initialized parameters, created directly in their shards."""
+    def init() -> Any:
+        return nnx.to_pure_dict(nnx.state(init_model(run.model_cfg, run.config.seed)))
+
+    with jax.set_mesh(run.mesh):
+        return jax.jit(init, out_shardings=run.state_shardings.params)()
+
+
+def init_state(run: Run, params: Any | None = None) -> TrainState:
+    """Step 0 with a fresh optimizer over `params` (default: freshly initialized ones); the
+    state is built in its shards and `params` are not donated."""
+    params = init_params(run) if params is None else params
+    with jax.set_mesh(run.mesh):
+        return jax.jit(lambda p: init_train_state(p, run.optimizer),
+                       out_shardings=run.state_shardings)(params)
+
+
+def to_global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles each host's rows into one batch-sharded global array per field."""
+    def assemble(x: np.ndarray) -> jax.Array:
+        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+    return {key: assemble(value) for key, value in local.items()}
