@@ -1,10 +1,11 @@
-"""The pretraining input pipeline: validated config -> per-process, checkpointable batch iterator.
+"""The input pipeline: validated config -> per-process, checkpointable batch iterator.
 
-Per source: its train or eval documents (`sources`), this process's share (every
+Per source: its train or eval records (`sources`), this process's share (every
 `process_count`-th record from `process_index`), shuffled per epoch from a seed derived from
-`data.seed` and the source name (train only), repeated without end, tokenized on
-`data.read_threads` threads, packed into rows (`packing`). Sources are mixed by tokens
-(`mixture`), rows batched to the per-process batch and prefetched on a thread
+`data.seed` and the source name (train only), repeated without end, turned into rows by the
+stage's `RowsFn` (pretraining: documents tokenized on `data.read_threads` threads and packed,
+`packing`; post-training: conversations or preference pairs). Sources are mixed by the
+weights (`mixture`), rows batched to the per-process batch and prefetched on a thread
 (`data.prefetch` batches). The returned grain iterator's `get_state()` / `set_state()`
 resume the exact batch sequence. The eval stream is the held-out records in a fixed order.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -24,6 +25,9 @@ from phi4_jax.data.tokenizer import load_tokenizer
 
 DATA_KEYS = ("seed", "sources", "mix", "eval_holdout", "read_threads", "prefetch")
 DOCUMENTS_BUFFERED_PER_THREAD = 4
+
+# (source name, its endless records for this process, the checked data config) -> rows.
+RowsFn = Callable[[str, grain.MapDataset, dict[str, Any]], grain.IterDataset]
 
 
 def validate_data_config(data_cfg: Mapping[str, Any]) -> None:
@@ -40,15 +44,32 @@ def make_train_iterator(
     process_count: int = 1,
     split: str = "train",
 ) -> grain.DatasetIterator:
-    """Endless iterator of this process's batches: [batch_size, seq_len] arrays of `packing.ROW_KEYS`."""
+    """Endless iterator of this process's pretraining batches: [batch_size, seq_len] arrays of
+    `packing.ROW_KEYS`."""
+    rows_fn = functools.partial(packed_document_rows, seq_len=seq_len)
+    return make_iterator(data_cfg, rows_fn, batch_size=batch_size, process_index=process_index,
+                         process_count=process_count, split=split)
+
+
+def make_iterator(
+    data_cfg: Mapping[str, Any],
+    rows_fn: RowsFn,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = "train",
+) -> grain.DatasetIterator:
+    """Endless iterator of this process's batches of the rows `rows_fn` makes of each source."""
     cfg = _checked_config(data_cfg)
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}; both must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; it must be >= 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is outside [0, process_count={process_count})")
     weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
     rows = {
-        name: _source_rows(name, cfg, seq_len, split=split, shard=(process_index, process_count))
+        name: rows_fn(name, shard_records(name, cfg, split=split, process_index=process_index,
+                                          process_count=process_count), cfg)
         for name, weight in weights.items()
         if weight > 0
     }
@@ -65,15 +86,18 @@ def make_eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-    """A fixed held-out set: the first `num_batches` batches of the eval stream (it cycles small holdouts)."""
-    iterator = make_train_iterator(
-        data_cfg,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        process_index=process_index,
-        process_count=process_count,
-        split="eval",
-    )
+    """A fixed held-out set of pretraining batches (see `first_batches`)."""
+    rows_fn = functools.partial(packed_document_rows, seq_len=seq_len)
+    return first_batches(data_cfg, rows_fn, batch_size=batch_size, num_batches=num_batches,
+                         process_index=process_index, process_count=process_count)
+
+
+def first_batches(data_cfg: Mapping[str, Any], rows_fn: RowsFn, *, batch_size: int,
+                  num_batches: int, process_index: int = 0, process_count: int = 1
+                  ) -> list[dict[str, np.ndarray]]:
+    """The first `num_batches` batches of the eval stream (it cycles small holdouts)."""
+    iterator = make_iterator(data_cfg, rows_fn, batch_size=batch_size, split="eval",
+                             process_index=process_index, process_count=process_count)
     batches = [next(iterator) for _ in range(num_batches)]
     iterator.close()
     return batches
@@ -106,30 +130,45 @@ def _checked_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def shard_records(
+    name: str, data_cfg: Mapping[str, Any], *, split: str, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """The records this process reads from one source, endless, in the order it reads them."""
+    cfg = _checked_config(data_cfg)
+    records = sources.open_records(
+        name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
+    )
+    return _share(name, records, cfg, split, process_index, process_count)
+
+
 def shard_documents(
     name: str, data_cfg: Mapping[str, Any], *, split: str, process_index: int, process_count: int
 ) -> grain.MapDataset:
-    """The documents this process reads from one source, endless, in the order it reads them."""
+    """The documents (text) this process reads from one source, endless, in reading order."""
     cfg = _checked_config(data_cfg)
-    documents = sources.open_documents(
-        name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
-    )
-    share = documents[process_index::process_count]
+    records = shard_records(name, cfg, split=split, process_index=process_index,
+                            process_count=process_count)
+    return records.map(functools.partial(sources.document_text, name, cfg["sources"][name]))
+
+
+def _share(name: str, records: grain.MapDataset, cfg: dict[str, Any], split: str,
+           process_index: int, process_count: int) -> grain.MapDataset:
+    share = records[process_index::process_count]
     if len(share) == 0:
         raise ValueError(
-            f"data.sources.{name} has {len(documents)} {split} records, too few for {process_count} processes"
+            f"data.sources.{name} has {len(records)} {split} records, too few for {process_count} processes"
         )
     if split == "train":
         share = share.shuffle(seed=_source_seed(cfg["seed"], name))
     return share.repeat()
 
 
-def _source_rows(
-    name: str, cfg: dict[str, Any], seq_len: int, *, split: str, shard: tuple[int, int]
-) -> grain.IterDataset:
-    """One source's packed rows for this process: its documents tokenized on read threads, then packed."""
-    documents = shard_documents(name, cfg, split=split, process_index=shard[0], process_count=shard[1])
-    pairs = documents.map(functools.partial(packing.document_pair, tokenizer=load_tokenizer("phi4")))
+def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, Any], *,
+                         seq_len: int) -> grain.IterDataset:
+    """Pretraining rows of one source: its documents tokenized on read threads, then packed."""
+    tokenizer = load_tokenizer("phi4")
+    documents = records.map(functools.partial(sources.document_text, name, cfg["sources"][name]))
+    pairs = documents.map(functools.partial(packing.document_pair, tokenizer=tokenizer))
     read_options = grain.ReadOptions(
         num_threads=cfg["read_threads"],
         prefetch_buffer_size=DOCUMENTS_BUFFERED_PER_THREAD * cfg["read_threads"],

@@ -1,6 +1,10 @@
-"""Pretraining sources: each spec in `data.sources` opened as a grain `MapDataset` of document strings.
+"""Data sources: each spec in `data.sources` opened as a grain `MapDataset` of records, and for
+pretraining of document strings.
 
-Kinds and what one document is:
+A record is what a source holds: an `Exercise` for `synthetic`, a file's text for `text` and
+`python_stdlib`, a decoded JSON object for `jsonl`, `tfds` and JSON `array_record` files.
+Post-training stages read records (`open_records`: conversations, preference pairs);
+pretraining reads documents (`open_documents`), a record's text. Kinds and what one document is:
 - `synthetic`: `render_document(exercise(seed, index))`, random access by index over a finite span of
   `SYNTHETIC_SPAN` (2**40) indices, so it behaves like any other MapDataset (shardable, repeatable)
   and is endless in practice. The eval split reads the next span, `[SYNTHETIC_SPAN, 2 * SYNTHETIC_SPAN)`.
@@ -36,6 +40,7 @@ import grain
 import numpy as np
 
 from phi4_jax.data import synthetic
+from phi4_jax.errors import Phi4Error
 
 KINDS = ("synthetic", "python_stdlib", "jsonl", "text", "array_record", "tfds")
 SPEC_KEYS = frozenset({"kind", "paths", "text_key", "tfds_name", "split", "data_dir", "unique_tokens"})
@@ -104,13 +109,21 @@ def open_documents(
     name: str, spec: Mapping[str, Any], *, seed: int, split: str, eval_holdout: float
 ) -> grain.MapDataset:
     """The documents (str) of one source's train or eval split, in a fixed order."""
+    records = open_records(name, spec, seed=seed, split=split, eval_holdout=eval_holdout)
+    return records.map(functools.partial(document_text, name, spec))
+
+
+def open_records(
+    name: str, spec: Mapping[str, Any], *, seed: int, split: str, eval_holdout: float
+) -> grain.MapDataset:
+    """The records of one source's train or eval split, in a fixed order."""
     validate_source_spec(name, spec, check_files=True)
     if split not in SPLITS:
         raise ValueError(f"split is {split!r}; choose one of {list(SPLITS)}")
     if spec["kind"] == "synthetic":
         start = 0 if split == "train" else SYNTHETIC_SPAN
         indices = grain.MapDataset.range(start, start + SYNTHETIC_SPAN)
-        return indices.map(functools.partial(_synthetic_document, seed))
+        return indices.map(functools.partial(synthetic.exercise, seed))
     records = _open_records(name, spec)
     held_out = held_out_indices(len(records), eval_holdout)
     count = len(held_out) if split == "eval" else len(records) - len(held_out)
@@ -167,12 +180,22 @@ class FileDocuments:
             return f.read()
 
 
-class JsonlDocuments:
-    """One document per non-empty JSON line; line offsets are indexed once so any record is one seek away."""
+class BadRecordError(Phi4Error, ValueError):
+    """A record that cannot be used (not JSON, a missing field, an empty response, ...); the
+    message names where it was read and what is wrong with it."""
 
-    def __init__(self, paths: Sequence[str], text_key: str):
+
+class JsonRecord(dict):
+    """A decoded JSON object that remembers where it was read, for error messages."""
+
+    where: str = ""
+
+
+class JsonlRecords:
+    """One record per non-empty JSON line; line offsets are indexed once so any record is one seek away."""
+
+    def __init__(self, paths: Sequence[str]):
         self._paths = tuple(paths)
-        self._text_key = text_key
         spans = [_line_spans(path) for path in self._paths]
         self._file_ids = np.concatenate([np.full(len(s), i, np.int32) for i, s in enumerate(spans)])
         self._spans = np.concatenate(spans) if spans else np.zeros((0, 2), np.int64)
@@ -180,14 +203,14 @@ class JsonlDocuments:
     def __len__(self) -> int:
         return len(self._spans)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> Any:
         path = self._paths[self._file_ids[index]]
         start, stop = (int(x) for x in self._spans[index])
         with open(path, "rb") as f:
             f.seek(start)
             line = f.read(stop - start)
-        return _json_text(line, self._text_key, f"record at {path} (byte {start})",
-                          "a jsonl file needs one object per line")
+        return _json_record(line, f"record at {path} (byte {start})",
+                            "a jsonl file needs one object per line")
 
 
 def _line_spans(path: str) -> np.ndarray:
@@ -212,18 +235,18 @@ def _text_field(record: Any, text_key: str, where: str) -> str:
     if not isinstance(record, dict) or text_key not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise KeyError(
-            f"record at {where} has no {text_key!r} field (it has {keys}); fix the source's text_key"
+            f"{where} has no {text_key!r} field (it has {keys}); fix the source's text_key"
         )
     text = record[text_key]
     if isinstance(text, bytes):
         return text.decode("utf-8", errors="replace")
     if not isinstance(text, str):
-        raise TypeError(f"record at {where}: field {text_key!r} is a {type(text).__name__}, expected text")
+        raise TypeError(f"{where}: field {text_key!r} is a {type(text).__name__}, expected text")
     return text
 
 
 def _open_records(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
-    """A finite source's records as documents, in a fixed order."""
+    """A finite source's records, in a fixed order."""
     kind = spec["kind"]
     if kind == "python_stdlib":
         return grain.MapDataset.source(FileDocuments(stdlib_python_files()))
@@ -233,9 +256,9 @@ def _open_records(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
     if kind == "text":
         return grain.MapDataset.source(FileDocuments(paths))
     if kind == "jsonl":
-        return grain.MapDataset.source(JsonlDocuments(paths, spec["text_key"]))
+        return grain.MapDataset.source(JsonlRecords(paths))
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-    return records.map(functools.partial(_array_record_document, name, spec.get("text_key") or None))
+    return records.map(functools.partial(_array_record, name, spec.get("text_key") or None))
 
 
 def _open_tfds(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
@@ -250,30 +273,37 @@ def _open_tfds(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
             f"data.sources.{name}: cannot open tfds dataset {spec['tfds_name']!r} split {spec['split']!r} "
             f"in data_dir {spec.get('data_dir')!r}; prepare it with file_format='array_record' there first"
         ) from err
-    where = f"tfds {spec['tfds_name']}"
-    return grain.MapDataset.source(source).map(functools.partial(_tfds_document, spec["text_key"], where))
+    return grain.MapDataset.source(source).map(dict)
 
 
-def _array_record_document(name: str, text_key: str | None, record: bytes) -> str:
-    """An ArrayRecord record as text: the record itself, or its JSON `text_key` field."""
+def _array_record(name: str, text_key: str | None, record: bytes) -> Any:
+    """An ArrayRecord record: plain text when there is no `text_key`, else its decoded JSON."""
     if text_key is None:
         return record.decode("utf-8", errors="replace")
-    return _json_text(record, text_key, f"data.sources.{name}: a record",
-                      "for plain-text records set text_key to ''")
+    return _json_record(record, f"data.sources.{name}: a record",
+                        "for plain-text records set text_key to ''")
 
 
-def _json_text(raw: bytes, text_key: str, where: str, hint: str) -> str:
-    """The `text_key` field of a JSON record; a clear error if it is not JSON."""
+def _json_record(raw: bytes, where: str, hint: str) -> Any:
+    """A decoded JSON record (a `JsonRecord` when it is an object); a clear error if it is not JSON."""
     try:
-        record = json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where} is not JSON ({err}); {hint}") from err
-    return _text_field(record, text_key, where)
+    if isinstance(value, dict):
+        value = JsonRecord(value)
+        value.where = where
+    return value
 
 
-def _tfds_document(text_key: str, where: str, example: Mapping[str, Any]) -> str:
-    """A TFDS example's text feature (TFDS gives text features as UTF-8 bytes)."""
-    return _text_field(dict(example), text_key, where)
+def document_text(name: str, spec: Mapping[str, Any], record: Any) -> str:
+    """A record's document text: a rendered exercise, a file's text or a JSON record's field."""
+    if isinstance(record, synthetic.Exercise):
+        return synthetic.render_document(record)
+    if isinstance(record, str):
+        return record
+    where = getattr(record, "where", "") or f"data.sources.{name}: a record"
+    return _text_field(record, spec.get("text_key") or "text", where)
 
 
 def _record_at(records: grain.MapDataset, index: np.integer) -> str:
@@ -287,9 +317,3 @@ def _train_record(records: grain.MapDataset, gaps: np.ndarray, train_index: int)
     `gaps[k]` is the k-th held-out index minus k, the count of training records before it.
     """
     return records[train_index + int(np.searchsorted(gaps, train_index, side="right"))]
-
-
-def _synthetic_document(seed: int, index: int) -> str:
-    """The synthetic exercise at `index`, rendered as a pretraining document."""
-    return synthetic.render_document(synthetic.exercise(seed, index))
-
