@@ -13,7 +13,10 @@ from pathlib import Path
 
 import ml_collections
 
+from phi4_jax.data.chat import TRUNCATION
+from phi4_jax.data.preference import PAIR_FORMATS
 from phi4_jax.errors import Phi4Error
+from phi4_jax.losses.preference import VARIANTS
 
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
 from phi4_jax.parallel.sharding import MESH_AXES
@@ -106,6 +109,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50
     c.eval.batches = 2
+    c.eval.at_start = False  # also evaluate the starting model (before the first step)
+    # Greedy accuracy on held-out built-in problems (0 = off); see phi4_jax.evals.verifiable.
+    c.eval.accuracy_problems = 0
+    c.eval.max_new_tokens = 128
+
+    # Supervised fine-tuning (stage 'sft'): over-long conversations are 'drop'ped or
+    # 'truncate'd to train.seq_len + 1 tokens; either way counted.
+    c.sft = ml_collections.ConfigDict()
+    c.sft.truncation = "truncate"
+
+    # DPO (stage 'dpo'); see phi4_jax.losses.preference and phi4_jax.data.preference.
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.variant = "sigmoid"
+    c.dpo.beta = 0.1
+    c.dpo.label_smoothing = 0.0  # eps of the conservative and robust variants
+    c.dpo.length_normalize = False  # mean instead of summed response log-probs (IPO: True)
+    c.dpo.reference = "on_the_fly"  # or 'precomputed': scored once, stored in the workdir
+    c.dpo.pair_format = "sequence"  # or 'pivotal_token' (PTS pairs: one forward per pair)
+    c.dpo.judge_weighting = "none"  # or 'margin': weight pairs by their judge-score margin
+    c.dpo.judge_margin_scale = 5.0
+    c.dpo.judge_min_weight = 0.1
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
@@ -166,6 +190,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
                  "must be a positive integer.")
     _require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
              "must keep at least one checkpoint.")
+    _validate_post_training(config)
     for axis in MESH_AXES:
         _require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
                  "must be an integer size (or -1 to fill the remaining devices).")
@@ -198,3 +223,25 @@ def load_config(spec: str | Path, arg: str | None = None) -> ml_collections.Conf
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def _validate_post_training(config: ml_collections.ConfigDict) -> None:
+    e, d = config.eval, config.dpo
+    for key in ("accuracy_problems", "max_new_tokens"):
+        _require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
+                 "must be an integer >= 0.")
+    _require(config.sft.truncation in TRUNCATION, "sft.truncation", config.sft.truncation,
+             f"choose one of {TRUNCATION}.")
+    _require(d.variant in VARIANTS, "dpo.variant", d.variant, f"choose one of {VARIANTS}.")
+    _require(d.beta > 0, "dpo.beta", d.beta, "must be positive.")
+    _require(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", d.label_smoothing,
+             "must lie in [0, 0.5).")
+    _require(d.reference in ("on_the_fly", "precomputed"), "dpo.reference", d.reference,
+             "choose 'on_the_fly' or 'precomputed'.")
+    _require(d.pair_format in PAIR_FORMATS, "dpo.pair_format", d.pair_format,
+             f"choose one of {PAIR_FORMATS}.")
+    _require(d.judge_weighting in ("none", "margin"), "dpo.judge_weighting", d.judge_weighting,
+             "choose 'none' or 'margin'.")
+    _require(d.judge_margin_scale > 0 and 0 <= d.judge_min_weight <= 1,
+             "dpo.judge_margin_scale/judge_min_weight", (d.judge_margin_scale, d.judge_min_weight),
+             "the scale must be positive and the minimum weight in [0, 1].")

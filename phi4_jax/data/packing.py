@@ -43,12 +43,18 @@ def pack_pairs(pairs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
 
 
 def training_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A packed element in the trainer's names; inputs and targets share segments and positions."""
+    """A packed element in the trainer's names; inputs and targets share segments and positions.
+
+    The loss covers every real token, or only those a packed `loss_mask` marks (chat data).
+    """
     segment_ids = packed["inputs_segment_ids"]
+    loss_mask = (segment_ids > 0).astype(np.float32)
+    if "loss_mask" in packed:
+        loss_mask *= packed["loss_mask"]
     return {
         "inputs": packed["inputs"],
         "targets": packed["targets"],
         "segment_ids": segment_ids,
         "positions": packed["inputs_positions"],
-        "loss_mask": (segment_ids > 0).astype(np.float32),
+        "loss_mask": loss_mask,
     }

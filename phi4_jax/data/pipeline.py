@@ -59,8 +59,10 @@ def make_iterator(
     process_index: int = 0,
     process_count: int = 1,
     split: str = "train",
+    indexed: bool = False,
 ) -> grain.DatasetIterator:
-    """Endless iterator of this process's batches of the rows `rows_fn` makes of each source."""
+    """Endless iterator of this process's batches of the rows `rows_fn` makes of each source;
+    `indexed` hands it (index in the split, record) pairs instead of records."""
     cfg = _checked_config(data_cfg)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; it must be >= 1")
@@ -69,7 +71,7 @@ def make_iterator(
     weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
     rows = {
         name: rows_fn(name, shard_records(name, cfg, split=split, process_index=process_index,
-                                          process_count=process_count), cfg)
+                                          process_count=process_count, indexed=indexed), cfg)
         for name, weight in weights.items()
         if weight > 0
     }
@@ -93,11 +95,12 @@ def make_eval_batches(
 
 
 def first_batches(data_cfg: Mapping[str, Any], rows_fn: RowsFn, *, batch_size: int,
-                  num_batches: int, process_index: int = 0, process_count: int = 1
-                  ) -> list[dict[str, np.ndarray]]:
+                  num_batches: int, process_index: int = 0, process_count: int = 1,
+                  indexed: bool = False) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` batches of the eval stream (it cycles small holdouts)."""
     iterator = make_iterator(data_cfg, rows_fn, batch_size=batch_size, split="eval",
-                             process_index=process_index, process_count=process_count)
+                             process_index=process_index, process_count=process_count,
+                             indexed=indexed)
     batches = [next(iterator) for _ in range(num_batches)]
     iterator.close()
     return batches
@@ -131,13 +134,17 @@ def _checked_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def shard_records(
-    name: str, data_cfg: Mapping[str, Any], *, split: str, process_index: int, process_count: int
+    name: str, data_cfg: Mapping[str, Any], *, split: str, process_index: int, process_count: int,
+    indexed: bool = False,
 ) -> grain.MapDataset:
-    """The records this process reads from one source, endless, in the order it reads them."""
+    """The records this process reads from one source, endless, in the order it reads them;
+    `indexed` pairs each with its index in the split."""
     cfg = _checked_config(data_cfg)
     records = sources.open_records(
         name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
     )
+    if indexed:
+        records = records.map_with_index(lambda index, record: (index, record))
     return _share(name, records, cfg, split, process_index, process_count)
 
 

@@ -5,7 +5,8 @@ A record is what a source holds: an `Exercise` for `synthetic`, a file's text fo
 `python_stdlib`, a decoded JSON object for `jsonl`, `tfds` and JSON `array_record` files.
 Post-training stages read records (`open_records`: conversations, preference pairs);
 pretraining reads documents (`open_documents`), a record's text. Kinds and what one document is:
-- `synthetic`: `render_document(exercise(seed, index))`, random access by index over a finite span of
+- `synthetic`: `render_document(exercise(seed, index))` (`synthetic_unanswerable`: the refusal
+  variants, `unanswerable_exercise`), random access by index over a finite span of
   `SYNTHETIC_SPAN` (2**40) indices, so it behaves like any other MapDataset (shardable, repeatable)
   and is endless in practice. The eval split reads the next span, `[SYNTHETIC_SPAN, 2 * SYNTHETIC_SPAN)`.
 - `python_stdlib`: one `.py` file of the running interpreter's standard library (test and
@@ -42,10 +43,11 @@ import numpy as np
 from phi4_jax.data import synthetic
 from phi4_jax.errors import Phi4Error
 
-KINDS = ("synthetic", "python_stdlib", "jsonl", "text", "array_record", "tfds")
+KINDS = ("synthetic", "synthetic_unanswerable", "python_stdlib", "jsonl", "text", "array_record", "tfds")
 SPEC_KEYS = frozenset({"kind", "paths", "text_key", "tfds_name", "split", "data_dir", "unique_tokens"})
 REQUIRED_KEYS = {
     "synthetic": ("kind",),
+    "synthetic_unanswerable": ("kind",),
     "python_stdlib": ("kind",),
     "jsonl": ("kind", "paths", "text_key"),
     "text": ("kind", "paths"),
@@ -53,6 +55,8 @@ REQUIRED_KEYS = {
     "tfds": ("kind", "tfds_name", "split", "text_key"),
 }
 SPLITS = ("train", "eval")
+SYNTHETIC_KINDS = {"synthetic": synthetic.exercise,
+                   "synthetic_unanswerable": synthetic.unanswerable_exercise}
 SYNTHETIC_SPAN = 2**40
 HOLDOUT_CHUNK = 2**22
 STDLIB_EXCLUDED_DIRS = frozenset(
@@ -120,10 +124,10 @@ def open_records(
     validate_source_spec(name, spec, check_files=True)
     if split not in SPLITS:
         raise ValueError(f"split is {split!r}; choose one of {list(SPLITS)}")
-    if spec["kind"] == "synthetic":
+    if spec["kind"] in SYNTHETIC_KINDS:
         start = 0 if split == "train" else SYNTHETIC_SPAN
         indices = grain.MapDataset.range(start, start + SYNTHETIC_SPAN)
-        return indices.map(functools.partial(synthetic.exercise, seed))
+        return indices.map(functools.partial(SYNTHETIC_KINDS[spec["kind"]], seed))
     records = _open_records(name, spec)
     held_out = held_out_indices(len(records), eval_holdout)
     count = len(held_out) if split == "eval" else len(records) - len(held_out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from phi4_jax.losses.lm import chunked_token_log_probs
@@ -24,3 +25,19 @@ def target_log_probs(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.A
     x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
     return chunked_token_log_probs(x_BTD, model.head_DV(), batch["targets"],
                                    chunk_tokens=chunk_tokens)
+
+
+def next_token_candidate_log_probs(params: Any, graphdef: nnx.GraphDef,
+                                   batch: dict[str, jax.Array]) -> jax.Array:
+    """log p(candidate | prompt) [B, C] for C candidate next tokens of each prompt row.
+
+    `batch` holds `inputs`, `positions`, `segment_ids` [B, T] (the prompt, right-padded),
+    `last_index` [B] (its last token) and `candidates` [B, C]: one forward scores every
+    candidate at the prompt's end, as a pivotal-token pair needs.
+    """
+    model = nnx.merge(graphdef, params)
+    x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    x_BD = jnp.take_along_axis(x_BTD, batch["last_index"][:, None, None], axis=1)[:, 0]
+    logits_BV = model.logits(x_BD[:, None])[:, 0]
+    log_probs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    return jnp.take_along_axis(log_probs_BV, batch["candidates"], axis=-1)

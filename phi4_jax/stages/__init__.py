@@ -5,17 +5,20 @@ from __future__ import annotations
 import ml_collections
 
 from phi4_jax.config_base import ConfigError
+from phi4_jax.stages.dpo import DPO
 from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.stages.sft import SFT
 from phi4_jax.train import loop
 from phi4_jax.train.stage import Stage
 
-STAGES: dict[str, Stage] = {"pretrain": Pretrain()}
+# Stage objects are built per run: they hold host-side counters and precomputed scores.
+STAGES: dict[str, type[Stage]] = {"pretrain": Pretrain, "sft": SFT, "dpo": DPO}
 
 
 def stage_for(config: ml_collections.ConfigDict) -> Stage:
     if config.stage not in STAGES:
         raise ConfigError(f"stage={config.stage!r}: choose one of {', '.join(STAGES)}.")
-    return STAGES[config.stage]
+    return STAGES[config.stage]()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,

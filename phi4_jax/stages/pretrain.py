@@ -1,17 +1,28 @@
-"""Pretraining (and mid-training): next-token loss over packed documents of a weighted mix."""
+"""Pretraining (and mid-training): next-token loss over packed documents of a weighted mix.
+
+The post-training stages build on this one: SFT keeps its loss and changes the rows, DPO
+changes both; all share the data-config checks, the mixture report, batching through
+`pipeline.make_iterator` and the greedy-accuracy evaluation.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
 
+import jax
 import ml_collections
 
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import mixture, pipeline
+from phi4_jax.data.tokenizer import load_tokenizer
+from phi4_jax.evals import verifiable
 from phi4_jax.losses.lm import next_token_loss_sum
 from phi4_jax.sampling.scoring import target_log_probs
 from phi4_jax.train.stage import DataShard, Stage
 from phi4_jax.train.state import Run
+
+ACCURACY_BATCH = 32  # prompts decoded at once by the greedy-accuracy evaluation
 
 
 def language_model_loss(params, batch, frozen, *, graphdef, chunk_tokens):
@@ -32,21 +43,43 @@ class Pretrain(Stage):
             raise ConfigError(str(error)) from error
 
     def describe(self, config: ml_collections.ConfigDict) -> str:
-        t = config.train
         return "Mixture:\n" + mixture.mixture_report(
-            config.data, total_tokens=t.steps * t.global_batch * t.seq_len)
+            config.data, total_tokens=self.tokens_per_step(config) * config.train.steps)
 
     def loss_fn(self, run: Run):
         return functools.partial(language_model_loss, graphdef=run.graphdef,
                                  chunk_tokens=run.config.train.loss_chunk_tokens)
 
-    def _data_kwargs(self, run: Run, shard: DataShard) -> dict:
-        return dict(seq_len=run.config.train.seq_len, batch_size=shard.batch_size,
-                    process_index=shard.index, process_count=shard.count)
+    def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
+        """What one source's records of a split become: here packed documents."""
+        return functools.partial(pipeline.packed_document_rows, seq_len=run.config.train.seq_len)
 
     def train_batches(self, run: Run, shard: DataShard):
-        return pipeline.make_train_iterator(run.config.data, **self._data_kwargs(run, shard))
+        return pipeline.make_iterator(run.config.data, self.rows_fn(run, "train"),
+                                      batch_size=shard.batch_size, process_index=shard.index,
+                                      process_count=shard.count, indexed=self.indexed(run))
 
     def eval_batches(self, run: Run, shard: DataShard):
-        return pipeline.make_eval_batches(run.config.data, num_batches=run.config.eval.batches,
-                                          **self._data_kwargs(run, shard))
+        return pipeline.first_batches(run.config.data, self.rows_fn(run, "eval"),
+                                      batch_size=shard.batch_size,
+                                      num_batches=run.config.eval.batches,
+                                      process_index=shard.index, process_count=shard.count,
+                                      indexed=self.indexed(run))
+
+    def indexed(self, run: Run) -> bool:
+        """Whether `rows_fn` takes (index, record) pairs rather than records."""
+        return False
+
+    def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
+        """Greedy accuracy on held-out built-in problems, when `eval.accuracy_problems` > 0."""
+        e = run.config.eval
+        if not e.accuracy_problems:
+            return {}
+        if jax.process_count() > 1:
+            logging.warning("eval.accuracy_problems: greedy accuracy runs on one process only; "
+                            "skipped on this %d-process run.", jax.process_count())
+            return {}
+        return verifiable.greedy_accuracy(
+            params, run.graphdef, run.model_cfg, load_tokenizer("phi4"), seed=run.config.data.seed,
+            problems=e.accuracy_problems, max_new_tokens=e.max_new_tokens,
+            batch_size=min(ACCURACY_BATCH, e.accuracy_problems))

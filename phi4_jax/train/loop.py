@@ -143,7 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
           stop_at_step: int | None = None) -> list[dict[str, float]]:
     """Runs `stage` to `train.steps` (or to `stop_at_step`, checkpointing there), resuming if
     `workdir` has checkpoints; returns the logged metrics, one dict per log or eval step."""
-    run = build_run(config, rows_per_example=stage.rows_per_example)
+    run = build_run(config, sequences_per_row=stage.sequences_per_row(config))
     stage.check_config(config)
     if description := stage.describe(config):
         logging.info("%s", description)
@@ -196,6 +196,8 @@ class _Loop:
         meta = {"seed": config.seed, "data_seed": config.data.seed}
         step = int(state.step)
         pending, history = None, []
+        if step == 0 and config.eval.at_start:
+            history.append(self.evaluate(0, state.params))
         window_start, window_steps = time.perf_counter(), 0
         while step < min(last_step, config.train.steps):
             batch = to_global_batch(next(data_iter), self.run.batch_sharding)

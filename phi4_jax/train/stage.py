@@ -35,7 +35,6 @@ class Stage:
     """Defaults are pretraining's; a stage overrides what it changes."""
 
     name = ""
-    rows_per_example = 1  # sequences per batch row: 2 for a preference pair
 
     def check_config(self, config: ml_collections.ConfigDict) -> None:
         """Stage-specific validation at start-up; raise ConfigError naming the key."""
@@ -43,6 +42,10 @@ class Stage:
     def describe(self, config: ml_collections.ConfigDict) -> str:
         """What the run will read, logged once at start-up (e.g. the mixture table)."""
         return ""
+
+    def sequences_per_row(self, config: ml_collections.ConfigDict) -> int:
+        """Sequences of `train.seq_len` one batch row holds (2 for a preference pair)."""
+        return 1
 
     def loss_fn(self, run: Run) -> LossFn:
         raise NotImplementedError
@@ -63,7 +66,7 @@ class Stage:
 
     def tokens_per_step(self, config: ml_collections.ConfigDict) -> int:
         """Trained tokens per optimizer step, for throughput and MFU."""
-        return config.train.global_batch * config.train.seq_len * self.rows_per_example
+        return config.train.global_batch * config.train.seq_len * self.sequences_per_row(config)
 
     def evaluate(self, run: Run, params: Any, frozen: Any) -> dict[str, float]:
         """Evaluation beyond the held-out loss (e.g. greedy accuracy), at eval steps."""

@@ -61,16 +61,16 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
-                 rows_per_example: int = 1) -> None:
+                 sequences_per_row: int = 1) -> None:
     """Refuses, before compiling, a run whose estimated per-device memory cannot fit.
 
-    `rows_per_example` counts the sequences one batch row holds (2 for a preference pair).
+    `sequences_per_row` counts the sequences one batch row holds (2 for a preference pair).
     """
     if not config.memory.check:
         return
     t = config.train
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = t.global_batch // t.microbatches // batch_devices * rows_per_example
+    rows = t.global_batch // t.microbatches // batch_devices * sequences_per_row
     estimate = memory.estimate_train_memory(
         model_cfg, seq_len=t.seq_len, per_device_batch=rows, mesh_shape=dict(mesh.shape),
         microbatches=t.microbatches)
@@ -82,12 +82,12 @@ def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
 
 
 def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None, *,
-              rows_per_example: int = 1) -> Run:
+              sequences_per_row: int = 1) -> Run:
     """Validates what can be checked without allocating, then plans shardings."""
     model_cfg = validate_config(config)
     mesh = make_mesh({axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}, devices)
     check_batch_layout(config, mesh)
-    check_memory(config, model_cfg, mesh, rows_per_example)
+    check_memory(config, model_cfg, mesh, sequences_per_row)
     rules = tuple(tuple(rule) for rule in config.mesh.rules)
     abstract_model = nnx.eval_shape(lambda: init_model(model_cfg, config.seed))
     graphdef, abstract_params = nnx.split(abstract_model)

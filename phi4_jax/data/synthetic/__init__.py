@@ -23,11 +23,12 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 from phi4_jax.data.synthetic import algebra, arithmetic, measures, number_theory, proportion
-from phi4_jax.data.synthetic.text import Exercise
+from phi4_jax.data.synthetic.text import REFUSAL, Exercise
+from phi4_jax.data.synthetic.unanswerable import WORD_FAMILIES, unanswerable
 from phi4_jax.data.synthetic.verifier import extract_final_answer, verify
 
-__all__ = ["FAMILIES", "Exercise", "documents", "exercise", "extract_final_answer", "render_document",
-           "verify"]
+__all__ = ["FAMILIES", "REFUSAL", "Exercise", "documents", "exercise", "extract_final_answer",
+           "render_document", "unanswerable_exercise", "verify"]
 
 _GENERATORS: dict[str, Callable[[random.Random], Exercise]] = {
     "arithmetic": arithmetic.order_of_operations,
@@ -66,6 +67,18 @@ def exercise(seed: int, index: int, families: Sequence[str] = FAMILIES) -> Exerc
         raise ValueError(f"unknown exercise families {unknown}; choose from {FAMILIES}")
     rng = random.Random(f"phi4_jax.synthetic/{seed}/{index}")  # str seeds hash with SHA-512: same everywhere
     return _GENERATORS[families[rng.randrange(len(families))]](rng)
+
+
+def unanswerable_exercise(seed: int, index: int) -> Exercise:
+    """The unanswerable variant at `index` of the stream `seed` (a word problem with one given
+    quantity withheld; its answer is `REFUSAL`), pure like `exercise`."""
+    seed, index = _non_negative("seed", seed), _non_negative("index", index)
+    rng = random.Random(f"phi4_jax.synthetic.unanswerable/{seed}/{index}")
+
+    def word_problem(rng: random.Random) -> Exercise:
+        return _GENERATORS[WORD_FAMILIES[rng.randrange(len(WORD_FAMILIES))]](rng)
+
+    return unanswerable(rng, word_problem)
 
 
 _HEADINGS = (("Problem", "Solution"), ("Exercise", "Worked solution"), ("Question", "Answer"),

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 
+REFUSAL = "I don't know"  # the final answer of an exercise that cannot be answered
+
+
 @dataclasses.dataclass(frozen=True)
 class Exercise:
     """One problem: the prompt, its worked solution and the canonical answer the solution ends with."""

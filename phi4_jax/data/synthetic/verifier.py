@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from phi4_jax.data.synthetic.text import Exercise, round_half_up
+from phi4_jax.data.synthetic.text import REFUSAL, Exercise, round_half_up
 from phi4_jax.data.synthetic.units import Unit, answer_format
 
 
@@ -54,8 +54,15 @@ def _parse_value(text: str, unit: Unit | None) -> Fraction | None:
     return -value if sign == "-" else value
 
 
+def _is_refusal(final: str) -> bool:
+    """'I don't know' (any case, straight or curly apostrophe, or 'I do not know')."""
+    words = _EDGES.sub("", final).lower().replace("\u2019", "'")
+    return words in ("i don't know", "i do not know")
+
+
 def verify(ex: Exercise, response: str) -> bool:
-    """True iff the last final answer in `response` equals `ex.answer` as a number.
+    """True iff the last final answer in `response` equals `ex.answer` as a number; for an
+    unanswerable exercise (answer `REFUSAL`), iff it is a refusal.
 
     Rounded answers compare after rounding the response to the decimals the question asks for; a unit
     word after the number is allowed only if it names the unit the question asks for.
@@ -63,6 +70,8 @@ def verify(ex: Exercise, response: str) -> bool:
     final = extract_final_answer(response)
     if final is None:
         return False
+    if ex.answer == REFUSAL:
+        return _is_refusal(final)
     unit, places = answer_format(ex.question)
     got, want = _parse_value(final, unit), _parse_value(ex.answer, None)
     if got is None or want is None:

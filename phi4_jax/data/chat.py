@@ -1,0 +1,119 @@
+"""Supervised fine-tuning data: conversations -> ChatML token rows with a mask on what the model
+must learn to say.
+
+A record is a conversation: a JSON object with `messages` (a list of `{role, content}` with
+roles system / user / assistant), or a built-in exercise (the user asks its question, the
+assistant gives its worked solution; unanswerable variants answer "I don't know"). It is
+encoded with Phi-4's ChatML (`tokenizer.encode_chat`), trained on the assistant turns'
+content and their `<|im_end|>` only, shifted once (`losses.lm.shift_for_next_token`) and
+packed first-fit into rows without splitting a conversation: each conversation is its own
+segment, so none attends to another.
+
+Over-long conversations (more than `seq_len + 1` tokens) follow `truncation`: `drop` skips
+them, `truncate` keeps their first `seq_len + 1` tokens if an assistant token survives (else
+skips them). Either way they are counted (`Counts`). A record that cannot be a training
+example (no `messages`, no assistant turn, an empty assistant reply) raises
+`BadRecordError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from phi4_jax.data import synthetic
+from phi4_jax.data.packing import training_row
+from phi4_jax.data.sources import BadRecordError
+from phi4_jax.data.tokenizer import Phi4Tokenizer
+from phi4_jax.losses.lm import shift_for_next_token
+
+TRUNCATION = ("drop", "truncate")
+PACKING_BINS = 16  # first-fit bins open at once: more bins, less padding, more mixing of epochs
+
+
+@dataclasses.dataclass
+class Counts:
+    """Examples seen, truncated and dropped as over-long; shared by the reading threads."""
+
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for key, delta in deltas.items():
+                setattr(self, key, getattr(self, key) + delta)
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_examples": float(self.examples),
+                f"{prefix}_truncated": float(self.truncated),
+                f"{prefix}_dropped_over_length": float(self.dropped)}
+
+
+def where(record: Any) -> str:
+    """Where a record came from, for messages."""
+    return getattr(record, "where", "") or "a record"
+
+
+def messages_of(record: Any) -> list[Mapping[str, str]]:
+    """The conversation a record holds; BadRecordError if it holds none."""
+    if isinstance(record, synthetic.Exercise):
+        return [{"role": "user", "content": record.question},
+                {"role": "assistant", "content": record.solution}]
+    messages = record.get("messages") if isinstance(record, Mapping) else None
+    if not isinstance(messages, list) or not messages:
+        raise BadRecordError(f"{where(record)} has no 'messages' list; an SFT record is "
+                             f'{{"messages": [{{"role": "user", "content": ...}}, ...]}}')
+    return messages
+
+
+def prompt_messages(question: str) -> list[dict[str, str]]:
+    """The conversation that asks a question (a generation prompt follows it)."""
+    return [{"role": "user", "content": question}]
+
+
+def encode_conversation(messages: Sequence[Mapping[str, str]], tokenizer: Phi4Tokenizer, *,
+                        source: str) -> tuple[np.ndarray, np.ndarray]:
+    """ChatML ids and the 0/1 mask of the tokens trained on; BadRecordError for a conversation
+    without a non-empty assistant turn."""
+    try:
+        encoding = tokenizer.encode_chat(messages)
+    except (TypeError, ValueError) as error:
+        raise BadRecordError(f"{source}: {error}") from error
+    assistant = [m for m in messages if m.get("role") == "assistant"]
+    if not assistant:
+        raise BadRecordError(f"{source} has no assistant turn: nothing to train on")
+    if not all(str(m.get("content", "")).strip() for m in assistant):
+        raise BadRecordError(f"{source} has an empty assistant reply")
+    return np.asarray(encoding.ids, np.int32), np.asarray(encoding.loss_mask, np.float32)
+
+
+def sft_example(record: Any, *, tokenizer: Phi4Tokenizer, seq_len: int, truncation: str,
+                counts: Counts) -> dict[str, np.ndarray] | None:
+    """One conversation's `inputs`, `targets`, `loss_mask` (at most `seq_len` long), or None
+    when it is skipped as over-long."""
+    ids, mask = encode_conversation(messages_of(record), tokenizer, source=where(record))
+    counts.add(examples=1)
+    if len(ids) > seq_len + 1:
+        if truncation == "drop" or not mask[:seq_len + 1][1:].any():
+            counts.add(dropped=1)
+            return None
+        counts.add(truncated=1)
+        ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+    inputs, targets, loss_mask = shift_for_next_token(ids, mask)
+    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+
+
+def pack_examples(examples: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """Rows of `seq_len` holding whole examples first-fit, each its own segment
+    (`packing.ROW_KEYS`); padding is segment 0 with no loss."""
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
+        num_packing_bins=PACKING_BINS, shuffle_bins=False)
+    return packed.map(training_row)

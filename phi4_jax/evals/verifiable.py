@@ -1,0 +1,70 @@
+"""Greedy accuracy on held-out verifiable problems: the model answers each built-in exercise of
+the eval span (never trained on) in ChatML, and the verifier reads the final answer from the
+response alone. Unanswerable variants score a refusal ("I don't know") as correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from phi4_jax.data import synthetic
+from phi4_jax.data.chat import prompt_messages
+from phi4_jax.data.sources import SYNTHETIC_SPAN
+from phi4_jax.data.tokenizer import Phi4Tokenizer
+from phi4_jax.model.config import ModelConfig
+from phi4_jax.sampling import decode
+
+
+def held_out_problems(seed: int, count: int, *, unanswerable: bool = False
+                      ) -> list[synthetic.Exercise]:
+    """The first `count` exercises of the synthetic eval span (or its unanswerable variants)."""
+    make = synthetic.unanswerable_exercise if unanswerable else synthetic.exercise
+    return [make(seed, SYNTHETIC_SPAN + i) for i in range(count)]
+
+
+def chat_prompt(question: str, tokenizer: Phi4Tokenizer) -> list[int]:
+    return tokenizer.encode_chat(prompt_messages(question), add_generation_prompt=True).ids
+
+
+def greedy_responses(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
+                     prompts: Sequence[Sequence[int]], tokenizer: Phi4Tokenizer, *,
+                     max_new_tokens: int, batch_size: int) -> list[str]:
+    """The greedy completion of each prompt, decoded up to its stop token."""
+    sampling = decode.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                     stop_ids=(tokenizer.im_end_id, tokenizer.eot_id),
+                                     pad_id=tokenizer.pad_id)
+    generate = decode.compiled_generate(graphdef, cfg, sampling)
+    length = max(len(p) for p in prompts)
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape for every batch
+        out = generate(params, decode.left_pad(rows, length, tokenizer.pad_id),
+                       decode.row_keys(0, range(len(rows))))
+        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        for row in range(len(chunk)):
+            ids = [t for t, m in zip(tokens[row], mask[row]) if m and t not in sampling.stop_ids]
+            responses.append(tokenizer.decode(ids))
+    return responses
+
+
+def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
+                    tokenizer: Phi4Tokenizer, *, seed: int, problems: int, max_new_tokens: int,
+                    batch_size: int) -> dict[str, float]:
+    """`accuracy` on answerable held-out problems and `refusal_accuracy` on a quarter as many
+    unanswerable ones."""
+    scores = {}
+    for name, unanswerable, count in (("accuracy", False, problems),
+                                      ("refusal_accuracy", True, max(1, problems // 4))):
+        exercises = held_out_problems(seed, count, unanswerable=unanswerable)
+        responses = greedy_responses(params, graphdef, cfg,
+                                     [chat_prompt(ex.question, tokenizer) for ex in exercises],
+                                     tokenizer, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size)
+        scores[name] = float(np.mean([synthetic.verify(ex, r) for ex, r in zip(exercises,
+                                                                                responses)]))
+    return scores

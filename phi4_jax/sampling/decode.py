@@ -1,0 +1,154 @@
+"""Batched generation with the KV cache: one prefill of the (left-padded) prompts, then one
+token per step for every row, in a `while_loop` that ends when every row has stopped.
+
+Shapes are static (prompt length, new tokens and batch fixed per compile), so one compiled
+sampler serves every batch of a shape; under a mesh the parameters keep their training
+shardings and the rows split over the batch axes. Each row samples with its own key
+(`row_keys`), folded with the step number, so a row's continuation depends on its key and
+prompt alone: the same whichever batch it is in or how large that batch is.
+
+Sampling: temperature (0 = greedy argmax), then top-k, then top-p (nucleus) on the
+temperature-scaled distribution. Returned log-probabilities are of the model's own
+distribution (temperature 1, no truncation), as policy-gradient and search code need.
+A row stops after emitting a stop id; later slots hold `pad_id` with mask 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from phi4_jax.model.config import ModelConfig
+from phi4_jax.model.kv_cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when a row is done."""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: all tokens
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0, top_p={self.top_p} in "
+                             f"(0, 1] and top_k={self.top_k} >= 0 (0 = off).")
+
+
+@struct.dataclass
+class Generation:
+    """New tokens per row [B, N], their log-probs under the model, a 0/1 mask of real
+    (emitted) tokens, and each row's count of them."""
+
+    tokens: jax.Array
+    log_probs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0
+             ) -> dict[str, np.ndarray]:
+    """Prompts right-aligned in [B, P] rows: `tokens`, `positions` (0 on padding) and
+    `segment_ids` (1 on the prompt, 0 on padding, which no token attends to)."""
+    length = length or max(len(p) for p in prompts)
+    if any(len(p) > length for p in prompts) or not all(prompts):
+        raise ValueError(f"prompts must be non-empty and at most {length} tokens long.")
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    positions = np.zeros((len(prompts), length), np.int32)
+    segments = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, length - len(prompt):] = prompt
+        positions[row, length - len(prompt):] = np.arange(len(prompt))
+        segments[row, length - len(prompt):] = 1
+    return {"tokens": tokens, "positions": positions, "segment_ids": segments}
+
+
+def _filtered_logits(logits_BV: jax.Array, params: SamplingParams) -> jax.Array:
+    """Temperature, then top-k, then top-p; excluded tokens get -inf."""
+    logits_BV = logits_BV / params.temperature
+    if params.top_k:
+        kth = jax.lax.top_k(logits_BV, params.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+    if params.top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # The smallest set whose mass reaches top_p: keep tokens whose preceding mass < top_p.
+        keep = (cumulative - jax.nn.softmax(sorted_BV, axis=-1)) < params.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < threshold, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+def next_tokens(logits_BV: jax.Array, keys_B: jax.Array, params: SamplingParams) -> jax.Array:
+    """One token per row: argmax at temperature 0, else a draw with the row's key."""
+    if params.temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    filtered = _filtered_logits(logits_BV.astype(jnp.float32), params)
+    return jax.vmap(jax.random.categorical)(keys_B, filtered).astype(jnp.int32)
+
+
+def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
+             graphdef: nnx.GraphDef, cfg: ModelConfig, sampling: SamplingParams) -> Generation:
+    """Continues each left-padded prompt row (`left_pad`) by up to `max_new_tokens` tokens.
+
+    Pure and jittable (bind everything after `*` with `functools.partial`); `row_keys` [B]
+    are typed PRNG keys (`jax.random.key`), one per row.
+    """
+    model = nnx.merge(graphdef, params)
+    tokens_BP = prompt["tokens"]
+    b, p = tokens_BP.shape
+    n = sampling.max_new_tokens
+    cache = KVCache.zeros(cfg, b, p + n)
+    logits_BPV, cache = model.forward(tokens_BP, prompt["positions"], prompt["segment_ids"], cache)
+    stops = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
+
+    def emit(carry):
+        i, logits_BV, cache, position_B, done_B, out = carry
+        keys = jax.vmap(lambda key: jax.random.fold_in(key, i))(row_keys)
+        token_B = next_tokens(logits_BV, keys, sampling)
+        log_prob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32)),
+                                         token_B[:, None], axis=-1)[:, 0]
+        live_B = ~done_B
+        token_B = jnp.where(live_B, token_B, sampling.pad_id)
+        out = (out[0].at[:, i].set(token_B), out[1].at[:, i].set(jnp.where(live_B, log_prob_B, 0.)),
+               out[2].at[:, i].set(live_B.astype(jnp.int32)))
+        done_B = done_B | jnp.isin(token_B, stops)
+        step_logits, cache = model.forward(token_B[:, None], position_B[:, None],
+                                           live_B[:, None].astype(jnp.int32), cache)
+        return i + 1, step_logits[:, 0], cache, position_B + 1, done_B, out
+
+    def running(carry):
+        return (carry[0] < n) & ~jnp.all(carry[4])
+
+    out = (jnp.full((b, n), sampling.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+           jnp.zeros((b, n), jnp.int32))
+    start = (jnp.zeros((), jnp.int32), logits_BPV[:, -1], cache, prompt["positions"][:, -1] + 1,
+             jnp.zeros((b,), bool), out)
+    tokens, log_probs, mask = jax.lax.while_loop(running, emit, start)[-1]
+    return Generation(tokens, log_probs, mask, mask.sum(axis=-1))
+
+
+def row_keys(seed: int, row_ids: Sequence[int]) -> jax.Array:
+    """One key per row from a seed and each row's stable id (e.g. its prompt's index), so a
+    row's samples do not depend on which batch it lands in."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(row_ids, jnp.uint32))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, sampling: SamplingParams):
+    """`generate` jitted for one sampling setup (shapes compile on first use)."""
+    return jax.jit(functools.partial(generate, graphdef=graphdef, cfg=cfg, sampling=sampling))

@@ -1,0 +1,41 @@
+"""Supervised fine-tuning on ChatML conversations (Phi-4 report section 4.1).
+
+Pretraining's loss and engine with other rows: each conversation is encoded, masked to its
+assistant turns (content and `<|im_end|>`) and packed whole into rows
+(`phi4_jax.data.chat`), so conversations never attend to each other.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grain
+
+from phi4_jax.data import chat, pipeline
+from phi4_jax.data.tokenizer import load_tokenizer
+from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.train.state import Run
+
+
+class SFT(Pretrain):
+    name = "sft"
+
+    def __init__(self):
+        self.counts = chat.Counts()
+
+    def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
+        return functools.partial(_conversation_rows, seq_len=run.config.train.seq_len,
+                                 truncation=run.config.sft.truncation, counts=self.counts)
+
+    def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
+        return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("sft")}
+
+
+def _conversation_rows(name, records: grain.MapDataset, cfg, *, seq_len: int, truncation: str,
+                       counts: chat.Counts) -> grain.IterDataset:
+    example = functools.partial(chat.sft_example, tokenizer=load_tokenizer("phi4"),
+                                seq_len=seq_len, truncation=truncation, counts=counts)
+    examples = records.map(example).filter(lambda e: e is not None)
+    read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
+                                     prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
+    return chat.pack_examples(examples.to_iter_dataset(read_options), seq_len)
