@@ -143,8 +143,9 @@ def shard_records(
     records = sources.open_records(
         name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
     )
-    if indexed:
-        records = records.map_with_index(lambda index, record: (index, record))
+    if indexed:  # grain passes indices past the end through to a repeated parent: wrap them
+        count = len(records)
+        records = records.map_with_index(lambda index, record: (index % count, record))
     return _share(name, records, cfg, split, process_index, process_count)
 
 

@@ -75,7 +75,7 @@ def load_or_compute(run: Run, example: Callable, score: Callable,
 def _score_source(run: Run, name: str, split: str, example: Callable, score: Callable,
                   params: Any) -> np.ndarray:
     data = run.config.data
-    records = sources.open_records(name, data.sources[name], seed=data.seed, split=split,
+    records = sources.open_records(name, data.sources[name].to_dict(), seed=data.seed, split=split,
                                    eval_holdout=data.eval_holdout)
     count, index = jax.process_count(), jax.process_index()
     local = run.config.train.global_batch // count
