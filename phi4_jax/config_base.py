@@ -13,9 +13,11 @@ from pathlib import Path
 
 import ml_collections
 
+from phi4_jax.data import reasoning
 from phi4_jax.data.chat import TRUNCATION
 from phi4_jax.data.preference import PAIR_FORMATS
 from phi4_jax.errors import Phi4Error
+from phi4_jax.losses.policy_gradient import NORMALIZATIONS
 from phi4_jax.losses.preference import VARIANTS
 
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
@@ -118,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
     # 'truncate'd to train.seq_len + 1 tokens; either way counted.
     c.sft = ml_collections.ConfigDict()
     c.sft.truncation = "truncate"
+    c.sft.template = "chat"  # or 'reasoning': built-in exercises as think-then-answer traces
 
     # DPO (stage 'dpo'); see phi4_jax.losses.preference and phi4_jax.data.preference.
     c.dpo = ml_collections.ConfigDict()
@@ -130,6 +133,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.judge_weighting = "none"  # or 'margin': weight pairs by their judge-score margin
     c.dpo.judge_margin_scale = 5.0
     c.dpo.judge_min_weight = 0.1
+
+    # The think-then-answer format (Phi-4-reasoning); see phi4_jax.data.reasoning.
+    c.reasoning = ml_collections.ConfigDict()
+    c.reasoning.system = reasoning.DEFAULT_SYSTEM
+    c.reasoning.think_open = "<think>"
+    c.reasoning.think_close = "</think>"
+
+    # GRPO (stage 'grpo'): train.global_batch problems per step, group_size responses each.
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.group_size = 8
+    c.grpo.max_new_tokens = 1024
+    c.grpo.temperature = 0.8
+    c.grpo.top_k = 50
+    c.grpo.top_p = 0.95
+    c.grpo.clip_low = 0.2
+    c.grpo.clip_high = 0.2
+    c.grpo.kl_coef = 0.001
+    c.grpo.normalization = "sequence"  # or 'token'
+    c.grpo.scale_by_std = True
+    c.grpo.reward_correct = 1.0
+    c.grpo.reward_wrong = -0.5
+    c.grpo.format_penalty = -0.5
+    c.grpo.overlong_penalty = -0.5
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
@@ -242,6 +268,19 @@ def _validate_post_training(config: ml_collections.ConfigDict) -> None:
              f"choose one of {PAIR_FORMATS}.")
     _require(d.judge_weighting in ("none", "margin"), "dpo.judge_weighting", d.judge_weighting,
              "choose 'none' or 'margin'.")
+    _require(config.sft.template in ("chat", "reasoning"), "sft.template", config.sft.template,
+             "choose 'chat' or 'reasoning'.")
+    g = config.grpo
+    for key in ("group_size", "max_new_tokens", "top_k"):
+        _require(isinstance(g[key], int) and g[key] >= 0, f"grpo.{key}", g[key],
+                 "must be an integer >= 0.")
+    _require(g.temperature > 0 and 0 < g.top_p <= 1, "grpo.temperature/top_p",
+             (g.temperature, g.top_p), "temperature must be > 0 and top_p in (0, 1].")
+    _require(g.normalization in NORMALIZATIONS, "grpo.normalization", g.normalization,
+             f"choose one of {NORMALIZATIONS}.")
+    _require(0 <= g.clip_low < 1 and g.clip_high >= 0 and g.kl_coef >= 0,
+             "grpo.clip_low/clip_high/kl_coef", (g.clip_low, g.clip_high, g.kl_coef),
+             "clip_low in [0, 1), clip_high >= 0 and kl_coef >= 0.")
     _require(d.judge_margin_scale > 0 and 0 <= d.judge_min_weight <= 1,
              "dpo.judge_margin_scale/judge_min_weight", (d.judge_margin_scale, d.judge_min_weight),
              "the scale must be positive and the minimum weight in [0, 1].")

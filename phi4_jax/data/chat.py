@@ -28,6 +28,7 @@ import numpy as np
 
 from phi4_jax.data import synthetic
 from phi4_jax.data.packing import training_row
+from phi4_jax.data.reasoning import ReasoningFormat
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.losses.lm import shift_for_next_token
@@ -61,9 +62,14 @@ def where(record: Any) -> str:
     return getattr(record, "where", "") or "a record"
 
 
-def messages_of(record: Any) -> list[Mapping[str, str]]:
-    """The conversation a record holds; BadRecordError if it holds none."""
+def messages_of(record: Any, reasoning_format: ReasoningFormat | None = None
+                ) -> list[Mapping[str, str]]:
+    """The conversation a record holds; BadRecordError if it holds none. A built-in exercise
+    becomes a plain exchange, or with `reasoning_format` a think-then-answer trace."""
     if isinstance(record, synthetic.Exercise):
+        if reasoning_format is not None:
+            return [*reasoning_format.messages(record.question),
+                    {"role": "assistant", "content": reasoning_format.trace(record)}]
         return [{"role": "user", "content": record.question},
                 {"role": "assistant", "content": record.solution}]
     messages = record.get("messages") if isinstance(record, Mapping) else None
@@ -95,10 +101,12 @@ def encode_conversation(messages: Sequence[Mapping[str, str]], tokenizer: Phi4To
 
 
 def sft_example(record: Any, *, tokenizer: Phi4Tokenizer, seq_len: int, truncation: str,
-                counts: Counts) -> dict[str, np.ndarray] | None:
+                counts: Counts, reasoning_format: ReasoningFormat | None = None
+                ) -> dict[str, np.ndarray] | None:
     """One conversation's `inputs`, `targets`, `loss_mask` (at most `seq_len` long), or None
     when it is skipped as over-long."""
-    ids, mask = encode_conversation(messages_of(record), tokenizer, source=where(record))
+    ids, mask = encode_conversation(messages_of(record, reasoning_format), tokenizer,
+                                    source=where(record))
     counts.add(examples=1)
     if len(ids) > seq_len + 1:
         if truncation == "drop" or not mask[:seq_len + 1][1:].any():

@@ -13,6 +13,7 @@ from flax import nnx
 
 from phi4_jax.data import synthetic
 from phi4_jax.data.chat import prompt_messages
+from phi4_jax.data.reasoning import ReasoningFormat
 from phi4_jax.data.sources import SYNTHETIC_SPAN
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.model.config import ModelConfig
@@ -26,8 +27,11 @@ def held_out_problems(seed: int, count: int, *, unanswerable: bool = False
     return [make(seed, SYNTHETIC_SPAN + i) for i in range(count)]
 
 
-def chat_prompt(question: str, tokenizer: Phi4Tokenizer) -> list[int]:
-    return tokenizer.encode_chat(prompt_messages(question), add_generation_prompt=True).ids
+def chat_prompt(question: str, tokenizer: Phi4Tokenizer,
+                fmt: ReasoningFormat | None = None) -> list[int]:
+    """The ChatML prompt that asks a question (in the reasoning format, if given)."""
+    messages = fmt.messages(question) if fmt else prompt_messages(question)
+    return tokenizer.encode_chat(messages, add_generation_prompt=True).ids
 
 
 def greedy_responses(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
@@ -54,17 +58,19 @@ def greedy_responses(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
 
 def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
                     tokenizer: Phi4Tokenizer, *, seed: int, problems: int, max_new_tokens: int,
-                    batch_size: int) -> dict[str, float]:
+                    batch_size: int, fmt: ReasoningFormat | None = None) -> dict[str, float]:
     """`accuracy` on answerable held-out problems and `refusal_accuracy` on a quarter as many
-    unanswerable ones."""
+    unanswerable ones. With a reasoning format the prompt asks for a think block and the
+    answer is read after it."""
     scores = {}
     for name, unanswerable, count in (("accuracy", False, problems),
                                       ("refusal_accuracy", True, max(1, problems // 4))):
         exercises = held_out_problems(seed, count, unanswerable=unanswerable)
         responses = greedy_responses(params, graphdef, cfg,
-                                     [chat_prompt(ex.question, tokenizer) for ex in exercises],
+                                     [chat_prompt(ex.question, tokenizer, fmt) for ex in exercises],
                                      tokenizer, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size)
-        scores[name] = float(np.mean([synthetic.verify(ex, r) for ex, r in zip(exercises,
-                                                                                responses)]))
+        answers = [fmt.split(r)[0] if fmt else r for r in responses]
+        scores[name] = float(np.mean([synthetic.verify(ex, a) for ex, a in zip(exercises,
+                                                                                answers)]))
     return scores

@@ -6,13 +6,14 @@ import ml_collections
 
 from phi4_jax.config_base import ConfigError
 from phi4_jax.stages.dpo import DPO
+from phi4_jax.stages.grpo import GRPO
 from phi4_jax.stages.pretrain import Pretrain
 from phi4_jax.stages.sft import SFT
 from phi4_jax.train import loop
 from phi4_jax.train.stage import Stage
 
 # Stage objects are built per run: they hold host-side counters and precomputed scores.
-STAGES: dict[str, type[Stage]] = {"pretrain": Pretrain, "sft": SFT, "dpo": DPO}
+STAGES: dict[str, type[Stage]] = {"pretrain": Pretrain, "sft": SFT, "dpo": DPO, "grpo": GRPO}
 
 
 def stage_for(config: ml_collections.ConfigDict) -> Stage:

@@ -15,6 +15,7 @@ import ml_collections
 
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import mixture, pipeline
+from phi4_jax.data.reasoning import ReasoningFormat
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.evals import verifiable
 from phi4_jax.losses.lm import next_token_loss_sum
@@ -82,4 +83,12 @@ class Pretrain(Stage):
         return verifiable.greedy_accuracy(
             params, run.graphdef, run.model_cfg, load_tokenizer("phi4"), seed=run.config.data.seed,
             problems=e.accuracy_problems, max_new_tokens=e.max_new_tokens,
-            batch_size=min(ACCURACY_BATCH, e.accuracy_problems))
+            batch_size=min(ACCURACY_BATCH, e.accuracy_problems),
+            fmt=self.reasoning_format(run.config))
+
+    def reasoning_format(self, config: ml_collections.ConfigDict) -> ReasoningFormat | None:
+        """The think-then-answer format the model is trained in, or None for plain chat."""
+        if config.stage == "grpo" or config.sft.template == "reasoning":
+            r = config.reasoning
+            return ReasoningFormat(r.system, r.think_open, r.think_close)
+        return None

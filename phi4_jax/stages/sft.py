@@ -1,4 +1,5 @@
-"""Supervised fine-tuning on ChatML conversations (Phi-4 report section 4.1).
+"""Supervised fine-tuning on ChatML conversations (Phi-4 report section 4.1), and on
+think-then-answer reasoning traces (Phi-4-reasoning, `sft.template='reasoning'`).
 
 Pretraining's loss and engine with other rows: each conversation is encoded, masked to its
 assistant turns (content and `<|im_end|>`) and packed whole into rows
@@ -25,16 +26,18 @@ class SFT(Pretrain):
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
         return functools.partial(_conversation_rows, seq_len=run.config.train.seq_len,
-                                 truncation=run.config.sft.truncation, counts=self.counts)
+                                 truncation=run.config.sft.truncation, counts=self.counts,
+                                 reasoning_format=self.reasoning_format(run.config))
 
     def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
         return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("sft")}
 
 
 def _conversation_rows(name, records: grain.MapDataset, cfg, *, seq_len: int, truncation: str,
-                       counts: chat.Counts) -> grain.IterDataset:
+                       counts: chat.Counts, reasoning_format) -> grain.IterDataset:
     example = functools.partial(chat.sft_example, tokenizer=load_tokenizer("phi4"),
-                                seq_len=seq_len, truncation=truncation, counts=counts)
+                                seq_len=seq_len, truncation=truncation, counts=counts,
+                                reasoning_format=reasoning_format)
     examples = records.map(example).filter(lambda e: e is not None)
     read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
                                      prefetch_buffer_size=4 * max(cfg["read_threads"], 1))

@@ -199,8 +199,13 @@ class _Loop:
         if step == 0 and config.eval.at_start:
             history.append(self.evaluate(0, state.params))
         window_start, window_steps = time.perf_counter(), 0
+        host_metrics: dict[str, list[float]] = {}
         while step < min(last_step, config.train.steps):
-            batch = to_global_batch(next(data_iter), self.run.batch_sharding)
+            batch, prepared = self.stage.prepare_batch(self.run, next(data_iter), state.params,
+                                                       step)
+            for key, value in prepared.items():
+                host_metrics.setdefault(key, []).append(value)
+            batch = to_global_batch(batch, self.run.batch_sharding)
             state, metrics = self.train_fn(state, batch, self.frozen)
             if pending is not None:  # read the previous step's metrics while this one runs
                 _check_finite(_to_host(pending), step, checkpointer)
@@ -211,6 +216,8 @@ class _Loop:
                 _check_finite(logged, step, checkpointer)
                 logged.update(_throughput(self.run, self.tokens_per_step, window_steps,
                                           time.perf_counter() - window_start))
+                logged.update({key: sum(v) / len(v) for key, v in host_metrics.items()})
+                host_metrics = {}
                 self.writer.write(step, logged)
                 history.append({"step": step, **logged})
                 window_start, window_steps = time.perf_counter(), 0

@@ -64,6 +64,12 @@ class Stage:
         """
         return None
 
+    def prepare_batch(self, run: Run, batch: HostBatch, params: Any, step: int
+                      ) -> tuple[HostBatch, dict[str, float]]:
+        """The batch made ready with the current parameters (on-policy stages sample their
+        responses here), and host-side metrics to log; by default the batch as read."""
+        return batch, {}
+
     def tokens_per_step(self, config: ml_collections.ConfigDict) -> int:
         """Trained tokens per optimizer step, for throughput and MFU."""
         return config.train.global_batch * config.train.seq_len * self.sequences_per_row(config)
