@@ -21,8 +21,8 @@ for them). The assumptions, per device:
   probabilities, each [N, T, S]; `blockwise` a float32 output and log-sum-exp, plus
   float32 [N, block, block] tiles while it runs; fused kernels the output and softmax
   statistics (cuDNN's packed layout one row per segment slot: M = max_segments_per_row),
-  plus K/V repeated to the query heads where the path needs it (cudnn packed,
-  pallas_triton). When param_dtype differs from compute_dtype it also keeps every
+  plus K/V repeated to the query heads where the path needs it (pallas_triton; cudnn
+  packed on JAX without PR #39521). When param_dtype differs from compute_dtype it also keeps every
   layer's cast weights. `full` remat keeps only each layer's input; `save_dots` its input
   and the projection outputs (q/k/v, output, gate, up, down); `save_qkv_proj` its input
   and q/k/v. Head and MLP widths are divided by the tensor axis; the D-wide residual
@@ -51,6 +51,7 @@ import jax
 from phi4_jax.errors import Phi4Error
 
 from phi4_jax.model import attention as attention_lib
+from phi4_jax.model.attention import cudnn
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for, param_count
 from phi4_jax.parallel.sharding import MESH_AXES
 
@@ -217,7 +218,8 @@ def _layer_bytes_per_token(cfg: ModelConfig, seq_len: int, tensor: int, impl: st
         attention = _FLOAT32 * heads * (cfg.head_dim + 1)
     else:  # fused kernels: output and softmax statistics, K/V repeated where needed
         attention = heads * (c * cfg.head_dim + _FLOAT32 * _statistics_rows(cfg, impl))
-        if impl == "pallas_triton" or (impl == "cudnn" and cfg.max_segments_per_row > 1):
+        if impl == "pallas_triton" or (impl == "cudnn" and cfg.max_segments_per_row > 1
+                                       and cudnn.needs_repeated_kv()):
             attention += 2 * c * heads * cfg.head_dim
     return norm_inputs + c * qkv + attention + mlp
 

@@ -147,5 +147,6 @@ def _refusal(cfg: ModelConfig, finding: str) -> str:
               if needs == backend and impl != cfg.attention_impl] + ["blockwise", "xla"]
     return (f"model.attention_impl={cfg.attention_impl!r} failed the start-up numerics check "
             f"({cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}, "
-            f"{cfg.compute_dtype}, max_segments_per_row={cfg.max_segments_per_row}): {finding}. "
+            f"{cfg.compute_dtype}, max_segments_per_row={cfg.max_segments_per_row}): "
+            f"{finding.rstrip('.')}. "
             f"Use --config.model.attention_impl= one of {', '.join(others)}.")

@@ -12,17 +12,21 @@ read from JAX's source and its `test_sdpa_packed_layout` (jax 0.10-0.11):
     (B*M, N, T) for the backward: M must stay small (`data.max_segments_per_row`, which the
     packer enforces), never T;
   - with M = 1 JAX skips the packed conversion altogether, so packed calls use M >= 2;
-  - JAX scales `kv_offsets` by the *query* head count (fixed upstream after jax 0.11.0 by
-    PR #39521), so grouped KV heads would read the wrong keys: K/V are repeated to the query
-    heads, which is correct with and without the fix.
+  - JAX up to 0.11.0 scales `kv_offsets` by the *query* head count (PR #39521 fixed it;
+    jax 0.11.2 has the fix), so grouped KV heads would read the wrong keys. Whether the
+    installed JAX has the fix is probed once on its own offset conversion
+    (`needs_repeated_kv`); without it K/V are repeated to the query heads.
 Rows known to hold one document (then padding) take the public
 `jax.nn.dot_product_attention` instead: causal with per-row lengths, grouped heads native.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
 
 def segment_offsets(segment_ids_BT: jax.Array, max_segments: int
@@ -44,6 +48,23 @@ def segment_offsets(segment_ids_BT: jax.Array, max_segments: int
     return jnp.concatenate([offsets_BM, unused_end_B1], axis=1), lengths_BM
 
 
+@functools.cache
+def needs_repeated_kv() -> bool:
+    """True when this JAX strides packed K/V offsets by the query heads (before PR #39521):
+    probed on its own conversion of a 2-segment row with 2 query heads and 1 KV head.
+    Any surprise (the private function moved or changed) answers True: repeating is always
+    correct, only slower."""
+    try:
+        with jax.ensure_compile_time_eval():
+            q, k = jnp.zeros((1, 4, 2, 8), jnp.bfloat16), jnp.zeros((1, 4, 1, 8), jnp.bfloat16)
+            offsets, lengths = jnp.array([[0, 2, -1]], jnp.int32), jnp.array([[2, 2]], jnp.int32)
+            kv_offsets = cudnn._fix_seqlen_offsets(  # pylint: disable=protected-access
+                lengths, lengths, offsets, offsets, q, k)[3]
+            return int(kv_offsets.ravel()[1]) != 2 * 1 * 8  # token 2 at 1 head of 8
+    except Exception:  # pylint: disable=broad-except
+        return True
+
+
 def _zero_outside(x_BTNH: jax.Array, keep_BT: jax.Array) -> jax.Array:
     """Zeroes tokens no segment covers; as a select, its gradient drops theirs too."""
     return jnp.where(keep_BT[:, :, None, None], x_BTNH, jnp.zeros((), x_BTNH.dtype))
@@ -52,18 +73,17 @@ def _zero_outside(x_BTNH: jax.Array, keep_BT: jax.Array) -> jax.Array:
 def cudnn_packed_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                            segment_ids_BT: jax.Array, *, max_segments: int) -> jax.Array:
     """Causal attention within each packed segment through cuDNN's packed layout (sm90+)."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
-
     if max_segments < 2:
         raise ValueError(f"max_segments={max_segments}: the packed layout needs at least 2 "
                          f"slots; rows of one document take cudnn_single_document_attention.")
-    groups = q_BTNH.shape[2] // k_BSKH.shape[2]
     covered_BT = (segment_ids_BT > 0) & (segment_ids_BT <= max_segments)
-    k_BSNH, v_BSNH = (jnp.repeat(x, groups, axis=2) for x in (k_BSKH, v_BSKH))
-    q_BTNH, k_BSNH, v_BSNH = (_zero_outside(x, covered_BT) for x in (q_BTNH, k_BSNH, v_BSNH))
+    if needs_repeated_kv():
+        groups = q_BTNH.shape[2] // k_BSKH.shape[2]
+        k_BSKH, v_BSKH = (jnp.repeat(x, groups, axis=2) for x in (k_BSKH, v_BSKH))
+    q_BTNH, k_BSKH, v_BSKH = (_zero_outside(x, covered_BT) for x in (q_BTNH, k_BSKH, v_BSKH))
     offsets, lengths = segment_offsets(segment_ids_BT.astype(jnp.int32), max_segments)
     out_BTNH = cudnn.dot_product_attention(
-        q_BTNH, k_BSNH, v_BSNH, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+        q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
         kv_offsets=offsets, scale=q_BTNH.shape[-1] ** -0.5,
         mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
     return _zero_outside(out_BTNH, covered_BT)
