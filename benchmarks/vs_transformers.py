@@ -242,22 +242,21 @@ def table(results: list[Result], device_kind: str) -> tuple[str, list[str]]:
     peak = flops.peak_flops(device_kind)
     lines = ["| shape | contender | median step s | tokens/s | MFU | vs torch.compile | "
              "peak GiB | notes |", "|---|---|---:|---:|---:|---:|---:|---|"]
-    tokens_s: dict[tuple[str, str], float] = {}
+    tokens_s = {(r.shape, r.contender): _shape(r.shape)[1] * _shape(r.shape)[2]
+                / statistics.median(r.step_s) for r in results if r.step_s and not r.error}
     mfus: dict[str, float] = {}
     for r in results:
-        if r.error or not r.step_s:
+        if (r.shape, r.contender) not in tokens_s:
             lines.append(f"| {r.shape} | {r.contender} | - | - | - | - | - | failed: {r.error} |")
             continue
-        _, seq_len, batch = _shape(r.shape)
-        cfg = build_model_config(_pretrain_config(r.shape))
-        median = statistics.median(r.step_s)
-        rate = tokens_s[r.shape, r.contender] = batch * seq_len / median
-        mfu = flops.mfu(rate, cfg, seq_len, peak)
+        seq_len = _shape(r.shape)[1]
+        rate = tokens_s[r.shape, r.contender]
+        mfu = flops.mfu(rate, build_model_config(_pretrain_config(r.shape)), seq_len, peak)
         if r.contender == "phi4_jax" and mfu is not None:
             mfus[r.shape] = mfu
         base = tokens_s.get((r.shape, "torch_compile"))
         lines.append(
-            f"| {r.shape} | {r.contender} | {median:.3f} | {rate:,.0f} | "
+            f"| {r.shape} | {r.contender} | {statistics.median(r.step_s):.3f} | {rate:,.0f} | "
             f"{'n/a' if mfu is None else f'{mfu:.1%}'} | "
             f"{'' if base is None else f'{rate / base:.2f}'} | "
             f"{'n/a' if r.peak_bytes is None else f'{r.peak_bytes / 2**30:.1f}'} | {r.notes} |")
