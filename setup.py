@@ -2,9 +2,15 @@
 
 from setuptools import find_packages, setup
 
+# Python 3.11 (CI) keeps the pins the project was built on; Python >= 3.12 takes the current
+# JAX (0.11.2 on the GPU machines), with which flax needs 0.12.10 (0.12.8 fails to import).
+NEW_PYTHON = "python_version >= '3.12'"
+OLD_PYTHON = "python_version < '3.12'"
 CORE = [
-    "jax>=0.10.2,<0.11",
-    "flax>=0.12.8,<0.13",
+    f"jax>=0.10.2,<0.11; {OLD_PYTHON}",
+    f"jax>=0.11.2,<0.12; {NEW_PYTHON}",
+    f"flax>=0.12.8,<0.13; {OLD_PYTHON}",
+    f"flax>=0.12.10,<0.13; {NEW_PYTHON}",
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
     "grain>=0.2.18,<0.3",
@@ -33,7 +39,10 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Only for interop checks against the reference implementation.
         "hf": ["torch>=2.4", "transformers>=5,<6"],
-        "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
-        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "gpu": [f"jax[cuda12]>=0.10.2,<0.11; {OLD_PYTHON}",
+                f"jax[cuda13]>=0.11.2,<0.12; {NEW_PYTHON}",
+                # The optional `tokamax` attention kernel (model.attention_impl=tokamax).
+                f"tokamax>=0.0.17; {NEW_PYTHON}"],
+        "tpu": [f"jax[tpu]>=0.10.2,<0.11; {OLD_PYTHON}", f"jax[tpu]>=0.11.2,<0.12; {NEW_PYTHON}"],
     },
 )

@@ -107,6 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_holdout = 0.01
     c.data.read_threads = 4
     c.data.prefetch = 4
+    # The most documents one packed row may hold; the packer splits rows that would hold more.
+    # cuDNN's packed attention compiles this many segment slots in (its backward keeps
+    # B * this * N * T float32 softmax statistics per layer), so keep it small (MaxText: 32).
+    # 1 means one document per row (unpacked data, preference pairs): cuDNN then takes its
+    # public single-sequence path.
+    c.data.max_segments_per_row = 32
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50
@@ -179,7 +185,8 @@ def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return model_config_for(
         m.size, rope_theta=float(m.rope_theta), max_positions=int(m.max_positions),
         param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention_impl=m.attention_impl,
-        attention_block_size=int(m.attention_block_size), remat_policy=m.remat_policy)
+        attention_block_size=int(m.attention_block_size), remat_policy=m.remat_policy,
+        max_segments_per_row=int(config.data.max_segments_per_row))
 
 
 def _require(ok: bool, key: str, value, fix: str) -> None:
@@ -191,6 +198,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """Checks the whole config before anything is built; returns the model config."""
     _require(config.model.size in SIZE_NAMES, "model.size", config.model.size,
              f"choose one of {', '.join(SIZE_NAMES)}.")
+    segments = config.data.max_segments_per_row
+    _require(isinstance(segments, int) and not isinstance(segments, bool) and segments >= 1,
+             "data.max_segments_per_row", segments,
+             "give an integer >= 1 (32 is MaxText's bound; 1 = one document per row).")
     model_cfg = build_model_config(config)
     t = config.train
     for key in ("seq_len", "global_batch", "microbatches", "steps", "loss_chunk_tokens"):

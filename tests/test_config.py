@@ -48,6 +48,7 @@ def test_unknown_variant_names_the_choices():
     ("train.warmup_steps", 10_000, "train.warmup_steps"),
     ("train.seq_len", 8192, "model.max_positions"),
     ("model.size", "7b", "model.size"),
+    ("data.max_segments_per_row", 0, "data.max_segments_per_row"),
 ])
 def test_validation_names_key_and_fix(key, value, message):
     c = _load("tiny")

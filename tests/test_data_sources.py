@@ -162,7 +162,8 @@ def test_train_and_eval_partition_a_finite_source(tmp_path):
 
 
 def _cfg(sources_, mix, **overrides):
-    cfg = dict(seed=0, sources=sources_, mix=mix, eval_holdout=0.01, read_threads=1, prefetch=1)
+    cfg = dict(seed=0, sources=sources_, mix=mix, eval_holdout=0.01, read_threads=1, prefetch=1,
+               max_segments_per_row=32)
     return {**cfg, **overrides}
 
 

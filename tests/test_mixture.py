@@ -19,7 +19,8 @@ def _write_jsonl(path, texts):
 
 
 def _data_cfg(sources, mix, **overrides):
-    cfg = dict(seed=0, sources=sources, mix=mix, eval_holdout=0.0, read_threads=1, prefetch=2)
+    cfg = dict(seed=0, sources=sources, mix=mix, eval_holdout=0.0, read_threads=1, prefetch=2,
+               max_segments_per_row=32)
     return {**cfg, **overrides}
 
 

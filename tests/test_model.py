@@ -7,7 +7,6 @@ import pytest
 from flax import nnx
 
 from phi4_jax.model import attention as attention_lib
-from phi4_jax.model.attention import cudnn as cudnn_lib
 from phi4_jax.model.kv_cache import KVCache
 from phi4_jax.model.transformer import init_model
 from phi4_jax.model.config import SIZE_NAMES, ModelConfigError, model_config_for, param_count
@@ -176,13 +175,6 @@ def test_blockwise_equals_plain_attention_values_and_grads():
         q, k, v, seg, seg, block_size=16)), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_plain, g_block):
         np.testing.assert_allclose(a, b, atol=2e-5)
-
-
-def test_segment_offsets_hand_worked():
-    seg = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
-    offsets, lengths = cudnn_lib.segment_offsets(seg)
-    assert offsets.tolist() == [[0, 3, 5, -1, -1, -1, -1], [0, 6, -1, -1, -1, -1, -1]]
-    assert lengths.tolist() == [[3, 2, -1, -1, -1, -1], [6, -1, -1, -1, -1, -1]]
 
 
 @pytest.mark.parametrize("rotary_fraction", [1.0, 0.75])

@@ -13,8 +13,9 @@ def _pairs_of(documents):
     return [{"inputs": np.int32(d[:-1]), "targets": np.int32(d[1:])} for d in documents]
 
 
-def _rows(pairs, seq_len):
-    return list(packing.pack_pairs(grain.MapDataset.source(pairs).to_iter_dataset(), seq_len))
+def _rows(pairs, seq_len, max_segments=32):
+    return list(packing.pack_pairs(grain.MapDataset.source(pairs).to_iter_dataset(), seq_len,
+                                   max_segments))
 
 
 def test_hand_worked_rows_of_8():
@@ -96,7 +97,8 @@ def test_empty_document_has_no_tokens():
 def test_packed_iterator_resumes_exactly():
     rng = np.random.default_rng(0)
     documents = [rng.integers(1, 1000, size=rng.integers(2, 40)).tolist() for _ in range(60)]
-    dataset = packing.pack_pairs(grain.MapDataset.source(_pairs_of(documents)).to_iter_dataset(), 16)
+    dataset = packing.pack_pairs(grain.MapDataset.source(_pairs_of(documents)).to_iter_dataset(), 16,
+                                 max_segments=2)  # splits rows too: the flat map's state resumes
     iterator = iter(dataset)
     for _ in range(7):
         next(iterator)
@@ -111,4 +113,41 @@ def test_packed_iterator_resumes_exactly():
 
 def test_seq_len_must_be_positive():
     with pytest.raises(ValueError, match="seq_len"):
-        packing.pack_pairs(grain.MapDataset.source(_pairs_of([[1, 2]])).to_iter_dataset(), 0)
+        packing.pack_pairs(grain.MapDataset.source(_pairs_of([[1, 2]])).to_iter_dataset(), 0, 32)
+    with pytest.raises(ValueError, match="data.max_segments_per_row"):
+        packing.pack_pairs(grain.MapDataset.source(_pairs_of([[1, 2]])).to_iter_dataset(), 8, 0)
+
+
+def test_rows_of_more_segments_than_the_bound_are_split_whole_segments_in_order():
+    # Pairs of 2, 1, 1, 2 and 2 tokens fill one row of 8 with five segments; at most two per
+    # row, they become three padded rows.
+    documents = [[1, 2, 3], [4, 5], [6, 7], [8, 9, 10], [11, 12, 13]]
+    rows = _rows(_pairs_of(documents), seq_len=8, max_segments=2)
+    expected = [
+        dict(inputs=[1, 2, 4, 0, 0, 0, 0, 0], segment_ids=[1, 1, 2, 0, 0, 0, 0, 0],
+             positions=[0, 1, 0, 0, 0, 0, 0, 0], loss_mask=[1, 1, 1, 0, 0, 0, 0, 0]),
+        dict(inputs=[6, 8, 9, 0, 0, 0, 0, 0], targets=[7, 9, 10, 0, 0, 0, 0, 0],
+             segment_ids=[1, 2, 2, 0, 0, 0, 0, 0], positions=[0, 0, 1, 0, 0, 0, 0, 0]),
+        dict(inputs=[11, 12, 0, 0, 0, 0, 0, 0], segment_ids=[1, 1, 0, 0, 0, 0, 0, 0],
+             positions=[0, 1, 0, 0, 0, 0, 0, 0]),
+    ]
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected):
+        for key, values in want.items():
+            np.testing.assert_array_equal(row[key], values, err_msg=key)
+
+
+@pytest.mark.parametrize("max_segments", [1, 3])
+def test_bound_holds_and_no_token_is_lost_or_repeated(max_segments):
+    rng = np.random.default_rng(1)
+    documents = [rng.integers(1, 1000, size=rng.integers(2, 9)).tolist() for _ in range(80)]
+    rows = _rows(_pairs_of(documents), seq_len=32, max_segments=max_segments)
+    assert max(int(r["segment_ids"].max()) for r in rows) <= max_segments
+    assert max(int(r["segment_ids"].max()) for r in _rows(_pairs_of(documents), 32)) > 3
+    targets = np.concatenate([r["targets"][r["loss_mask"] > 0] for r in rows])
+    np.testing.assert_array_equal(targets, np.concatenate([d[1:] for d in documents]))
+    for row in rows:
+        seg = row["segment_ids"]
+        np.testing.assert_array_equal(row["loss_mask"] > 0, seg > 0)
+        starts = np.nonzero((seg > 0) & (np.diff(seg, prepend=0) != 0))[0]
+        assert (row["positions"][starts] == 0).all()

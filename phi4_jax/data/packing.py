@@ -8,10 +8,17 @@ next row and no token is dropped or repeated. Each piece of a document in a row 
 (`segment_ids` 1, 2, ... in the row, 0 on padding) with `positions` counting from 0 within
 it, so attention masked by segment never crosses documents. A piece continued from the
 previous row starts again at position 0. Rows are full except the last row of a finite stream.
-Its iterator state is grain's: it resumes exactly.
+
+No row holds more than `max_segments` documents (`data.max_segments_per_row`): cuDNN's
+packed attention compiles that many segment slots in. A packed row of more is split, whole
+segments in order, into rows of at most `max_segments`, each padded; so a run of very short
+documents costs padding, never a token or the bound. Its iterator state is grain's: it
+resumes exactly.
 """
 
 from __future__ import annotations
+
+import math
 
 import grain
 import numpy as np
@@ -32,14 +39,47 @@ def has_tokens(pair: dict[str, np.ndarray]) -> bool:
     return len(pair["inputs"]) > 0
 
 
-def pack_pairs(pairs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
-    """Rows of `seq_len` tokens (the `ROW_KEYS` arrays) packed from a stream of non-empty pairs."""
+def pack_pairs(pairs: grain.IterDataset, seq_len: int, max_segments: int) -> grain.IterDataset:
+    """Rows of `seq_len` tokens (the `ROW_KEYS` arrays) packed from a stream of non-empty pairs,
+    each holding at most `max_segments` documents."""
     if seq_len < 1:
         raise ValueError(f"seq_len is {seq_len}; rows need at least one token")
+    if max_segments < 1:
+        raise ValueError(f"data.max_segments_per_row is {max_segments}; give an integer >= 1")
     packed = grain.experimental.ConcatThenSplitIterDataset(
         pairs, length_struct={"inputs": seq_len, "targets": seq_len}
     )
-    return packed.map(training_row)
+    return grain.experimental.FlatMapIterDataset(packed.map(training_row),
+                                                 _SegmentCap(seq_len, max_segments))
+
+
+class _SegmentCap(grain.experimental.FlatMapTransform):
+    """Splits a row of more than `max_segments` segments (see `split_by_segments`)."""
+
+    def __init__(self, seq_len: int, max_segments: int):
+        self.max_segments = max_segments
+        self.max_fan_out = math.ceil(seq_len / max_segments)
+
+    def flat_map(self, row: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        return split_by_segments(row, self.max_segments)
+
+
+def split_by_segments(row: dict[str, np.ndarray], max_segments: int) -> list[dict[str, np.ndarray]]:
+    """The row itself if it holds at most `max_segments` segments, else rows of its segments
+    `max_segments` at a time, in order, renumbered from 1 and zero-padded to the same length."""
+    segment_ids = row["segment_ids"]
+    count = int(segment_ids.max())
+    if count <= max_segments:
+        return [row]
+    rows = []
+    for first in range(1, count + 1, max_segments):
+        taken = np.nonzero((segment_ids >= first) & (segment_ids < first + max_segments))[0]
+        piece = {key: np.zeros_like(values) for key, values in row.items()}
+        for key, values in row.items():
+            piece[key][:len(taken)] = values[taken]
+        piece["segment_ids"][:len(taken)] -= first - 1
+        rows.append(piece)
+    return rows
 
 
 def training_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

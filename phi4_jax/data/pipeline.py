@@ -23,7 +23,8 @@ import numpy as np
 from phi4_jax.data import mixture, packing, sources
 from phi4_jax.data.tokenizer import load_tokenizer
 
-DATA_KEYS = ("seed", "sources", "mix", "eval_holdout", "read_threads", "prefetch")
+DATA_KEYS = ("seed", "sources", "mix", "eval_holdout", "read_threads", "prefetch",
+             "max_segments_per_row")
 DOCUMENTS_BUFFERED_PER_THREAD = 4
 
 # (source name, its endless records for this process, the checked data config) -> rows.
@@ -123,6 +124,10 @@ def _checked_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("read_threads", "prefetch"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 0:
             raise ValueError(f"data.{key} is {cfg[key]!r}; give an integer >= 0 (0 = none)")
+    segments = cfg["max_segments_per_row"]
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+        raise ValueError(f"data.max_segments_per_row is {segments!r}; give an integer >= 1 "
+                         f"(1 = one document per row)")
     if not isinstance(cfg["sources"], Mapping) or not cfg["sources"]:
         raise ValueError(f"data.sources is {cfg['sources']!r}; give a mapping from source name to spec")
     if not isinstance(cfg["mix"], Mapping):
@@ -181,7 +186,8 @@ def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, An
         num_threads=cfg["read_threads"],
         prefetch_buffer_size=DOCUMENTS_BUFFERED_PER_THREAD * cfg["read_threads"],
     )
-    return packing.pack_pairs(pairs.filter(packing.has_tokens).to_iter_dataset(read_options), seq_len)
+    return packing.pack_pairs(pairs.filter(packing.has_tokens).to_iter_dataset(read_options), seq_len,
+                              cfg["max_segments_per_row"])
 
 
 def _source_seed(seed: int, name: str) -> int:

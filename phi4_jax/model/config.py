@@ -12,8 +12,10 @@ from typing import Literal
 
 from phi4_jax.errors import Phi4Error
 
-AttentionImpl = Literal["auto", "xla", "cudnn", "splash", "blockwise"]
-RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj"]
+AttentionImpl = Literal["auto", "xla", "blockwise", "cudnn", "pallas_triton", "tokamax", "splash"]
+# `auto` is resolved at start-up (train.state.build_run) to the cheapest policy whose memory
+# estimate fits; the model itself runs only the concrete ones.
+RematPolicy = Literal["auto", "none", "save_dots", "save_qkv_proj", "full"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,9 @@ class ModelConfig:
     compute_dtype: str = "float32"
     attention_impl: AttentionImpl = "auto"
     attention_block_size: int = 512
+    # The most documents (segments) one row holds; the packer enforces it (the run config's
+    # data.max_segments_per_row) and cuDNN's packed attention compiles it in.
+    max_segments_per_row: int = 32
     remat_policy: RematPolicy = "none"
     init_std: float = 0.02
 
@@ -65,7 +70,7 @@ class ModelConfigError(Phi4Error, ValueError):
 def validate_model_config(cfg: ModelConfig) -> None:
     """Refuses impossible geometries with a message naming the field and the fix."""
     positive = ("num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_dim", "vocab_size",
-                "max_positions", "attention_block_size")
+                "max_positions", "attention_block_size", "max_segments_per_row")
     for field in positive:
         value = getattr(cfg, field)
         if not isinstance(value, int) or value <= 0:

@@ -90,7 +90,7 @@ class Attention(nnx.Module):
         out_BTNH = attention_lib.attention(
             q_BTNH, k_all.astype(dt), v_all.astype(dt), q_segment_ids=segment_ids_BT,
             kv_segment_ids=kv_segments, q_offset=offset, impl=cfg.attention_impl,
-            block_size=cfg.attention_block_size)
+            block_size=cfg.attention_block_size, max_segments_per_row=cfg.max_segments_per_row)
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD[...].astype(dt))
         return out_BTD, new_cache_kv
 

@@ -11,21 +11,32 @@ for them). The assumptions, per device:
   accumulation buffer;
 - optimizer: AdamW's two float32 moments, same sharding;
 - activations, for `per_device_batch` rows of `seq_len` tokens: what each layer keeps for
-  the backward under its remat policy, plus the layer whose backward is in flight (its
-  residuals once more without remat, 1.5x with remat: recomputed forward plus gradients).
+  the backward under its remat policy;
+- backward: the larger of two working sets that are never live together: the layer whose
+  backward is in flight (its residuals once more without remat, 1.5x with remat: recomputed
+  forward plus gradients), and the loss's (below).
   Without remat a layer keeps (the residuals JAX saves for model.py) its input, both norm
   inputs in float32, RoPE'd q and k, v, the MLP gate, up and silu's three intermediates,
   and for attention: `xla` a bool mask, float32 masked logits and exp, and compute-dtype
   probabilities, each [N, T, S]; `blockwise` a float32 output and log-sum-exp, plus
-  float32 [N, block, block] tiles while it runs; fused kernels (cudnn, splash) the output
-  and softmax statistics. When param_dtype differs from compute_dtype it also keeps every
+  float32 [N, block, block] tiles while it runs; fused kernels the output and softmax
+  statistics (cuDNN's packed layout one row per segment slot: M = max_segments_per_row),
+  plus K/V repeated to the query heads where the path needs it (pallas_triton; cudnn
+  packed on JAX without PR #39521). When param_dtype differs from compute_dtype it also keeps every
   layer's cast weights. `full` remat keeps only each layer's input; `save_dots` its input
   and the projection outputs (q/k/v, output, gate, up, down); `save_qkv_proj` its input
   and q/k/v. Head and MLP widths are divided by the tensor axis; the D-wide residual
   stream is not. On the CPU test configs this lands within about a third of XLA's own
   memory analysis (tests/test_memory.py);
-- logits: float32 [T, V] per row, vocab sharded over tensor, three copies (logits,
-  log-softmax, gradient).
+  The loss forms the logits in chunks of `loss_chunk_tokens` positions
+  (`losses.lm.chunked_token_log_probs`): float32 [chunk, V] per row, vocab sharded over
+  tensor, twice while a chunk's backward runs (the logits and their gradient, into which
+  XLA fuses the softmax; XLA's CPU analysis agrees within a few percent).
+
+`model.remat_policy="auto"` is resolved here (`resolve_remat`): the cheapest policy in
+`REMAT_BY_COST` whose estimate fits. Cheapest means least recomputation: `none`, then
+`save_dots` (recomputes elementwise work and attention), `save_qkv_proj` (also the output
+projection and MLP), `full` (the whole layer forward).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import jax
 from phi4_jax.errors import Phi4Error
 
 from phi4_jax.model import attention as attention_lib
+from phi4_jax.model.attention import cudnn
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for, param_count
 from phi4_jax.parallel.sharding import MESH_AXES
 
@@ -47,12 +59,14 @@ GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FLOAT32 = 4
 _ADAM_MOMENTS = 2
-_LOGITS_COPIES = 3
+_LOGITS_COPIES = 2
+REMAT_BY_COST = ("none", "save_dots", "save_qkv_proj", "full")
 _BLOCKWISE_TILES = 4  # logits, probabilities and their two gradients per (query, key) block
 _MAX_FSDP_GROWTH = 1024
 # A remat layer's backward holds its recomputed forward and the gradients flowing through
 # it: about 1.5 layers' residuals in XLA's memory analysis of the CPU tests' configs.
 _REMAT_IN_FLIGHT = 1.5
+HEADROOM = 0.9  # the share of a device's memory an estimate may fill (XLA's own temporaries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +80,7 @@ class TrainMemoryInputs:
     data: int
     fsdp: int
     tensor: int
+    loss_chunk_tokens: int = 1024
 
     def describe(self) -> str:
         impl = _resolved_attention(self.cfg, self.seq_len)
@@ -82,18 +97,18 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
-    logits: int
+    backward: int
     inputs: TrainMemoryInputs
     total: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        parts = (self.params, self.grads, self.optimizer, self.activations, self.logits)
+        parts = (self.params, self.grads, self.optimizer, self.activations, self.backward)
         object.__setattr__(self, "total", sum(parts))
 
     def describe(self) -> str:
         """A small table in GiB per device, headed by what it was estimated for."""
         rows = [("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer),
-                ("activations", self.activations), ("logits", self.logits),
+                ("activations", self.activations), ("backward", self.backward),
                 ("total", self.total)]
         lines = [f"estimate for {self.inputs.describe()}:",
                  f"  {'component':<12}{'GiB/device':>12}"]
@@ -112,16 +127,32 @@ def _check_positive(**values: int) -> None:
 
 
 def estimate_train_memory(cfg: ModelConfig, *, seq_len: int, per_device_batch: int,
-                          mesh_shape: Mapping[str, int], microbatches: int = 1) -> MemoryEstimate:
+                          mesh_shape: Mapping[str, int], microbatches: int = 1,
+                          loss_chunk_tokens: int = 1024) -> MemoryEstimate:
     """Bytes per device for one training step; `per_device_batch` rows are live at once."""
-    _check_positive(seq_len=seq_len, per_device_batch=per_device_batch, microbatches=microbatches)
+    _check_positive(seq_len=seq_len, per_device_batch=per_device_batch, microbatches=microbatches,
+                    loss_chunk_tokens=loss_chunk_tokens)
+    if cfg.remat_policy == "auto":
+        raise ValueError("remat_policy='auto' has no single estimate; resolve it first with "
+                         "phi4_jax.train.memory.resolve_remat.")
     sizes = {axis: mesh_shape.get(axis) for axis in MESH_AXES}
     if set(mesh_shape) != set(MESH_AXES) or not all(
             isinstance(s, int) and s > 0 for s in sizes.values()):
         raise ValueError(
             f"mesh_shape={dict(mesh_shape)} must give a positive size for each of {MESH_AXES}; "
             f"fill a -1 first with phi4_jax.sharding.resolve_mesh_shape.")
-    return _estimate(TrainMemoryInputs(cfg, seq_len, per_device_batch, microbatches, **sizes))
+    return _estimate(TrainMemoryInputs(cfg, seq_len, per_device_batch, microbatches, **sizes,
+                                       loss_chunk_tokens=loss_chunk_tokens))
+
+
+def resolve_remat(inputs: TrainMemoryInputs, budget_bytes: float) -> str:
+    """The cheapest policy in `REMAT_BY_COST` whose estimate fits the budget; `full` (the
+    most frugal) when none does, so the fit check then explains what else to change."""
+    for policy in REMAT_BY_COST:
+        if _total(dataclasses.replace(inputs, cfg=inputs.cfg.replace(remat_policy=policy))
+                  ) <= budget_bytes:
+            return policy
+    return "full"
 
 
 def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
@@ -129,23 +160,29 @@ def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
     state_shards = inputs.fsdp * inputs.tensor
     params = param_count(cfg)
     grad_copies = 2 if inputs.microbatches > 1 else 1
-    logits = (inputs.per_device_batch * inputs.seq_len * math.ceil(cfg.vocab_size / inputs.tensor)
-              * _FLOAT32 * _LOGITS_COPIES)
+    saved, in_flight = _activation_bytes(inputs)
     return MemoryEstimate(
         params=math.ceil(params * _DTYPE_BYTES[cfg.param_dtype] / state_shards),
         grads=grad_copies * math.ceil(params * _FLOAT32 / state_shards),
         optimizer=math.ceil(_ADAM_MOMENTS * params * _FLOAT32 / state_shards),
-        activations=math.ceil(_activation_bytes(inputs)),
-        logits=logits,
+        activations=math.ceil(saved),
+        backward=math.ceil(max(in_flight, loss_chunk_bytes(inputs))),
         inputs=inputs)
+
+
+def loss_chunk_bytes(inputs: TrainMemoryInputs) -> int:
+    """The loss's backward working set: one chunk's float32 logits, twice."""
+    chunk = min(inputs.loss_chunk_tokens, inputs.seq_len)
+    return (inputs.per_device_batch * chunk * math.ceil(inputs.cfg.vocab_size / inputs.tensor)
+            * _FLOAT32 * _LOGITS_COPIES)
 
 
 def _resolved_attention(cfg: ModelConfig, seq_len: int) -> str:
     return attention_lib.resolve_impl(cfg.attention_impl, seq_len, cfg.attention_block_size)
 
 
-def _activation_bytes(inputs: TrainMemoryInputs) -> float:
-    """Saved activations of every layer plus one layer's backward working set."""
+def _activation_bytes(inputs: TrainMemoryInputs) -> tuple[float, float]:
+    """Saved activations of every layer, and one layer's backward working set."""
     cfg, t = inputs.cfg, inputs.tensor
     c = _DTYPE_BYTES[cfg.compute_dtype]
     impl = _resolved_attention(cfg, inputs.seq_len)
@@ -156,15 +193,15 @@ def _activation_bytes(inputs: TrainMemoryInputs) -> float:
     saved += c * cfg.d_model  # the layer input: the scan carry
     in_flight = layer * (1.0 if cfg.remat_policy == "none" else _REMAT_IN_FLIGHT)
     tokens = inputs.per_device_batch * inputs.seq_len
-    total = tokens * (cfg.num_layers * saved + in_flight)
+    saved, in_flight = tokens * cfg.num_layers * saved, tokens * in_flight
     if impl == "blockwise":
         block = min(cfg.attention_block_size, inputs.seq_len)
-        total += (inputs.per_device_batch * cfg.num_heads / t * block**2 * _FLOAT32
-                  * _BLOCKWISE_TILES)
+        in_flight += (inputs.per_device_batch * cfg.num_heads / t * block**2 * _FLOAT32
+                      * _BLOCKWISE_TILES)
     if cfg.remat_policy == "none" and cfg.param_dtype != cfg.compute_dtype:
         weights = param_count(cfg, include_embeddings=False) - cfg.d_model  # all but the final norm
-        total += weights * c / (inputs.fsdp * t)  # each layer's cast weights
-    return total
+        saved += weights * c / (inputs.fsdp * t)  # each layer's cast weights
+    return saved, in_flight
 
 
 def _layer_bytes_per_token(cfg: ModelConfig, seq_len: int, tensor: int, impl: str) -> float:
@@ -179,9 +216,18 @@ def _layer_bytes_per_token(cfg: ModelConfig, seq_len: int, tensor: int, impl: st
         attention = heads * seq_len * (1 + 2 * _FLOAT32 + c)
     elif impl == "blockwise":  # float32 output and log-sum-exp
         attention = _FLOAT32 * heads * (cfg.head_dim + 1)
-    else:  # fused kernels: output and softmax statistics
-        attention = heads * (c * cfg.head_dim + _FLOAT32)
+    else:  # fused kernels: output and softmax statistics, K/V repeated where needed
+        attention = heads * (c * cfg.head_dim + _FLOAT32 * _statistics_rows(cfg, impl))
+        if impl == "pallas_triton" or (impl == "cudnn" and cfg.max_segments_per_row > 1
+                                       and cudnn.needs_repeated_kv()):
+            attention += 2 * c * heads * cfg.head_dim
     return norm_inputs + c * qkv + attention + mlp
+
+
+def _statistics_rows(cfg: ModelConfig, impl: str) -> int:
+    """Float32 softmax statistics a fused kernel keeps per token and head: cuDNN's packed
+    layout allocates one row per segment slot, (B*M, N, T)."""
+    return cfg.max_segments_per_row if impl == "cudnn" else 1
 
 
 def device_memory_bytes(device: jax.Device) -> int | None:
@@ -202,7 +248,7 @@ def _host_memory_bytes() -> int | None:
         return None
 
 
-def check_fits(estimate: MemoryEstimate, capacity_bytes: int, *, headroom: float = 0.9,
+def check_fits(estimate: MemoryEstimate, capacity_bytes: int, *, headroom: float = HEADROOM,
                context: str = "") -> None:
     """Raises MemoryBudgetError, with re-estimated fixes, if the estimate exceeds the budget."""
     _check_positive(capacity_bytes=capacity_bytes)
@@ -323,7 +369,8 @@ def _smaller_size(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
     cfg = inputs.cfg
     numerics = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
                     attention_impl=cfg.attention_impl,
-                    attention_block_size=cfg.attention_block_size, remat_policy=cfg.remat_policy)
+                    attention_block_size=cfg.attention_block_size, remat_policy=cfg.remat_policy,
+                    max_segments_per_row=cfg.max_segments_per_row)
     smaller = [model_config_for(name, **numerics) for name in SIZE_NAMES]
     smaller = [c for c in smaller if param_count(c) < param_count(cfg)]
     for candidate in sorted(smaller, key=param_count, reverse=True):

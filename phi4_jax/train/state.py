@@ -19,6 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from phi4_jax.config_base import ConfigError, validate_config
+from phi4_jax.model import attention as attention_lib
+from phi4_jax.model.attention.check import check_attention
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.model.transformer import init_model
 from phi4_jax.parallel.sharding import logical_to_spec, make_mesh, state_shardings
@@ -61,33 +63,47 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
-                 sequences_per_row: int = 1) -> None:
-    """Refuses, before compiling, a run whose estimated per-device memory cannot fit.
+                 sequences_per_row: int = 1) -> ModelConfig:
+    """Refuses, before compiling, a run whose estimated per-device memory cannot fit; returns
+    the model config with `remat_policy="auto"` resolved (the cheapest policy that fits;
+    `full` when memory is not checked or the device's size is unknown).
 
     `sequences_per_row` counts the sequences one batch row holds (2 for a preference pair).
     """
     if not config.memory.check:
-        return
+        return model_cfg.replace(remat_policy="full") if model_cfg.remat_policy == "auto" else model_cfg
     t = config.train
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = t.global_batch // t.microbatches // batch_devices * sequences_per_row
-    estimate = memory.estimate_train_memory(
-        model_cfg, seq_len=t.seq_len, per_device_batch=rows, mesh_shape=dict(mesh.shape),
-        microbatches=t.microbatches)
+    shape = dict(seq_len=t.seq_len, per_device_batch=rows, mesh_shape=dict(mesh.shape),
+                 microbatches=t.microbatches, loss_chunk_tokens=t.loss_chunk_tokens)
     capacity = config.memory.device_bytes or memory.device_memory_bytes(jax.local_devices()[0])
+    if model_cfg.remat_policy == "auto":
+        inputs = memory.estimate_train_memory(model_cfg.replace(remat_policy="full"), **shape).inputs
+        model_cfg = model_cfg.replace(remat_policy=memory.resolve_remat(
+            inputs, capacity * memory.HEADROOM) if capacity else "full")
+    estimate = memory.estimate_train_memory(model_cfg, **shape)
     logging.info("Estimated per-device memory:\n%s", estimate.describe())
     if capacity:
         memory.check_fits(estimate, capacity, context=f"{model_cfg.name} on {mesh.devices.size} "
                           f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}")
+    return model_cfg
 
 
 def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None, *,
               sequences_per_row: int = 1) -> Run:
     """Validates what can be checked without allocating, then plans shardings."""
     model_cfg = validate_config(config)
+    model_cfg = model_cfg.replace(attention_impl=attention_lib.resolve_impl(
+        model_cfg.attention_impl, config.train.seq_len, model_cfg.attention_block_size))
     mesh = make_mesh({axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}, devices)
     check_batch_layout(config, mesh)
-    check_memory(config, model_cfg, mesh, sequences_per_row)
+    model_cfg = check_memory(config, model_cfg, mesh, sequences_per_row)
+    logging.info("Attention %s (model.attention_impl=%s), remat %s (model.remat_policy=%s)",
+                 model_cfg.attention_impl, config.model.attention_impl, model_cfg.remat_policy,
+                 config.model.remat_policy)
+    if model_cfg.attention_impl in attention_lib.FUSED_IMPLS:
+        logging.info(check_attention(model_cfg).describe())
     rules = tuple(tuple(rule) for rule in config.mesh.rules)
     abstract_model = nnx.eval_shape(lambda: init_model(model_cfg, config.seed))
     graphdef, abstract_params = nnx.split(abstract_model)

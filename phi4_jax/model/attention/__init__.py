@@ -10,12 +10,17 @@ not 0 (padding). So no token attends across packed documents on any path.
   - `blockwise`: flash-style online softmax over key blocks with a recomputing backward;
     memory O(T * block) for long sequences where no fused kernel exists; key blocks
     wholly in a query block's future are skipped.
-  - `cudnn`: cuDNN flash attention on NVIDIA GPUs, packed documents passed as segment
-    offsets and lengths (the plain `jax.nn.dot_product_attention` has no segment argument).
-  - `splash`: the Pallas splash-attention kernel on TPU, packed documents passed as segment
-    ids and grouped KV heads served natively; under a mesh it runs per device in a
-    `shard_map` on the batch rows and heads the logical rules give each device.
-Softmax and its statistics are always float32.
+  - `cudnn` (NVIDIA): cuDNN flash attention. Packed rows go through cuDNN's packed layout
+    with at most `max_segments_per_row` segment slots per row (the packer's bound); with
+    `max_segments_per_row=1` (rows of one document: unpacked data, preference pairs) the
+    public `jax.nn.dot_product_attention` with per-row lengths.
+  - `pallas_triton` (NVIDIA): JAX's Pallas Triton flash attention with segment ids.
+  - `tokamax` (NVIDIA Hopper+): tokamax's Mosaic GPU kernel with a per-query first key.
+  - `splash` (TPU): the Pallas splash kernel with segment ids; under a mesh it runs per
+    device in a `shard_map` on the batch rows and heads the logical rules give each device.
+Softmax and its statistics are always float32. `auto` is resolved once, at start-up
+(`resolve_impl`): cudnn on NVIDIA GPUs, splash on TPUs, xla or blockwise on CPU. Fused
+kernels are checked against `xla` before training starts (`check.py`).
 """
 
 from __future__ import annotations
@@ -23,30 +28,44 @@ from __future__ import annotations
 import jax
 
 from phi4_jax.model.attention.blockwise import blockwise_attention
-from phi4_jax.model.attention.cudnn import cudnn_attention
 from phi4_jax.model.attention.reference import xla_attention
-from phi4_jax.model.attention.splash import splash_attention
+
+IMPLS = ("xla", "blockwise", "cudnn", "pallas_triton", "tokamax", "splash")
+# Kernels that are not plain JAX: their numerics are checked at start-up, and each needs
+# its accelerator.
+FUSED_IMPLS = {"cudnn": "gpu", "pallas_triton": "gpu", "tokamax": "gpu", "splash": "tpu"}
 
 
-def resolve_impl(impl: str, seq_len: int, block_size: int) -> str:
-    """Picks the implementation for `auto` from the backend and sequence length."""
+def resolve_impl(impl: str, seq_len: int, block_size: int, backend: str | None = None) -> str:
+    """The implementation `auto` stands for on a backend and sequence length.
+
+    On NVIDIA GPUs, cuDNN: its kernel is the fastest measured on an H200 (GPU_NOTES: 1.66 ms
+    forward+backward at T=4096, 40/10 heads) and its packed layout costs M (not T) softmax
+    rows per segment slot. pallas_triton lacks grouped heads and a Hopper-tuned backward;
+    tokamax is an optional install. benchmarks/gpu_check.sh times all three.
+    """
     if impl != "auto":
         return impl
-    if jax.default_backend() == "gpu":
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
         return "cudnn"
-    if jax.default_backend() == "tpu":
+    if backend == "tpu":
         return "splash"
     return "blockwise" if seq_len > 2 * block_size else "xla"
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
               q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0,
-              impl: str = "auto", block_size: int = 512) -> jax.Array:
-    """Masked causal attention; returns [B, T, N, H] in the query dtype."""
+              impl: str = "auto", block_size: int = 512,
+              max_segments_per_row: int = 32) -> jax.Array:
+    """Masked causal attention; returns [B, T, N, H] in the query dtype.
+
+    `max_segments_per_row` bounds the documents any row holds (the packer guarantees it);
+    the cudnn path compiles it in, and 1 selects its single-document path.
+    """
     impl = resolve_impl(impl, q_BTNH.shape[1], block_size)
-    if impl not in ("xla", "blockwise", "cudnn", "splash"):
-        raise ValueError(
-            f"model.attention_impl={impl!r}: choose auto, xla, blockwise, cudnn or splash.")
+    if impl not in IMPLS:
+        raise ValueError(f"model.attention_impl={impl!r}: choose auto or one of {IMPLS}.")
     self_attention = (q_BTNH.shape[1] == k_BSKH.shape[1] and isinstance(q_offset, int)
                       and not q_offset)
     if impl == "xla" or not self_attention:
@@ -55,9 +74,45 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
     if impl == "blockwise":
         return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids,
                                    block_size=block_size)
+    _check_backend(impl)
+    return fused_attention(impl, q_BTNH, k_BSKH, v_BSKH, q_segment_ids,
+                           block_size=block_size, max_segments_per_row=max_segments_per_row)
+
+
+def fused_attention(impl: str, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                    segment_ids_BT: jax.Array, *, block_size: int = 512,
+                    max_segments_per_row: int = 32, interpret: bool = False) -> jax.Array:
+    """Packed causal self-attention (T == S) with one of the `FUSED_IMPLS` kernels.
+
+    Imports each kernel's module only when it is asked for: the GPU and TPU kernels pull in
+    their Pallas backends. `interpret` runs the Pallas kernels on CPU (tests).
+    """
+    # pylint: disable=g-import-not-at-top
     if impl == "cudnn":
-        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids)
-    if jax.default_backend() != "tpu":
-        raise ValueError(f"model.attention_impl='splash' needs a TPU, but the backend is "
-                         f"{jax.default_backend()!r}; use auto, xla or blockwise here.")
-    return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, block_size=block_size)
+        from phi4_jax.model.attention import cudnn
+        if max_segments_per_row == 1:
+            return cudnn.cudnn_single_document_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+        return cudnn.cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT,
+                                            max_segments=max_segments_per_row)
+    if impl == "pallas_triton":
+        from phi4_jax.model.attention.pallas_triton import pallas_triton_attention
+        return pallas_triton_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT,
+                                       interpret=interpret)
+    if impl == "tokamax":
+        from phi4_jax.model.attention.tokamax_gpu import tokamax_attention
+        return tokamax_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    if impl == "splash":
+        from phi4_jax.model.attention.splash import splash_attention
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block_size=block_size,
+                                interpret=interpret)
+    raise ValueError(f"{impl!r} is not a fused attention kernel; choose one of "
+                     f"{tuple(FUSED_IMPLS)}.")
+
+
+def _check_backend(impl: str) -> None:
+    """Refuses a kernel off its accelerator with what to use instead."""
+    needed, backend = FUSED_IMPLS[impl], jax.default_backend()
+    if backend != needed:
+        device = {"gpu": "an NVIDIA GPU", "tpu": "a TPU"}[needed]
+        raise ValueError(f"model.attention_impl={impl!r} needs {device}, but the backend is "
+                         f"{backend!r}; use auto, xla or blockwise here.")
