@@ -113,7 +113,7 @@ class GRPO(Pretrain):
         g, tokenizer = run.config.grpo, load_tokenizer("phi4")
         return decode.SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                      top_k=g.top_k, top_p=g.top_p, pad_id=tokenizer.pad_id,
-                                     stop_ids=(tokenizer.im_end_id, tokenizer.eot_id))
+                                     stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id))
 
     def prepare_batch(self, run: Run, batch, params, step: int):
         """Samples G responses per problem with `params`, rewards them and lays out the rows."""
@@ -150,9 +150,9 @@ class GRPO(Pretrain):
             for j in range(g.group_size):
                 i = row * g.group_size + j
                 emitted = out.tokens[i][out.mask[i] == 1]
-                finished = bool(len(emitted)) and int(emitted[-1]) in (tokenizer.im_end_id,
+                finished = bool(len(emitted)) and int(emitted[-1]) in (tokenizer.end_of_turn_id,
                                                                        tokenizer.eot_id)
-                text = tokenizer.decode([t for t in emitted if t not in (tokenizer.im_end_id,
+                text = tokenizer.decode([t for t in emitted if t not in (tokenizer.end_of_turn_id,
                                                                          tokenizer.eot_id)])
                 score = reasoning.reward(ex, text, finished=finished, fmt=fmt, rules=rules)
                 for key in table:
