@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
+from phi4_jax.data.sources import SPEC_DEFAULTS
 from phi4_jax.errors import Phi4Error
 
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
@@ -42,14 +43,10 @@ class ConfigError(Phi4Error, ValueError):
     """A run configuration that cannot work; the message names the key and the fix."""
 
 
-def _source(kind: str, paths: str = "", unique_tokens: int = 0) -> dict:
-    return {"kind": kind, "paths": paths, "text_key": "text", "tfds_name": "", "split": "train",
-            "data_dir": "", "unique_tokens": unique_tokens}
-
-
 def source_spec(kind: str, **fields) -> ml_collections.ConfigDict:
-    """A data-source spec with every field declared (see phi4_jax.data.sources)."""
-    return ml_collections.ConfigDict({**_source(kind), **fields})
+    """A data-source spec with every field declared, the defaults `sources.SPEC_DEFAULTS` gives
+    (see phi4_jax.data.sources; the bad-record policy keys: phi4_jax.data.bad_records)."""
+    return ml_collections.ConfigDict({**SPEC_DEFAULTS, "kind": kind, **fields})
 
 
 def base_config() -> ml_collections.ConfigDict:
