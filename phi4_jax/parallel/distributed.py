@@ -19,6 +19,8 @@ from typing import Any, Literal
 import jax
 from absl import logging
 
+from phi4_jax.errors import Phi4Error
+
 Source = Literal["single", "slurm", "k8s", "tpu", "explicit"]
 
 COORDINATOR_VAR = "PHI4_COORDINATOR_ADDRESS"
@@ -42,7 +44,7 @@ _K8S_FIX = (f"the Indexed Job must set {COORDINATOR_VAR}=<job>-0.<service>:<port
 _SLURM_FIX = "start every task with srun (see launch/slurm.sbatch)"
 
 
-class ClusterEnvError(ValueError):
+class ClusterEnvError(Phi4Error, ValueError):
     """The environment describes an incomplete or impossible cluster; the message says the fix."""
 
 
