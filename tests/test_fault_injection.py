@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import grain
 import pytest
@@ -39,7 +40,7 @@ OVERRIDES = {"train.steps": STEPS, "train.seq_len": 32, "train.global_batch": 8,
 BAD_LINE = 20  # of 40 lines: fewer than the pre-flight reads, so it is found at start-up
 
 
-def run_config(web_path: str, **overrides) -> "ml_collections.ConfigDict":  # noqa: F821
+def run_config(web_path: str, **overrides) -> ml_collections.ConfigDict:
     """The tiny config of every run here: half synthetic, half a JSONL file with one bad line."""
     config = config_base.load_config("configs/pretrain.py", "tiny")
     for dotted, value in {**OVERRIDES, **overrides}.items():

@@ -2,8 +2,8 @@
 
 `detect_cluster` reads the launcher's environment into a `ClusterSpec` (which process this
 is, how many there are, who coordinates); `initialize_distributed` hands it to
-`jax.distributed.initialize`. Precedence: explicit `PHI4_*` variables, a Kubernetes Indexed
-Job (`PHI4_*` from the manifest plus `JOB_COMPLETION_INDEX`), SLURM, TPU, one process.
+`jax.distributed.initialize`. Precedence: explicit `PHI4_*` variables, a Kubernetes JobSet's
+Indexed Job (`PHI4_*` from the manifest plus `JOB_COMPLETION_INDEX`), SLURM, TPU, one process.
 SLURM and TPU are left to JAX's own detection; the spec mirrors what JAX will pick, so it
 can be logged (and checked) before start-up.
 """
@@ -38,9 +38,9 @@ _TPU_PORT = 8482
 
 _EXPLICIT_FIX = (f"set {COORDINATOR_VAR}=host:port, {NUM_PROCESSES_VAR} and {PROCESS_ID_VAR} "
                  "together on every process (see launch/README.md)")
-_K8S_FIX = (f"the Indexed Job must set {COORDINATOR_VAR}=<job>-0.<service>:<port> and "
+_K8S_FIX = (f"the JobSet's Indexed Job must set {COORDINATOR_VAR}=<jobset>-workers-0-0.<jobset>:<port> and "
             f"{NUM_PROCESSES_VAR}=<completions>, 1 for independent single-process pods "
-            "(see launch/k8s_indexed_job.yaml)")
+            "(see launch/k8s_jobset.yaml)")
 _SLURM_FIX = "start every task with srun (see launch/slurm.sbatch)"
 
 
