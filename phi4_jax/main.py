@@ -63,7 +63,8 @@ def _run() -> int:
         print(mixture.mixture_report(config.data, total_tokens=t.steps * t.global_batch * t.seq_len))
         return 0
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required to train (checkpoints and logs go there).")
+        raise workdir.WorkdirError("--workdir is required to train: give a folder for checkpoints "
+                                   "and logs (a new one, or an earlier run's to resume it).")
     workdir.prepare(_WORKDIR.value)  # before anything is built
     from phi4_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
