@@ -7,6 +7,7 @@ the key, the bad value and the fix.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ import ml_collections
 from phi4_jax.data import reasoning
 from phi4_jax.data.chat import TRUNCATION
 from phi4_jax.data.preference import PAIR_FORMATS
+from phi4_jax.data.sources import SPEC_DEFAULTS
 from phi4_jax.errors import Phi4Error
 from phi4_jax.losses.policy_gradient import NORMALIZATIONS
 from phi4_jax.losses.preference import VARIANTS
@@ -47,14 +49,10 @@ class ConfigError(Phi4Error, ValueError):
     """A run configuration that cannot work; the message names the key and the fix."""
 
 
-def _source(kind: str, paths: str = "", unique_tokens: int = 0) -> dict:
-    return {"kind": kind, "paths": paths, "text_key": "text", "tfds_name": "", "split": "train",
-            "data_dir": "", "unique_tokens": unique_tokens}
-
-
 def source_spec(kind: str, **fields) -> ml_collections.ConfigDict:
-    """A data-source spec with every field declared (see phi4_jax.data.sources)."""
-    return ml_collections.ConfigDict({**_source(kind), **fields})
+    """A data-source spec with every field declared, the defaults `sources.SPEC_DEFAULTS` gives
+    (see phi4_jax.data.sources; the bad-record policy keys: phi4_jax.data.bad_records)."""
+    return ml_collections.ConfigDict({**SPEC_DEFAULTS, "kind": kind, **fields})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -295,3 +293,55 @@ def _validate_post_training(config: ml_collections.ConfigDict) -> None:
     _require(d.judge_margin_scale > 0 and 0 <= d.judge_min_weight <= 1,
              "dpo.judge_margin_scale/judge_min_weight", (d.judge_margin_scale, d.judge_min_weight),
              "the scale must be positive and the minimum weight in [0, 1].")
+
+
+# Names other trainers use, suggested when an override names one of them.
+_COMMON_NAMES = {"learning_rate": "train.lr", "lr_warmup_steps": "train.warmup_steps",
+                 "batch_size": "train.global_batch", "max_steps": "train.steps",
+                 "num_steps": "train.steps", "seq_length": "train.seq_len",
+                 "max_seq_len": "train.seq_len", "gradient_accumulation_steps": "train.microbatches"}
+
+
+def declared_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key the config declares (`train.lr`, `data.sources.code.kind`, ...)."""
+    keys = []
+    for name, value in config.items():
+        keys.append(f"{prefix}{name}")
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            keys += declared_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def check_override(config: ml_collections.ConfigDict, dotted: str, value: str = "...") -> None:
+    """ConfigError for an override (`--config.<dotted>=<value>`) of a key the config does not
+    declare, with the closest declared keys; a new data.mix entry is shown in the dict form."""
+    node, parents = config, []
+    for part in dotted.split("."):
+        if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+            node, parents = node[part], [*parents, part]
+            continue
+        section = ".".join(parents)
+        if section == "data.mix":
+            mix = {**config.data.mix, part: value}
+            mix_text = "{" + ", ".join(f"'{k}': {v}" for k, v in mix.items()) + "}"
+            raise ConfigError(
+                f"--config.{dotted}: data.mix has no entry {part!r} to override; a new source "
+                f"joins the mix as a whole dict: --config.data.mix=\"{mix_text}\" (and declare "
+                f"data.sources.{part}).")
+        raise ConfigError(f"--config.{dotted}: no such key; {_suggest(config, dotted, section)}")
+
+
+def _suggest(config: ml_collections.ConfigDict, dotted: str, section: str) -> str:
+    """'did you mean ...?' from the declared keys, else the keys of the deepest section that exists."""
+    leaf = dotted.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(dotted, declared_keys(config), n=3, cutoff=0.75)
+    if leaf in _COMMON_NAMES:
+        close = [_COMMON_NAMES[leaf], *close]
+    if close:
+        return f"did you mean {' or '.join(f'--config.{key}' for key in dict.fromkeys(close))}?"
+    node = config
+    for part in section.split(".") if section else []:
+        node = node[part]
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        return f"{section} is a value, not a section."
+    return f"{section or 'the config'} declares {', '.join(sorted(node))}."
