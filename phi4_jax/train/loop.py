@@ -180,6 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
     bad_records.reset()
     run = build_run(config, sequences_per_row=stage.sequences_per_row(config))
     stage.check_config(config)
+    load_initial = _initial_params_loader(run, stage.name)  # init_from checked before any write
     checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                 every_steps=config.checkpoint.every_steps,
                                 async_save=config.checkpoint.async_save)
@@ -189,7 +190,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
             return []
         if description := stage.describe(config):
             logging.info("%s", description)
-        load_initial = _initial_params_loader(run, stage.name)
         shard = DataShard(config.train.global_batch // jax.process_count(), jax.process_index(),
                           jax.process_count())
         frozen = stage.frozen(run, load_initial, workdir)
