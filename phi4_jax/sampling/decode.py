@@ -11,6 +11,11 @@ Sampling: temperature (0 = greedy argmax), then top-k, then top-p (nucleus) on t
 temperature-scaled distribution. Returned log-probabilities are of the model's own
 distribution (temperature 1, no truncation), as policy-gradient and search code need.
 A row stops after emitting a stop id; later slots hold `pad_id` with mask 0.
+
+Many rows that share a prompt (rollouts of one question in Pivotal Token Search) prefill it
+once: `prefill` computes its cache for one row, and `generate_from_shared` broadcasts that
+cache to every row, writes each row's own (left-padded) suffix after it and decodes as
+`generate` does, with an optional per-row budget of new tokens.
 """
 
 from __future__ import annotations
@@ -113,6 +118,49 @@ def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
     n = sampling.max_new_tokens
     cache = KVCache.zeros(cfg, b, p + n)
     logits_BPV, cache = model.forward(tokens_BP, prompt["positions"], prompt["segment_ids"], cache)
+    return _decode(model, logits_BPV[:, -1], cache, prompt["positions"][:, -1] + 1, row_keys,
+                   jnp.full((b,), n, jnp.int32), sampling)
+
+
+def prefill(params: Any, prompt: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+            cfg: ModelConfig) -> KVCache:
+    """The cache of one left-padded prompt [1, P] (`left_pad`), exactly P slots long, for
+    `generate_from_shared` to broadcast to many rows."""
+    model = nnx.merge(graphdef, params)
+    cache = KVCache.zeros(cfg, 1, prompt["tokens"].shape[1])
+    return model.forward(prompt["tokens"], prompt["positions"], prompt["segment_ids"], cache)[1]
+
+
+def generate_from_shared(params: Any, shared: KVCache, suffix: dict[str, jax.Array],
+                         row_keys: jax.Array, budgets: jax.Array, *, graphdef: nnx.GraphDef,
+                         cfg: ModelConfig, sampling: SamplingParams) -> Generation:
+    """Continues rows that share a prompt whose cache `prefill` computed once.
+
+    The shared cache [1, P] is broadcast to the B rows, each row's own suffix [B, L]
+    (left-padded, non-empty, `positions` continuing the shared prompt's) is written after
+    it, and each row then emits up to `budgets[b]` (<= `max_new_tokens`) tokens. A row's
+    tokens are those `generate` gives the same row key for the shared prompt followed by
+    the row's suffix.
+    """
+    model = nnx.merge(graphdef, params)
+    b, length = suffix["tokens"].shape
+    p = shared.segment_ids_BS.shape[1]
+    empty = KVCache.zeros(cfg, b, p + length + sampling.max_new_tokens)
+    cache = KVCache(empty.k_LBSKH.at[:, :, :p].set(shared.k_LBSKH),  # [L, 1, P] -> [L, B, P]
+                    empty.v_LBSKH.at[:, :, :p].set(shared.v_LBSKH),
+                    empty.segment_ids_BS.at[:, :p].set(shared.segment_ids_BS),
+                    jnp.asarray(p, jnp.int32))
+    logits_BLV, cache = model.forward(suffix["tokens"], suffix["positions"],
+                                      suffix["segment_ids"], cache)
+    return _decode(model, logits_BLV[:, -1], cache, suffix["positions"][:, -1] + 1, row_keys,
+                   jnp.minimum(budgets, sampling.max_new_tokens).astype(jnp.int32), sampling)
+
+
+def _decode(model, logits_BV: jax.Array, cache: KVCache, position_B: jax.Array,
+            row_keys: jax.Array, budget_B: jax.Array, sampling: SamplingParams) -> Generation:
+    """The token-by-token loop after a prefill: row b emits until a stop id or `budget_B[b]`
+    tokens, and the loop ends when every row has stopped."""
+    b, n = logits_BV.shape[0], sampling.max_new_tokens
     stops = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
 
     def emit(carry):
@@ -125,7 +173,7 @@ def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
         token_B = jnp.where(live_B, token_B, sampling.pad_id)
         out = (out[0].at[:, i].set(token_B), out[1].at[:, i].set(jnp.where(live_B, log_prob_B, 0.)),
                out[2].at[:, i].set(live_B.astype(jnp.int32)))
-        done_B = done_B | jnp.isin(token_B, stops)
+        done_B = done_B | jnp.isin(token_B, stops) | (i + 1 >= budget_B)
         step_logits, cache = model.forward(token_B[:, None], position_B[:, None],
                                            live_B[:, None].astype(jnp.int32), cache)
         return i + 1, step_logits[:, 0], cache, position_B + 1, done_B, out
@@ -135,8 +183,7 @@ def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
 
     out = (jnp.full((b, n), sampling.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
            jnp.zeros((b, n), jnp.int32))
-    start = (jnp.zeros((), jnp.int32), logits_BPV[:, -1], cache, prompt["positions"][:, -1] + 1,
-             jnp.zeros((b,), bool), out)
+    start = (jnp.zeros((), jnp.int32), logits_BV, cache, position_B, budget_B <= 0, out)
     tokens, log_probs, mask = jax.lax.while_loop(running, emit, start)[-1]
     return Generation(tokens, log_probs, mask, mask.sum(axis=-1))
 
@@ -152,3 +199,11 @@ def row_keys(seed: int, row_ids: Sequence[int]) -> jax.Array:
 def compiled_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, sampling: SamplingParams):
     """`generate` jitted for one sampling setup (shapes compile on first use)."""
     return jax.jit(functools.partial(generate, graphdef=graphdef, cfg=cfg, sampling=sampling))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_shared(graphdef: nnx.GraphDef, cfg: ModelConfig, sampling: SamplingParams):
+    """(`prefill`, `generate_from_shared`) jitted for one sampling setup."""
+    return (jax.jit(functools.partial(prefill, graphdef=graphdef, cfg=cfg)),
+            jax.jit(functools.partial(generate_from_shared, graphdef=graphdef, cfg=cfg,
+                                      sampling=sampling)))
