@@ -1,9 +1,11 @@
 """The model-backed rollout sampler on a small random model: every rollout equals the plain
 sampler's continuation of question + prefix under the same key (the shared prefill changes
 nothing), a search is identical in any batch size, sharded over devices or not, and the
-verifier sees whole responses within the token budget, never the question."""
+verifier sees whole responses within the token budget, never the question. And the
+inverse-CDF draw the search samples with draws from the filtered distribution."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -18,7 +20,8 @@ from phi4_jax.search.model_scorer import QuestionRollouts, RolloutModel, rollout
 
 CFG = model_config_for("tiny", vocab_size=97, num_layers=2)
 QUESTION = (5, 6, 7, 8, 9, 10, 11)
-SAMPLING = decode.SamplingParams(max_new_tokens=6, temperature=1.0, stop_ids=(1,), pad_id=0)
+SAMPLING = decode.SamplingParams(max_new_tokens=6, temperature=1.0, stop_ids=(1,), pad_id=0,
+                                 draw="inverse_cdf")
 
 
 def _pts():
@@ -75,3 +78,16 @@ def test_model_rollouts_match_the_plain_sampler_in_any_batch_layout():
             np.testing.assert_allclose(rollout.log_probs, np.asarray(out.log_probs[row])[
                 :len(emitted)], atol=1e-5)
             assert rollout.success == (sum(prefix + rollout.tokens) % 2 == 0)
+
+
+def test_the_inverse_cdf_draw_samples_the_filtered_distribution():
+    logits = np.log(np.asarray([0.05, 0.4, 0.0001, 0.3, 0.2, 0.0499], np.float32))
+    rows = 40_000
+    keys = decode.row_keys(0, range(rows))
+    sampling = decode.SamplingParams(max_new_tokens=1, top_k=4, draw="inverse_cdf")
+    drawn = np.asarray(decode.next_tokens(jnp.broadcast_to(logits, (rows, 6)), keys, sampling))
+    want = np.asarray([0.05, 0.4, 0.0, 0.3, 0.2, 0.0]) / 0.95  # top 4 of 6, renormalized
+    counts = np.bincount(drawn, minlength=6)
+    assert counts[2] == counts[5] == 0
+    sigma = np.sqrt(rows * want * (1 - want))
+    assert np.all(np.abs(counts - rows * want) <= 4 * sigma + 1e-9), counts

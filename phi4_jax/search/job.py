@@ -214,7 +214,7 @@ class _ModelSearch:
         return summary, pairs, responses
 
 
-def _load_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer):
+def load_rollout_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer):
     """The starting checkpoint's parameters on this process's devices, and the mesh."""
     model_cfg = validate_config(config)
     source = initial_params.locate(config.init_from)
@@ -236,7 +236,7 @@ def _load_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer):
     sampling = decode.SamplingParams(
         max_new_tokens=pts.max_new_tokens, temperature=pts.temperature, top_k=pts.top_k,
         top_p=pts.top_p, stop_ids=(tokenizer.im_end_id, tokenizer.eot_id),
-        pad_id=tokenizer.pad_id)
+        pad_id=tokenizer.pad_id, draw="inverse_cdf")
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if pts.batch_rows % batch_devices:
         raise ConfigError(f"pts.batch_rows={pts.batch_rows} must be a multiple of the "
@@ -250,7 +250,7 @@ def _load_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer):
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Searches this process's questions into `<workdir>/pts/`; returns the run's totals."""
     tokenizer = load_tokenizer("phi4")
-    model, mesh, rules = _load_model(config, tokenizer)
+    model, mesh, rules = load_rollout_model(config, tokenizer)
     index, count = jax.process_index(), jax.process_count()
     shard = ShardFiles(Path(workdir) / "pts", index, count)
     ids = question_ids(config.pts, index, count)
