@@ -24,6 +24,8 @@ from phi4_jax.losses.preference import VARIANTS
 
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
 from phi4_jax.parallel.sharding import MESH_AXES
+from phi4_jax.search.pivotal_tokens import SPLIT_RULES
+from phi4_jax.search.verifiers import TASKS
 
 SCHEDULES = ("linear", "cosine")
 
@@ -161,6 +163,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.format_penalty = -0.5
     c.grpo.overlong_penalty = -0.5
 
+    # Pivotal Token Search (stage 'pts_search': a job, not training); see phi4_jax.search.
+    c.pts = ml_collections.ConfigDict()
+    c.pts.task = "synthetic"  # or 'coding' (Python functions graded by unit tests, sandboxed)
+    c.pts.first_question = 0  # questions [first, first + questions) of the training stream
+    c.pts.questions = 1000
+    c.pts.responses_per_question = 1  # sampled responses searched per kept question
+    c.pts.p_gap = 0.2
+    c.pts.min_success = 0.2  # a question is kept when min <= p(success | question) <= max
+    c.pts.max_success = 0.8
+    c.pts.rollouts = 32  # most rollouts per prefix
+    c.pts.rollouts_per_round = 8  # adaptive rounds (0: all at once, no early stop)
+    c.pts.confidence = 0.9  # each estimate's interval holds p with at least this probability
+    c.pts.split = "log_prob"  # 'log_prob': cumulative log-prob midpoint; 'index': n // 2
+    c.pts.max_new_tokens = 1024  # response budget; a rollout gets what its prefix leaves
+    c.pts.temperature = 1.0
+    c.pts.top_k = 0
+    c.pts.top_p = 1.0
+    c.pts.batch_rows = 256  # rollouts sampled at once, a multiple of the batch-sharded devices
+    c.pts.response_pairs = 4  # whole-response (correct, incorrect) pairs per kept question
+    c.pts.verifier_workers = 8  # sandboxed checks run at once (task 'coding')
+    c.pts.code_time_limit_s = 5.0
+    c.pts.code_memory_mb = 512
+
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
     c.log.tensorboard = True
@@ -226,6 +251,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     _require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
              "must keep at least one checkpoint.")
     _validate_post_training(config)
+    _validate_pts(config.pts, model_cfg)
     for axis in MESH_AXES:
         _require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
                  "must be an integer size (or -1 to fill the remaining devices).")
@@ -345,3 +371,30 @@ def _suggest(config: ml_collections.ConfigDict, dotted: str, section: str) -> st
     if not isinstance(node, (ml_collections.ConfigDict, dict)):
         return f"{section} is a value, not a section."
     return f"{section or 'the config'} declares {', '.join(sorted(node))}."
+
+
+def _validate_pts(p: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+    _require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
+    _require(p.split in SPLIT_RULES, "pts.split", p.split, f"choose one of {SPLIT_RULES}.")
+    for key in ("first_question", "response_pairs", "top_k", "rollouts_per_round"):
+        _require(isinstance(p[key], int) and p[key] >= 0, f"pts.{key}", p[key],
+                 "must be an integer >= 0.")
+    for key in ("questions", "responses_per_question", "rollouts", "max_new_tokens",
+                "batch_rows", "verifier_workers", "code_memory_mb"):
+        _require(isinstance(p[key], int) and p[key] > 0, f"pts.{key}", p[key],
+                 "must be a positive integer.")
+    _require(p.first_question + p.questions <= 2**32, "pts.first_question/questions",
+             (p.first_question, p.questions), "question ids must stay below 2**32.")
+    _require(0 < p.p_gap <= 1, "pts.p_gap", p.p_gap, "must lie in (0, 1].")
+    _require(0 <= p.min_success <= p.max_success <= 1, "pts.min_success/max_success",
+             (p.min_success, p.max_success), "need 0 <= min_success <= max_success <= 1.")
+    _require(p.rollouts_per_round <= p.rollouts, "pts.rollouts_per_round",
+             p.rollouts_per_round, f"must not exceed pts.rollouts={p.rollouts} (0: no rounds).")
+    _require(0 < p.confidence < 1, "pts.confidence", p.confidence, "must lie in (0, 1).")
+    _require(p.max_new_tokens < model_cfg.max_positions, "pts.max_new_tokens",
+             p.max_new_tokens, f"must leave room for the question within model.max_positions="
+             f"{model_cfg.max_positions}.")
+    _require(p.temperature > 0 and 0 < p.top_p <= 1, "pts.temperature/top_p",
+             (p.temperature, p.top_p), "rollouts sample: temperature > 0 and top_p in (0, 1].")
+    _require(p.code_time_limit_s > 0, "pts.code_time_limit_s", p.code_time_limit_s,
+             "must be positive.")
