@@ -8,7 +8,9 @@
 # worker, and WORKDIR on storage all workers share (a gs:// bucket). Extra --config.*
 # overrides come as script arguments or in OVERRIDES; PROJECT picks the GCP project.
 # PHI4_TPU_VM=1 tells phi4_jax.distributed to start JAX's runtime, which then reads the
-# worker list and this worker's id from the TPU metadata server.
+# worker list and this worker's id from the TPU metadata server. DRY_RUN=1 prints the gcloud
+# command instead of running it; `python -m phi4_jax.parallel.launch --target=tpu ...` checks
+# the mesh against the slice first.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM slice name}"
 : "${ZONE:?set ZONE to the slice zone, e.g. us-east5-a}"
@@ -22,5 +24,10 @@ remote_command="cd $(printf '%q' "${REPO_DIR:-phi4_jax}") && PHI4_TPU_VM=1 \
 python -m phi4_jax.main --config=$(printf '%q' "${CONFIG}") --workdir=$(printf '%q' "${WORKDIR}") \
 ${OVERRIDES:-}${arguments}"
 
-exec gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" ${PROJECT:+--project="${PROJECT}"} \
-  --worker=all --command="${remote_command}"
+command=(gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" ${PROJECT:+--project="${PROJECT}"}
+  --worker=all --command="${remote_command}")
+if [[ -n "${DRY_RUN:-}" ]]; then  # print what would run, one shell-quoted line
+  printf '%q ' "${command[@]}"; echo
+  exit 0
+fi
+exec "${command[@]}"

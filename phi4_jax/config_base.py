@@ -7,6 +7,7 @@ the key, the bad value and the fix.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 from pathlib import Path
@@ -16,12 +17,15 @@ import ml_collections
 from phi4_jax.data import reasoning
 from phi4_jax.data.chat import TRUNCATION
 from phi4_jax.data.preference import PAIR_FORMATS
+from phi4_jax.data.sources import SPEC_DEFAULTS
 from phi4_jax.errors import Phi4Error
 from phi4_jax.losses.policy_gradient import NORMALIZATIONS
 from phi4_jax.losses.preference import VARIANTS
 
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
 from phi4_jax.parallel.sharding import MESH_AXES
+from phi4_jax.search.pivotal_tokens import SPLIT_RULES
+from phi4_jax.search.verifiers import TASKS
 
 SCHEDULES = ("linear", "cosine")
 
@@ -47,14 +51,10 @@ class ConfigError(Phi4Error, ValueError):
     """A run configuration that cannot work; the message names the key and the fix."""
 
 
-def _source(kind: str, paths: str = "", unique_tokens: int = 0) -> dict:
-    return {"kind": kind, "paths": paths, "text_key": "text", "tfds_name": "", "split": "train",
-            "data_dir": "", "unique_tokens": unique_tokens}
-
-
 def source_spec(kind: str, **fields) -> ml_collections.ConfigDict:
-    """A data-source spec with every field declared (see phi4_jax.data.sources)."""
-    return ml_collections.ConfigDict({**_source(kind), **fields})
+    """A data-source spec with every field declared, the defaults `sources.SPEC_DEFAULTS` gives
+    (see phi4_jax.data.sources; the bad-record policy keys: phi4_jax.data.bad_records)."""
+    return ml_collections.ConfigDict({**SPEC_DEFAULTS, "kind": kind, **fields})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -163,6 +163,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.format_penalty = -0.5
     c.grpo.overlong_penalty = -0.5
 
+    # Pivotal Token Search (stage 'pts_search': a job, not training); see phi4_jax.search.
+    c.pts = ml_collections.ConfigDict()
+    c.pts.task = "synthetic"  # or 'coding' (Python functions graded by unit tests, sandboxed)
+    c.pts.first_question = 0  # questions [first, first + questions) of the training stream
+    c.pts.questions = 1000
+    c.pts.responses_per_question = 1  # sampled responses searched per kept question
+    c.pts.p_gap = 0.2
+    c.pts.min_success = 0.2  # a question is kept when min <= p(success | question) <= max
+    c.pts.max_success = 0.8
+    c.pts.rollouts = 32  # most rollouts per prefix
+    c.pts.rollouts_per_round = 8  # adaptive rounds (0: all at once, no early stop)
+    c.pts.confidence = 0.9  # each estimate's interval holds p with at least this probability
+    c.pts.split = "log_prob"  # 'log_prob': cumulative log-prob midpoint; 'index': n // 2
+    c.pts.max_new_tokens = 1024  # response budget; a rollout gets what its prefix leaves
+    c.pts.temperature = 1.0
+    c.pts.top_k = 0
+    c.pts.top_p = 1.0
+    c.pts.batch_rows = 256  # rollouts sampled at once, a multiple of the batch-sharded devices
+    c.pts.response_pairs = 4  # whole-response (correct, incorrect) pairs per kept question
+    c.pts.verifier_workers = 8  # sandboxed checks run at once (task 'coding')
+    c.pts.code_time_limit_s = 5.0
+    c.pts.code_memory_mb = 512
+
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
     c.log.tensorboard = True
@@ -228,6 +251,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     _require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
              "must keep at least one checkpoint.")
     _validate_post_training(config)
+    _validate_pts(config.pts, model_cfg)
     for axis in MESH_AXES:
         _require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
                  "must be an integer size (or -1 to fill the remaining devices).")
@@ -295,3 +319,82 @@ def _validate_post_training(config: ml_collections.ConfigDict) -> None:
     _require(d.judge_margin_scale > 0 and 0 <= d.judge_min_weight <= 1,
              "dpo.judge_margin_scale/judge_min_weight", (d.judge_margin_scale, d.judge_min_weight),
              "the scale must be positive and the minimum weight in [0, 1].")
+
+
+# Names other trainers use, suggested when an override names one of them.
+_COMMON_NAMES = {"learning_rate": "train.lr", "lr_warmup_steps": "train.warmup_steps",
+                 "batch_size": "train.global_batch", "max_steps": "train.steps",
+                 "num_steps": "train.steps", "seq_length": "train.seq_len",
+                 "max_seq_len": "train.seq_len", "gradient_accumulation_steps": "train.microbatches"}
+
+
+def declared_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key the config declares (`train.lr`, `data.sources.code.kind`, ...)."""
+    keys = []
+    for name, value in config.items():
+        keys.append(f"{prefix}{name}")
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            keys += declared_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def check_override(config: ml_collections.ConfigDict, dotted: str, value: str = "...") -> None:
+    """ConfigError for an override (`--config.<dotted>=<value>`) of a key the config does not
+    declare, with the closest declared keys; a new data.mix entry is shown in the dict form."""
+    node, parents = config, []
+    for part in dotted.split("."):
+        if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+            node, parents = node[part], [*parents, part]
+            continue
+        section = ".".join(parents)
+        if section == "data.mix":
+            mix = {**config.data.mix, part: value}
+            mix_text = "{" + ", ".join(f"'{k}': {v}" for k, v in mix.items()) + "}"
+            raise ConfigError(
+                f"--config.{dotted}: data.mix has no entry {part!r} to override; a new source "
+                f"joins the mix as a whole dict: --config.data.mix=\"{mix_text}\" (and declare "
+                f"data.sources.{part}).")
+        raise ConfigError(f"--config.{dotted}: no such key; {_suggest(config, dotted, section)}")
+
+
+def _suggest(config: ml_collections.ConfigDict, dotted: str, section: str) -> str:
+    """'did you mean ...?' from the declared keys, else the keys of the deepest section that exists."""
+    leaf = dotted.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(dotted, declared_keys(config), n=3, cutoff=0.75)
+    if leaf in _COMMON_NAMES:
+        close = [_COMMON_NAMES[leaf], *close]
+    if close:
+        return f"did you mean {' or '.join(f'--config.{key}' for key in dict.fromkeys(close))}?"
+    node = config
+    for part in section.split(".") if section else []:
+        node = node[part]
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        return f"{section} is a value, not a section."
+    return f"{section or 'the config'} declares {', '.join(sorted(node))}."
+
+
+def _validate_pts(p: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+    _require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
+    _require(p.split in SPLIT_RULES, "pts.split", p.split, f"choose one of {SPLIT_RULES}.")
+    for key in ("first_question", "response_pairs", "top_k", "rollouts_per_round"):
+        _require(isinstance(p[key], int) and p[key] >= 0, f"pts.{key}", p[key],
+                 "must be an integer >= 0.")
+    for key in ("questions", "responses_per_question", "rollouts", "max_new_tokens",
+                "batch_rows", "verifier_workers", "code_memory_mb"):
+        _require(isinstance(p[key], int) and p[key] > 0, f"pts.{key}", p[key],
+                 "must be a positive integer.")
+    _require(p.first_question + p.questions <= 2**32, "pts.first_question/questions",
+             (p.first_question, p.questions), "question ids must stay below 2**32.")
+    _require(0 < p.p_gap <= 1, "pts.p_gap", p.p_gap, "must lie in (0, 1].")
+    _require(0 <= p.min_success <= p.max_success <= 1, "pts.min_success/max_success",
+             (p.min_success, p.max_success), "need 0 <= min_success <= max_success <= 1.")
+    _require(p.rollouts_per_round <= p.rollouts, "pts.rollouts_per_round",
+             p.rollouts_per_round, f"must not exceed pts.rollouts={p.rollouts} (0: no rounds).")
+    _require(0 < p.confidence < 1, "pts.confidence", p.confidence, "must lie in (0, 1).")
+    _require(p.max_new_tokens < model_cfg.max_positions, "pts.max_new_tokens",
+             p.max_new_tokens, f"must leave room for the question within model.max_positions="
+             f"{model_cfg.max_positions}.")
+    _require(p.temperature > 0 and 0 < p.top_p <= 1, "pts.temperature/top_p",
+             (p.temperature, p.top_p), "rollouts sample: temperature > 0 and top_p in (0, 1].")
+    _require(p.code_time_limit_s > 0, "pts.code_time_limit_s", p.code_time_limit_s,
+             "must be positive.")

@@ -41,15 +41,21 @@ def test_jsonl_reads_each_line_skipping_blank_ones(tmp_path):
 def test_jsonl_missing_field_names_the_record(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "no text key"}) + "\n", encoding="utf-8")
     spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
-    with pytest.raises(KeyError, match=r"a\.jsonl \(byte 0\) has no 'text' field \(it has \['body'\]\)"):
+    with pytest.raises(sources.BadRecordError, match=r"a\.jsonl:1 has no 'text' field \(it has \['body'\]\)"):
         _train("j", spec)
 
 
 def test_jsonl_bad_line_names_the_file(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n\n\nnot json\n', encoding="utf-8")
     spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
-    with pytest.raises(ValueError, match=r"a\.jsonl \(byte 15\) is not JSON"):
+    with pytest.raises(sources.BadRecordError, match=r"a\.jsonl:4 is not JSON"):
         _train("j", spec)
+
+
+def test_jsonl_bytes_that_are_not_utf8_are_replaced(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "caf\xe9 ok"}\n\xef\xbb\xbf{"text": "bom"}\n')
+    spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
+    assert _train("j", spec) == ["caf\ufffd ok", "bom"]
 
 
 def test_text_reads_one_document_per_file_in_sorted_order(tmp_path):
@@ -75,7 +81,7 @@ def test_array_record_plain_text_and_json_records(tmp_path):
     as_json = {"kind": "array_record", "paths": str(tmp_path / "json.array_record"), "text_key": "body"}
     assert _train("plain", plain) == DOCS
     assert _train("json", as_json) == DOCS
-    with pytest.raises(ValueError, match="set text_key to ''"):
+    with pytest.raises(sources.BadRecordError, match="record 0 is not JSON.*set text_key to ''"):
         _train("plain", {**plain, "text_key": "text"})
 
 
@@ -171,20 +177,23 @@ SYNTH = {"kind": "synthetic"}
 
 
 @pytest.mark.parametrize(
-    "spec, error, message",
+    "spec, message",
     [
-        ({"kind": "parquet"}, ValueError, "data.sources.s.kind is 'parquet'; choose one of"),
-        ({"kind": "jsonl", "text_key": "text"}, ValueError, "data.sources.s (kind 'jsonl') needs ['paths']"),
-        ({"kind": "tfds", "tfds_name": "c4", "split": "train"}, ValueError, "needs ['text_key']"),
-        ({"kind": "synthetic", "path": "x"}, ValueError, "data.sources.s has unknown keys ['path']"),
-        ({"kind": "synthetic", "unique_tokens": -1}, ValueError, "data.sources.s.unique_tokens is -1"),
-        ({"kind": "text", "paths": "/nonexistent/dir/*.txt"}, FileNotFoundError,
+        ({"kind": "parquet"}, "data.sources.s.kind is 'parquet'; choose one of"),
+        ({"kind": "jsonl", "text_key": "text"}, "data.sources.s (kind 'jsonl') needs ['paths']"),
+        ({"kind": "tfds", "tfds_name": "c4", "split": "train"}, "needs ['text_key']"),
+        ({"kind": "synthetic", "path": "x"}, "data.sources.s has unknown keys ['path']"),
+        ({"kind": "synthetic", "unique_tokens": -1}, "data.sources.s.unique_tokens is -1"),
+        ({"kind": "text", "paths": "/nonexistent/dir/*.txt"},
          "data.sources.s.paths: glob '/nonexistent/dir/*.txt' matches no files"),
-        ({"kind": "text", "paths": []}, ValueError, "data.sources.s.paths is []"),
+        ({"kind": "text", "paths": []}, "data.sources.s.paths is []"),
+        ({"kind": "synthetic", "bad_records": "ignore"}, "data.sources.s.bad_records is 'ignore'"),
+        ({"kind": "synthetic", "max_bad_records": -1}, "data.sources.s.max_bad_records is -1"),
+        ({"kind": "synthetic", "max_bad_fraction": 2.0}, "data.sources.s.max_bad_fraction is 2.0"),
     ],
 )
-def test_bad_source_spec_is_refused_before_training(spec, error, message):
-    with pytest.raises(error, match=re.escape(message)):
+def test_bad_source_spec_is_refused_before_training(spec, message):
+    with pytest.raises(sources.DataConfigError, match=re.escape(message)):
         pipeline.validate_data_config(_cfg({"s": spec}, {"s": 1.0}))
 
 
@@ -206,7 +215,7 @@ def test_files_are_required_only_for_sources_the_mix_reads():
     declared = {"kind": "jsonl", "paths": "/nonexistent/web/*.jsonl", "text_key": "text"}
     pipeline.validate_data_config(_cfg({"s": SYNTH, "web": declared}, {"s": 1.0}))
     pipeline.validate_data_config(_cfg({"s": SYNTH, "web": declared}, {"s": 1.0, "web": 0.0}))
-    with pytest.raises(FileNotFoundError, match="data.sources.web.paths"):
+    with pytest.raises(sources.DataConfigError, match="data.sources.web.paths"):
         pipeline.validate_data_config(_cfg({"s": SYNTH, "web": declared}, {"s": 1.0, "web": 0.5}))
 
 
@@ -220,8 +229,23 @@ def test_missing_data_key_is_named():
 def test_source_with_no_eval_records_is_named(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
     spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
-    with pytest.raises(ValueError, match=re.escape("data.sources.j has no eval records: 1 records")):
+    with pytest.raises(sources.EmptySplitError, match=re.escape("data.sources.j has no eval records: 1 records")):
         sources.open_documents("j", spec, seed=0, split="eval", eval_holdout=0.01)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(sources.EmptySplitError, match="no train records: 0 records.*hold no records"):
+        sources.open_documents("j", {**spec, "paths": str(tmp_path / "empty.jsonl")}, seed=0,
+                               split="train", eval_holdout=0.01)
+
+
+def test_small_source_holds_out_at_least_one_record(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(50)))
+    spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
+    assert not sources.held_out_mask(np.arange(50), 0.01).any()  # the hash alone holds none out
+    split = {s: list(sources.open_documents("j", spec, seed=0, split=s, eval_holdout=0.01)) for s in SPLITS}
+    assert len(split["eval"]) == 1 and len(split["train"]) == 49
+    assert sorted(split["train"] + split["eval"], key=int) == [str(i) for i in range(50)]
+    assert sources.held_out_indices(50, 0.0).size == 0 and sources.held_out_indices(1, 0.99).size == 0
+    assert len(sources.held_out_indices(3, 0.99)) == 2  # one record is always left to train on
 
 
 def test_config_dict_is_accepted():

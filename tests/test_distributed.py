@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
-import shutil
 import socket
-import string
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,9 @@ import pytest
 from jax._src.clusters import ClusterEnv
 from jax._src.clusters.cloud_tpu_cluster import GkeTpuCluster
 
+from phi4_jax import config_base
+from phi4_jax.errors import Phi4Error
+from phi4_jax.parallel import launch
 from phi4_jax.parallel.distributed import (ClusterEnvError, ClusterSpec, detect_cluster,
                                   initialize_distributed)
 
@@ -109,31 +111,88 @@ def test_inconsistent_environment_names_the_variable(env, names):
         assert name in str(error.value)
 
 
-def test_indexed_job_manifest_gives_each_pod_its_place():
-    """Renders the manifest as the README does (envsubst), then reads each pod's env."""
+OVERRIDES = ("--config.data.mix={'web': 0.5, 'code': 0.5}", "--config.train.lr=1e-4")
+
+
+def _request(target: str, **fields) -> launch.Request:
+    return launch.Request(**{"target": target, "config_spec": "configs/pretrain.py:1b",
+                             "workdir": "/runs/a b", "nodes": 3, "devices_per_node": 8,
+                             "overrides": OVERRIDES, "job_name": "pt14b", "image": "img",
+                             "tpu_name": "v5p-64", "zone": "us-east5-a", **fields})
+
+
+def test_jobset_manifest_gives_each_pod_its_place():
+    """Renders the JobSet as the launcher does, then reads each pod's env and command."""
     yaml = pytest.importorskip("yaml")
-    text = (REPO / "launch/k8s_indexed_job.yaml").read_text()
-    values = dict(JOB_NAME="pt14b", IMAGE="img", NUM_NODES="3", CONFIG="configs/pretrain.py:tiny",
-                  WORKDIR="/runs/a", OVERRIDES="--config.x=1")
-    if shutil.which("envsubst"):
-        rendered = subprocess.run(["envsubst", " ".join(f"${name}" for name in values)], input=text,
-                                  env=values, capture_output=True, text=True, check=True).stdout
-    else:
-        rendered = string.Template(text).safe_substitute(values)
+    rendered = launch.jobset_manifest(_request("k8s"))
     assert "${" not in rendered
-    service, job = yaml.safe_load_all(rendered)
-    pod = job["spec"]["template"]["spec"]
-    assert pod["subdomain"] == service["metadata"]["name"] == job["metadata"]["name"]
-    container, = pod["containers"]
+    jobset, = yaml.safe_load_all(rendered)
+    assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+    replicated, = jobset["spec"]["replicatedJobs"]
+    job = replicated["template"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 3
+    # exit status 1 (a one-line user error) fails the JobSet; anything else restarts it
+    rule, = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [1]
+    assert jobset["spec"]["failurePolicy"]["rules"][0]["onJobFailureReasons"] == ["PodFailurePolicy"]
+    container, = job["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     main = "python -m phi4_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) $(OVERRIDES)"
     assert main in container["args"][0]
     pod_env = {item["name"]: item["value"] for item in container["env"]}
-    assert pod_env["CONFIG"] == values["CONFIG"] and pod_env["WORKDIR"] == values["WORKDIR"]
-    count = job["spec"]["completions"]
-    port = service["spec"]["ports"][0]["port"]
-    for index in range(count):
+    assert pod_env["CONFIG"] == "configs/pretrain.py:1b" and pod_env["WORKDIR"] == "/runs/a b"
+    assert tuple(shlex.split(pod_env["OVERRIDES"])) == OVERRIDES  # as bash -c will split them
+    port = container["ports"][0]["containerPort"]
+    for index in range(3):  # JobSet names pod i <jobset>-<job>-<job index>-<i>.<jobset>
         spec = detect_cluster({**pod_env, "JOB_COMPLETION_INDEX": str(index)})
-        assert spec == ClusterSpec(f"pt14b-0.{pod['subdomain']}:{port}", 3, index, None, "k8s")
+        assert spec == ClusterSpec(f"pt14b-workers-0-0.pt14b:{port}", 3, index, None, "k8s")
+
+
+@pytest.mark.parametrize("target, fields, overrides, message", [
+    ("slurm", {}, {"mesh.fsdp": 5}, "--nodes=3 x --devices_per_node=8 = 24 devices: mesh sizes"),
+    ("slurm", {"nodes": 3}, {"mesh.tensor": 3}, "mesh.tensor=3 does not divide the 8 devices of a node"),
+    ("slurm", {"nodes": 3}, {"train.global_batch": 36, "mesh.tensor": 2},
+     "train.global_batch=36 does not split over the 24 processes"),
+    ("slurm", {"nodes": 2}, {"train.global_batch": 8}, "train.global_batch=8 does not split over train.microbatches=1 x 16"),
+    ("tpu", {"zone": ""}, {}, "--target=tpu needs --zone"),
+    ("k8s", {}, {"train.lr": -1.0}, "train.lr=-1.0"),
+])
+def test_inconsistent_requests_are_refused_before_submission(target, fields, overrides, message):
+    config = config_base.load_config("configs/pretrain.py", "1b")
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    with pytest.raises(Phi4Error, match=re.escape(message)):
+        launch.check_request(_request(target, **fields), config)
+
+
+def test_consistent_request_resolves_the_mesh():
+    config = config_base.load_config("configs/pretrain.py", "1b")
+    config.mesh.tensor = 2
+    assert launch.check_request(_request("slurm", nodes=4), config) == {"data": 1, "fsdp": 16, "tensor": 2}
+
+
+def test_dry_runs_print_what_would_be_submitted_and_submit_nothing(tmp_path):
+    """The CLI end to end, with sbatch, kubectl and gcloud replaced by stubs that must not run
+    (refusals are checked in-process above: `main` calls `check_request` before `submit`)."""
+    for tool in ("sbatch", "kubectl", "gcloud"):
+        (tmp_path / tool).write_text(f"#!/bin/bash\ntouch {tmp_path}/{tool}.ran\n")
+        (tmp_path / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "phi4_jax.parallel.launch",
+                               "--config=configs/pretrain.py:1b", "--workdir=/runs/a b", *args],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    slurm = run("--target=slurm", "--nodes=2", "--dry_run", *OVERRIDES)
+    assert slurm.returncode == 0, slurm.stderr
+    words = shlex.split(slurm.stdout.strip().splitlines()[-1])
+    assert words[:3] == ["CONFIG=configs/pretrain.py:1b", "WORKDIR=/runs/a b", f"REPO_DIR={REPO}"]
+    assert words[3:8] == ["sbatch", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8",
+                          "--job-name=phi4"]
+    assert words[8] == str(REPO / "launch/slurm.sbatch") and tuple(words[9:]) == OVERRIDES
+    assert not list(tmp_path.glob("*.ran")), "a dry run submitted a job"
 
 
 # ---------------------------------------------------------------- SLURM
@@ -373,6 +432,20 @@ def test_tpu_vm_launcher_runs_the_main_command_on_every_worker(tmp_path):
     assert shlex.split(cd) == ["cd", "phi4_jax"]
     assert shlex.split(run) == ["PHI4_TPU_VM=1", *MAIN, "--config.x=1", "--config.y=a b"]
     assert detect_cluster({"PHI4_TPU_VM": "1"}).source == "tpu"
+
+
+def test_launcher_dry_runs_print_the_command_they_would_run(tmp_path):
+    slurm_env = {"CONFIG": "configs/pretrain.py:tiny", "WORKDIR": "/runs/a b", "DRY_RUN": "1",
+                 "REPO_DIR": str(REPO)}
+    line, = _run_with_fake("srun", "launch/slurm.sbatch", slurm_env, ["--config.y=a b"], tmp_path)
+    assert shlex.split(line) == ["srun", "--kill-on-bad-exit=1", *MAIN, "--config.y=a b"]
+    tpu_env = {"TPU_NAME": "v5p-64", "ZONE": "us-east5-a", "CONFIG": "configs/pretrain.py:tiny",
+               "WORKDIR": "/runs/a b", "DRY_RUN": "1"}
+    line, = _run_with_fake("gcloud", "launch/tpu_vm.sh", tpu_env, ["--config.y=a b"], tmp_path)
+    gcloud = shlex.split(line)
+    assert gcloud[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v5p-64"]
+    assert shlex.split(gcloud[-1].removeprefix("--command=").split(" && ")[1]) == [
+        "PHI4_TPU_VM=1", *MAIN, "--config.y=a b"]
 
 
 def test_launchers_require_config_and_workdir(tmp_path):

@@ -7,12 +7,18 @@ stage's `RowsFn` (pretraining: documents tokenized on `data.read_threads` thread
 `packing`; post-training: conversations or preference pairs). Sources are mixed by the
 weights (`mixture`), rows batched to the per-process batch and prefetched on a thread
 (`data.prefetch` batches). The returned grain iterator's `get_state()` / `set_state()`
-resume the exact batch sequence. The eval stream is the held-out records in a fixed order.
+resume the exact batch sequence. The eval stream is the held-out records in a fixed order;
+sources without held-out records are left out of it, with a warning.
+
+The data config is checked once per entry point (`checked_data_config`); what it returns
+passes through the others unchecked. Records a source or the stage cannot use are handled by
+the source's bad-record policy (`bad_records.convert`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,20 +26,25 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax.data import mixture, packing, sources
+from phi4_jax import config_base
+from phi4_jax.data import bad_records, mixture, packing, sources
+from phi4_jax.data.sources import DataConfigError, EmptySplitError
 from phi4_jax.data.tokenizer import load_tokenizer
 
-DATA_KEYS = ("seed", "sources", "mix", "eval_holdout", "read_threads", "prefetch",
-             "max_segments_per_row")
+DATA_KEYS = tuple(config_base.base_config().data)
 DOCUMENTS_BUFFERED_PER_THREAD = 4
 
 # (source name, its endless records for this process, the checked data config) -> rows.
 RowsFn = Callable[[str, grain.MapDataset, dict[str, Any]], grain.IterDataset]
 
 
+class CheckedDataConfig(dict):
+    """A data config as a plain dict, every key and source checked."""
+
+
 def validate_data_config(data_cfg: Mapping[str, Any]) -> None:
     """Refuses a data config that would fail during training, with an error naming the key and the fix."""
-    _checked_config(data_cfg)
+    checked_data_config(data_cfg)
 
 
 def make_train_iterator(
@@ -64,18 +75,14 @@ def make_iterator(
 ) -> grain.DatasetIterator:
     """Endless iterator of this process's batches of the rows `rows_fn` makes of each source;
     `indexed` hands it (index in the split, record) pairs instead of records."""
-    cfg = _checked_config(data_cfg)
+    cfg = checked_data_config(data_cfg)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; it must be >= 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is outside [0, process_count={process_count})")
-    weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
-    rows = {
-        name: rows_fn(name, shard_records(name, cfg, split=split, process_index=process_index,
-                                          process_count=process_count, indexed=indexed), cfg)
-        for name, weight in weights.items()
-        if weight > 0
-    }
+    records = _split_records(cfg, split, process_index, process_count, indexed)
+    weights = mixture.normalized_weights({name: cfg["mix"][name] for name in records}, records)
+    rows = {name: rows_fn(name, shard, cfg) for name, shard in records.items()}
     batches = mixture.mix_rows(rows, weights).batch(batch_size, drop_remainder=True)
     return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=cfg["prefetch"]))
 
@@ -95,44 +102,74 @@ def make_eval_batches(
                          process_index=process_index, process_count=process_count)
 
 
+def _split_records(cfg: CheckedDataConfig, split: str, process_index: int,
+                   process_count: int, indexed: bool) -> dict[str, grain.MapDataset]:
+    """Each positive-weight source's records for this process; for eval, only the sources that
+    hold records out (a warning names the others)."""
+    records = {}
+    for name, weight in mixture.normalized_weights(cfg["mix"], cfg["sources"]).items():
+        if weight == 0:
+            continue
+        try:
+            records[name] = _shard(name, cfg, split, process_index, process_count, indexed)
+        except EmptySplitError as error:
+            if split != "eval":
+                raise
+            logging.warning("Evaluation leaves data.sources.%s out: %s", name, error)
+    if not records:
+        raise EmptySplitError(f"no source of data.mix has {split} records")
+    return records
+
+
 def first_batches(data_cfg: Mapping[str, Any], rows_fn: RowsFn, *, batch_size: int,
                   num_batches: int, process_index: int = 0, process_count: int = 1,
                   indexed: bool = False) -> list[dict[str, np.ndarray]]:
-    """The first `num_batches` batches of the eval stream (it cycles small holdouts)."""
-    iterator = make_iterator(data_cfg, rows_fn, batch_size=batch_size, split="eval",
-                             process_index=process_index, process_count=process_count,
-                             indexed=indexed)
+    """The first `num_batches` batches of the eval stream (it cycles small holdouts); none,
+    with a warning, when no source holds records out."""
+    try:
+        iterator = make_iterator(data_cfg, rows_fn, batch_size=batch_size, split="eval",
+                                 process_index=process_index, process_count=process_count,
+                                 indexed=indexed)
+    except EmptySplitError as error:
+        logging.warning("Evaluation is skipped: %s.", error)
+        return []
     batches = [next(iterator) for _ in range(num_batches)]
     iterator.close()
     return batches
 
 
-def _checked_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The data config as a plain dict, every key and source checked."""
-    cfg = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
+def checked_data_config(data_cfg: Mapping[str, Any]) -> CheckedDataConfig:
+    """The data config as a plain dict, every key and source checked (once: a checked config
+    is returned as it is)."""
+    if isinstance(data_cfg, CheckedDataConfig):
+        return data_cfg
+    cfg = CheckedDataConfig(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
     missing = [key for key in DATA_KEYS if key not in cfg]
     unknown = sorted(set(cfg) - set(DATA_KEYS))
     if missing or unknown:
-        raise ValueError(
+        raise DataConfigError(
             f"data config: missing keys {missing}, unknown keys {unknown}; it takes exactly {list(DATA_KEYS)}"
         )
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise ValueError(f"data.seed is {cfg['seed']!r}; give an integer >= 0")
+        raise DataConfigError(f"data.seed is {cfg['seed']!r}; give an integer >= 0")
     holdout = cfg["eval_holdout"]
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
-        raise ValueError(f"data.eval_holdout is {holdout!r}; give a fraction in [0, 1), e.g. 0.01")
+        raise DataConfigError(f"data.eval_holdout is {holdout!r}; give a fraction in [0, 1), e.g. 0.01")
     for key in ("read_threads", "prefetch"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 0:
-            raise ValueError(f"data.{key} is {cfg[key]!r}; give an integer >= 0 (0 = none)")
+            raise DataConfigError(f"data.{key} is {cfg[key]!r}; give an integer >= 0 (0 = none)")
     segments = cfg["max_segments_per_row"]
     if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
-        raise ValueError(f"data.max_segments_per_row is {segments!r}; give an integer >= 1 "
-                         f"(1 = one document per row)")
+        raise DataConfigError(f"data.max_segments_per_row is {segments!r}; give an integer >= 1 "
+                              f"(1 = one document per row)")
     if not isinstance(cfg["sources"], Mapping) or not cfg["sources"]:
-        raise ValueError(f"data.sources is {cfg['sources']!r}; give a mapping from source name to spec")
+        raise DataConfigError(f"data.sources is {cfg['sources']!r}; give a mapping from source name to spec")
     if not isinstance(cfg["mix"], Mapping):
-        raise ValueError(f"data.mix is {cfg['mix']!r}; give a mapping from source name to weight")
-    weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
+        raise DataConfigError(f"data.mix is {cfg['mix']!r}; give a mapping from source name to weight")
+    try:
+        weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
+    except ValueError as error:
+        raise DataConfigError(str(error)) from error
     for name, spec in cfg["sources"].items():
         sources.validate_source_spec(name, spec, check_files=weights.get(name, 0) > 0)
     return cfg
@@ -144,7 +181,12 @@ def shard_records(
 ) -> grain.MapDataset:
     """The records this process reads from one source, endless, in the order it reads them;
     `indexed` pairs each with its index in the split."""
-    cfg = _checked_config(data_cfg)
+    return _shard(name, checked_data_config(data_cfg), split, process_index, process_count,
+                  indexed)
+
+
+def _shard(name: str, cfg: CheckedDataConfig, split: str, process_index: int,
+           process_count: int, indexed: bool = False) -> grain.MapDataset:
     records = sources.open_records(
         name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
     )
@@ -158,9 +200,8 @@ def shard_documents(
     name: str, data_cfg: Mapping[str, Any], *, split: str, process_index: int, process_count: int
 ) -> grain.MapDataset:
     """The documents (text) this process reads from one source, endless, in reading order."""
-    cfg = _checked_config(data_cfg)
-    records = shard_records(name, cfg, split=split, process_index=process_index,
-                            process_count=process_count)
+    cfg = checked_data_config(data_cfg)
+    records = _shard(name, cfg, split, process_index, process_count)
     return records.map(functools.partial(sources.document_text, name, cfg["sources"][name]))
 
 
@@ -168,7 +209,7 @@ def _share(name: str, records: grain.MapDataset, cfg: dict[str, Any], split: str
            process_index: int, process_count: int) -> grain.MapDataset:
     share = records[process_index::process_count]
     if len(share) == 0:
-        raise ValueError(
+        raise EmptySplitError(
             f"data.sources.{name} has {len(records)} {split} records, too few for {process_count} processes"
         )
     if split == "train":
@@ -178,9 +219,12 @@ def _share(name: str, records: grain.MapDataset, cfg: dict[str, Any], split: str
 
 def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, Any], *,
                          seq_len: int) -> grain.IterDataset:
-    """Pretraining rows of one source: its documents tokenized on read threads, then packed."""
+    """Pretraining rows of one source: its documents tokenized on read threads, then packed;
+    records without a document are handled by the source's bad-record policy."""
     tokenizer = load_tokenizer("phi4")
-    documents = records.map(functools.partial(sources.document_text, name, cfg["sources"][name]))
+    spec = cfg["sources"][name]
+    documents = bad_records.convert(name, records, functools.partial(sources.document_text, name, spec),
+                                    spec)
     pairs = documents.map(functools.partial(packing.document_pair, tokenizer=tokenizer))
     read_options = grain.ReadOptions(
         num_threads=cfg["read_threads"],

@@ -18,10 +18,13 @@ pretraining reads documents (`open_documents`), a record's text. Kinds and what 
 - `tfds`: one example of `tfds.data_source(tfds_name, split=..., data_dir=...)` (ArrayRecord files,
   no TensorFlow), its `text_key` feature.
 
-Files are decoded as UTF-8 with undecodable bytes replaced, so one bad byte does not stop a run.
-Finite sources hold out the records whose index hashes below `eval_holdout` (`held_out_mask`):
-the split depends on the record index alone, so it stays put across seeds and restarts as long
-as the file list is unchanged. Only the held-out indices are kept in memory (about
+Files and JSONL lines are decoded as UTF-8 with undecodable bytes replaced (U+FFFD), so one bad
+byte does not stop a run. A record that cannot be used at all (a line that is not JSON, a record
+without its text field) raises `BadRecordError` naming its file and line; the source's policy
+(`bad_records`, see `phi4_jax.data.bad_records`) skips it or stops the run.
+Finite sources hold out the records whose index hashes below `eval_holdout` (`held_out_mask`),
+and at least one record of a source with two or more: the split depends on the record index
+alone, so it stays put across seeds and restarts as long as the file list is unchanged. Only the held-out indices are kept in memory (about
 `8 * eval_holdout` bytes per record); the training split maps onto the records between them.
 `jsonl` keeps 20 bytes of line offsets per record: use array_record or TFDS for billions of records.
 """
@@ -34,17 +37,21 @@ import json
 import mmap
 import os
 import sysconfig
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from phi4_jax.data import synthetic
+from phi4_jax.data import bad_records, synthetic
+from phi4_jax.data.bad_records import BadRecordError
 from phi4_jax.errors import Phi4Error
 
 KINDS = ("synthetic", "synthetic_unanswerable", "python_stdlib", "jsonl", "text", "array_record", "tfds")
-SPEC_KEYS = frozenset({"kind", "paths", "text_key", "tfds_name", "split", "data_dir", "unique_tokens"})
+# Every spec key and its default; `config_base.source_spec` builds specs from these.
+SPEC_DEFAULTS = {"kind": "", "paths": "", "text_key": "text", "tfds_name": "", "split": "train",
+                 "data_dir": "", "unique_tokens": 0, **bad_records.SPEC_DEFAULTS}
+SPEC_KEYS = frozenset(SPEC_DEFAULTS)
 REQUIRED_KEYS = {
     "synthetic": ("kind",),
     "synthetic_unanswerable": ("kind",),
@@ -64,6 +71,14 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 )
 
 
+class DataConfigError(Phi4Error, ValueError):
+    """A data config or source that cannot work; the message names the key or file and the fix."""
+
+
+class EmptySplitError(DataConfigError):
+    """A source with no records in the split asked for."""
+
+
 def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: bool) -> None:
     """Refuses a source spec that could only fail later in training, naming the key and the fix.
 
@@ -72,20 +87,22 @@ def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: boo
     """
     where = f"data.sources.{name}"
     if not isinstance(spec, Mapping):
-        raise TypeError(f"{where} is a {type(spec).__name__}; expected a mapping with at least 'kind'")
+        raise DataConfigError(f"{where} is a {type(spec).__name__}; expected a mapping with at least 'kind'")
     kind = spec.get("kind")
     if kind not in KINDS:
-        raise ValueError(f"{where}.kind is {kind!r}; choose one of {list(KINDS)}")
+        raise DataConfigError(f"{where}.kind is {kind!r}; choose one of {list(KINDS)}")
     unknown = sorted(set(spec) - SPEC_KEYS)
     if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; a source spec takes only {sorted(SPEC_KEYS)}")
+        raise DataConfigError(f"{where} has unknown keys {unknown}; a source spec takes only {sorted(SPEC_KEYS)}")
     missing = [key for key in REQUIRED_KEYS[kind] if spec.get(key) in (None, "")]
     if missing:
         required = list(REQUIRED_KEYS[kind])
-        raise ValueError(f"{where} (kind {kind!r}) needs {missing}; set them (required: {required})")
+        raise DataConfigError(f"{where} (kind {kind!r}) needs {missing}; set them (required: {required})")
     unique_tokens = spec.get("unique_tokens", 0)
     if isinstance(unique_tokens, bool) or not isinstance(unique_tokens, int) or unique_tokens < 0:
-        raise ValueError(f"{where}.unique_tokens is {unique_tokens!r}; give a count >= 0 (0 = unknown)")
+        raise DataConfigError(f"{where}.unique_tokens is {unique_tokens!r}; give a count >= 0 (0 = unknown)")
+    if problem := bad_records.check_policy(where, spec):
+        raise DataConfigError(problem)
     if check_files and "paths" in REQUIRED_KEYS[kind]:
         resolve_paths(name, spec["paths"])
 
@@ -94,14 +111,14 @@ def resolve_paths(name: str, paths: str | Sequence[str]) -> list[str]:
     """The sorted files that a source's glob or globs match; every glob must match at least one file."""
     globs = [paths] if isinstance(paths, str) else list(paths)
     if not globs or not all(isinstance(pattern, str) for pattern in globs):
-        raise ValueError(
+        raise DataConfigError(
             f"data.sources.{name}.paths is {paths!r}; give a glob string or a list of glob strings"
         )
     files: set[str] = set()
     for pattern in globs:
         matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
         if not matched:
-            raise FileNotFoundError(
+            raise DataConfigError(
                 f"data.sources.{name}.paths: glob {pattern!r} matches no files; "
                 "fix the path or remove the glob"
             )
@@ -123,7 +140,7 @@ def open_records(
     """The records of one source's train or eval split, in a fixed order."""
     validate_source_spec(name, spec, check_files=True)
     if split not in SPLITS:
-        raise ValueError(f"split is {split!r}; choose one of {list(SPLITS)}")
+        raise DataConfigError(f"split is {split!r}; choose one of {list(SPLITS)}")
     if spec["kind"] in SYNTHETIC_KINDS:
         start = 0 if split == "train" else SYNTHETIC_SPAN
         indices = grain.MapDataset.range(start, start + SYNTHETIC_SPAN)
@@ -132,9 +149,11 @@ def open_records(
     held_out = held_out_indices(len(records), eval_holdout)
     count = len(held_out) if split == "eval" else len(records) - len(held_out)
     if count == 0:
-        raise ValueError(
+        fix = ("its files hold no records: fix data.sources.{name}.paths" if len(records) == 0 else
+               "give the source more records or change data.eval_holdout")
+        raise EmptySplitError(
             f"data.sources.{name} has no {split} records: {len(records)} records with "
-            f"data.eval_holdout={eval_holdout}; give the source more records or change data.eval_holdout"
+            f"data.eval_holdout={eval_holdout}; {fix.format(name=name)}"
         )
     if split == "eval":
         return grain.MapDataset.source(held_out).map(functools.partial(_record_at, records))
@@ -144,20 +163,38 @@ def open_records(
 
 def held_out_mask(indices: np.ndarray, eval_holdout: float) -> np.ndarray:
     """True for the record indices held out for evaluation: a splitmix64 hash in [0, 1) below the fraction."""
+    return _hash_fraction(indices) < eval_holdout
+
+
+def _hash_fraction(indices: np.ndarray) -> np.ndarray:
+    """splitmix64 of each index, as a float in [0, 1)."""
     z = np.asarray(indices, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < eval_holdout
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
 def held_out_indices(num_records: int, eval_holdout: float) -> np.ndarray:
-    """The sorted held-out indices among `num_records`, hashed in chunks so only the holdout is kept."""
+    """The sorted held-out indices among `num_records`, hashed in chunks so only the holdout is kept.
+
+    A source of two or more records with a positive holdout holds out at least one record (the
+    one of smallest hash) and trains on at least one (the one of largest), so a small source
+    has something to evaluate on and something to train on.
+    """
     chunks = []
     for start in range(0, num_records, HOLDOUT_CHUNK):
         indices = np.arange(start, min(start + HOLDOUT_CHUNK, num_records))
         chunks.append(indices[held_out_mask(indices, eval_holdout)])
-    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+    held_out = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+    if 0 < held_out.size < num_records or eval_holdout == 0 or num_records == 0:
+        return held_out
+    if num_records == 1:
+        return np.zeros(0, np.int64)  # the only record trains
+    hashes = _hash_fraction(np.arange(num_records))
+    if held_out.size == 0:
+        return np.asarray([np.argmin(hashes)], np.int64)
+    return np.delete(np.arange(num_records), np.argmax(hashes))  # all were held out
 
 
 def stdlib_python_files() -> list[str]:
@@ -184,15 +221,21 @@ class FileDocuments:
             return f.read()
 
 
-class BadRecordError(Phi4Error, ValueError):
-    """A record that cannot be used (not JSON, a missing field, an empty response, ...); the
-    message names where it was read and what is wrong with it."""
-
-
 class JsonRecord(dict):
-    """A decoded JSON object that remembers where it was read, for error messages."""
+    """A decoded JSON object that remembers where it was read (`where`, e.g. 'a.jsonl:101'),
+    for error messages; a jsonl line number is counted only when a message asks for it."""
 
-    where: str = ""
+    _where: str | Callable[[], str] = ""
+
+    @property
+    def where(self) -> str:
+        if callable(self._where):
+            self._where = self._where()
+        return self._where
+
+    @where.setter
+    def where(self, value: str | Callable[[], str]) -> None:
+        self._where = value
 
 
 class JsonlRecords:
@@ -213,8 +256,18 @@ class JsonlRecords:
         with open(path, "rb") as f:
             f.seek(start)
             line = f.read(stop - start)
-        return _json_record(line, f"record at {path} (byte {start})",
-                            "a jsonl file needs one object per line")
+        return _json_record(line, functools.partial(_line_location, path, start),
+                            "a jsonl file needs one JSON value per line")
+
+
+def _line_location(path: str, offset: int) -> str:
+    """'path:N' for the line that starts at byte `offset`: newlines are counted on demand, as
+    only records in error messages need it."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        before = np.frombuffer(data, np.uint8, count=offset)
+        line = int(np.count_nonzero(before == ord("\n"))) + 1
+        del before  # the mmap cannot close while a view of it is alive
+    return f"{path}:{line}"
 
 
 def _line_spans(path: str) -> np.ndarray:
@@ -235,17 +288,17 @@ def _line_spans(path: str) -> np.ndarray:
 
 
 def _text_field(record: Any, text_key: str, where: str) -> str:
-    """The text of a decoded JSON record, or an error naming the record and the key."""
+    """The text of a decoded JSON record, or BadRecordError naming the record and the key."""
     if not isinstance(record, dict) or text_key not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise KeyError(
-            f"{where} has no {text_key!r} field (it has {keys}); fix the source's text_key"
+        raise BadRecordError(
+            f"{where} has no {text_key!r} field (it has {keys}); fix the record or the source's text_key"
         )
     text = record[text_key]
     if isinstance(text, bytes):
         return text.decode("utf-8", errors="replace")
     if not isinstance(text, str):
-        raise TypeError(f"{where}: field {text_key!r} is a {type(text).__name__}, expected text")
+        raise BadRecordError(f"{where}: field {text_key!r} is a {type(text).__name__}, expected text")
     return text
 
 
@@ -262,7 +315,7 @@ def _open_records(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
     if kind == "jsonl":
         return grain.MapDataset.source(JsonlRecords(paths))
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-    return records.map(functools.partial(_array_record, name, spec.get("text_key") or None))
+    return records.map_with_index(functools.partial(_array_record, name, spec.get("text_key") or None))
 
 
 def _open_tfds(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
@@ -273,27 +326,36 @@ def _open_tfds(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
         data_dir = spec.get("data_dir") or None  # None or '': TFDS's default data directory
         source = tfds.data_source(spec["tfds_name"], split=spec["split"], data_dir=data_dir)
     except Exception as err:
-        raise ValueError(
+        raise DataConfigError(
             f"data.sources.{name}: cannot open tfds dataset {spec['tfds_name']!r} split {spec['split']!r} "
             f"in data_dir {spec.get('data_dir')!r}; prepare it with file_format='array_record' there first"
         ) from err
-    return grain.MapDataset.source(source).map(dict)
+    where = f"{spec['tfds_name']}:{spec['split']} example {{}}"
+    return grain.MapDataset.source(source).map_with_index(
+        lambda index, example: _located(JsonRecord(example), where.format(index)))
 
 
-def _array_record(name: str, text_key: str | None, record: bytes) -> Any:
+def _located(record: JsonRecord, where: str) -> JsonRecord:
+    record.where = where
+    return record
+
+
+def _array_record(name: str, text_key: str | None, index: int, record: bytes) -> Any:
     """An ArrayRecord record: plain text when there is no `text_key`, else its decoded JSON."""
     if text_key is None:
         return record.decode("utf-8", errors="replace")
-    return _json_record(record, f"data.sources.{name}: a record",
+    return _json_record(record, f"data.sources.{name} record {index}",
                         "for plain-text records set text_key to ''")
 
 
-def _json_record(raw: bytes, where: str, hint: str) -> Any:
-    """A decoded JSON record (a `JsonRecord` when it is an object); a clear error if it is not JSON."""
+def _json_record(raw: bytes, where: str | Callable[[], str], hint: str) -> Any:
+    """A decoded JSON record (a `JsonRecord` when it is an object), undecodable UTF-8 bytes
+    replaced; BadRecordError if it is not JSON. `where` may be a function, called only if needed."""
     try:
-        value = json.loads(raw)
+        value = json.loads(raw.decode("utf-8", errors="replace").lstrip("\ufeff"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not JSON ({err}); {hint}") from err
+        location = where() if callable(where) else where
+        raise BadRecordError(f"{location} is not JSON ({err}); {hint}") from err
     if isinstance(value, dict):
         value = JsonRecord(value)
         value.where = where

@@ -2,8 +2,8 @@
 
 `detect_cluster` reads the launcher's environment into a `ClusterSpec` (which process this
 is, how many there are, who coordinates); `initialize_distributed` hands it to
-`jax.distributed.initialize`. Precedence: explicit `PHI4_*` variables, a Kubernetes Indexed
-Job (`PHI4_*` from the manifest plus `JOB_COMPLETION_INDEX`), SLURM, TPU, one process.
+`jax.distributed.initialize`. Precedence: explicit `PHI4_*` variables, a Kubernetes JobSet's
+Indexed Job (`PHI4_*` from the manifest plus `JOB_COMPLETION_INDEX`), SLURM, TPU, one process.
 SLURM and TPU are left to JAX's own detection; the spec mirrors what JAX will pick, so it
 can be logged (and checked) before start-up.
 """
@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import jax
 from absl import logging
+
+from phi4_jax.errors import Phi4Error
 
 Source = Literal["single", "slurm", "k8s", "tpu", "explicit"]
 
@@ -36,13 +38,13 @@ _TPU_PORT = 8482
 
 _EXPLICIT_FIX = (f"set {COORDINATOR_VAR}=host:port, {NUM_PROCESSES_VAR} and {PROCESS_ID_VAR} "
                  "together on every process (see launch/README.md)")
-_K8S_FIX = (f"the Indexed Job must set {COORDINATOR_VAR}=<job>-0.<service>:<port> and "
+_K8S_FIX = (f"the JobSet's Indexed Job must set {COORDINATOR_VAR}=<jobset>-workers-0-0.<jobset>:<port> and "
             f"{NUM_PROCESSES_VAR}=<completions>, 1 for independent single-process pods "
-            "(see launch/k8s_indexed_job.yaml)")
+            "(see launch/k8s_jobset.yaml)")
 _SLURM_FIX = "start every task with srun (see launch/slurm.sbatch)"
 
 
-class ClusterEnvError(ValueError):
+class ClusterEnvError(Phi4Error, ValueError):
     """The environment describes an incomplete or impossible cluster; the message says the fix."""
 
 

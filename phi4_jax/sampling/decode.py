@@ -8,9 +8,18 @@ shardings and the rows split over the batch axes. Each row samples with its own 
 prompt alone: the same whichever batch it is in or how large that batch is.
 
 Sampling: temperature (0 = greedy argmax), then top-k, then top-p (nucleus) on the
-temperature-scaled distribution. Returned log-probabilities are of the model's own
-distribution (temperature 1, no truncation), as policy-gradient and search code need.
-A row stops after emitting a stop id; later slots hold `pad_id` with mask 0.
+temperature-scaled distribution, then a draw: `gumbel` (`jax.random.categorical`, one random
+number per vocabulary entry) or `inverse_cdf` (one uniform per row placed in the cumulative
+distribution: the same distribution from far fewer random bits, about 4x faster sampling
+steps on CPU at Phi-4's 100k vocabulary; the tokens differ from `gumbel`'s for a key).
+Returned log-probabilities are of the model's own distribution (temperature 1, no
+truncation), as policy-gradient and search code need. A row stops after emitting a stop id;
+later slots hold `pad_id` with mask 0.
+
+Many rows that share a prompt (rollouts of one question in Pivotal Token Search) prefill it
+once: `prefill` computes its cache for one row, and `generate_from_shared` broadcasts that
+cache to every row, writes each row's own (left-padded) suffix after it and decodes as
+`generate` does, with a per-row budget of new tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from phi4_jax.model.config import ModelConfig
 from phi4_jax.model.kv_cache import KVCache
 
 
+DRAWS = ("gumbel", "inverse_cdf")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when a row is done."""
@@ -39,6 +51,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    draw: str = "gumbel"  # or 'inverse_cdf'
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -46,6 +59,8 @@ class SamplingParams:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0, top_p={self.top_p} in "
                              f"(0, 1] and top_k={self.top_k} >= 0 (0 = off).")
+        if self.draw not in DRAWS:
+            raise ValueError(f"draw={self.draw!r}: choose one of {DRAWS}.")
 
 
 @struct.dataclass
@@ -97,7 +112,15 @@ def next_tokens(logits_BV: jax.Array, keys_B: jax.Array, params: SamplingParams)
     if params.temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     filtered = _filtered_logits(logits_BV.astype(jnp.float32), params)
-    return jax.vmap(jax.random.categorical)(keys_B, filtered).astype(jnp.int32)
+    if params.draw == "gumbel":
+        return jax.vmap(jax.random.categorical)(keys_B, filtered).astype(jnp.int32)
+    probs_BV = jax.nn.softmax(filtered, axis=-1)
+    cdf_BV = jnp.cumsum(probs_BV, axis=-1)
+    u_B = jax.vmap(jax.random.uniform)(keys_B) * cdf_BV[:, -1]  # scaled: rounding leaves no gap
+    # The first entry whose cumulative mass exceeds u; excluded tokens have zero width.
+    index_B = jax.vmap(lambda cdf, u: jnp.searchsorted(cdf, u, side="right"))(cdf_BV, u_B)
+    last_B = probs_BV.shape[-1] - 1 - jnp.argmax((probs_BV > 0)[:, ::-1], axis=-1)
+    return jnp.minimum(index_B, last_B).astype(jnp.int32)
 
 
 def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
@@ -113,6 +136,49 @@ def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
     n = sampling.max_new_tokens
     cache = KVCache.zeros(cfg, b, p + n)
     logits_BPV, cache = model.forward(tokens_BP, prompt["positions"], prompt["segment_ids"], cache)
+    return _decode(model, logits_BPV[:, -1], cache, prompt["positions"][:, -1] + 1, row_keys,
+                   jnp.full((b,), n, jnp.int32), sampling)
+
+
+def prefill(params: Any, prompt: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+            cfg: ModelConfig) -> KVCache:
+    """The cache of one left-padded prompt [1, P] (`left_pad`), exactly P slots long, for
+    `generate_from_shared` to broadcast to many rows."""
+    model = nnx.merge(graphdef, params)
+    cache = KVCache.zeros(cfg, 1, prompt["tokens"].shape[1])
+    return model.forward(prompt["tokens"], prompt["positions"], prompt["segment_ids"], cache)[1]
+
+
+def generate_from_shared(params: Any, shared: KVCache, suffix: dict[str, jax.Array],
+                         row_keys: jax.Array, budgets: jax.Array, *, graphdef: nnx.GraphDef,
+                         cfg: ModelConfig, sampling: SamplingParams) -> Generation:
+    """Continues rows that share a prompt whose cache `prefill` computed once.
+
+    The shared cache [1, P] is broadcast to the B rows, each row's own suffix [B, L]
+    (left-padded, non-empty, `positions` continuing the shared prompt's) is written after
+    it, and each row then emits up to `budgets[b]` (<= `max_new_tokens`) tokens. A row's
+    tokens are those `generate` gives the same row key for the shared prompt followed by
+    the row's suffix.
+    """
+    model = nnx.merge(graphdef, params)
+    b, length = suffix["tokens"].shape
+    p = shared.segment_ids_BS.shape[1]
+    empty = KVCache.zeros(cfg, b, p + length + sampling.max_new_tokens)
+    cache = KVCache(empty.k_LBSKH.at[:, :, :p].set(shared.k_LBSKH),  # [L, 1, P] -> [L, B, P]
+                    empty.v_LBSKH.at[:, :, :p].set(shared.v_LBSKH),
+                    empty.segment_ids_BS.at[:, :p].set(shared.segment_ids_BS),
+                    jnp.asarray(p, jnp.int32))
+    logits_BLV, cache = model.forward(suffix["tokens"], suffix["positions"],
+                                      suffix["segment_ids"], cache)
+    return _decode(model, logits_BLV[:, -1], cache, suffix["positions"][:, -1] + 1, row_keys,
+                   jnp.minimum(budgets, sampling.max_new_tokens).astype(jnp.int32), sampling)
+
+
+def _decode(model, logits_BV: jax.Array, cache: KVCache, position_B: jax.Array,
+            row_keys: jax.Array, budget_B: jax.Array, sampling: SamplingParams) -> Generation:
+    """The token-by-token loop after a prefill: row b emits until a stop id or `budget_B[b]`
+    tokens, and the loop ends when every row has stopped."""
+    b, n = logits_BV.shape[0], sampling.max_new_tokens
     stops = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
 
     def emit(carry):
@@ -125,7 +191,7 @@ def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
         token_B = jnp.where(live_B, token_B, sampling.pad_id)
         out = (out[0].at[:, i].set(token_B), out[1].at[:, i].set(jnp.where(live_B, log_prob_B, 0.)),
                out[2].at[:, i].set(live_B.astype(jnp.int32)))
-        done_B = done_B | jnp.isin(token_B, stops)
+        done_B = done_B | jnp.isin(token_B, stops) | (i + 1 >= budget_B)
         step_logits, cache = model.forward(token_B[:, None], position_B[:, None],
                                            live_B[:, None].astype(jnp.int32), cache)
         return i + 1, step_logits[:, 0], cache, position_B + 1, done_B, out
@@ -135,8 +201,7 @@ def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
 
     out = (jnp.full((b, n), sampling.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
            jnp.zeros((b, n), jnp.int32))
-    start = (jnp.zeros((), jnp.int32), logits_BPV[:, -1], cache, prompt["positions"][:, -1] + 1,
-             jnp.zeros((b,), bool), out)
+    start = (jnp.zeros((), jnp.int32), logits_BV, cache, position_B, budget_B <= 0, out)
     tokens, log_probs, mask = jax.lax.while_loop(running, emit, start)[-1]
     return Generation(tokens, log_probs, mask, mask.sum(axis=-1))
 
@@ -152,3 +217,11 @@ def row_keys(seed: int, row_ids: Sequence[int]) -> jax.Array:
 def compiled_generate(graphdef: nnx.GraphDef, cfg: ModelConfig, sampling: SamplingParams):
     """`generate` jitted for one sampling setup (shapes compile on first use)."""
     return jax.jit(functools.partial(generate, graphdef=graphdef, cfg=cfg, sampling=sampling))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_shared(graphdef: nnx.GraphDef, cfg: ModelConfig, sampling: SamplingParams):
+    """(`prefill`, `generate_from_shared`) jitted for one sampling setup."""
+    return (jax.jit(functools.partial(prefill, graphdef=graphdef, cfg=cfg)),
+            jax.jit(functools.partial(generate_from_shared, graphdef=graphdef, cfg=cfg,
+                                      sampling=sampling)))

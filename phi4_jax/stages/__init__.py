@@ -1,10 +1,14 @@
-"""The training stages, by the name `config.stage` gives them; each runs on the one engine."""
+"""What `config.stage` names: a training stage, which runs on the one engine, or a job that
+trains nothing (Pivotal Token Search), which runs on its own; `run` starts either."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import ml_collections
 
 from phi4_jax.config_base import ConfigError
+from phi4_jax.search import job as pts_job
 from phi4_jax.stages.dpo import DPO
 from phi4_jax.stages.grpo import GRPO
 from phi4_jax.stages.pretrain import Pretrain
@@ -14,15 +18,22 @@ from phi4_jax.train.stage import Stage
 
 # Stage objects are built per run: they hold host-side counters and precomputed scores.
 STAGES: dict[str, type[Stage]] = {"pretrain": Pretrain, "sft": SFT, "dpo": DPO, "grpo": GRPO}
+# Jobs that train nothing: name -> runner(config, workdir) -> a list of result dicts.
+JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], list[dict]]] = {
+    "pts_search": pts_job.run}
 
 
 def stage_for(config: ml_collections.ConfigDict) -> Stage:
     if config.stage not in STAGES:
-        raise ConfigError(f"stage={config.stage!r}: choose one of {', '.join(STAGES)}.")
+        raise ConfigError(f"stage={config.stage!r}: choose one of "
+                          f"{', '.join([*STAGES, *JOBS])}.")
     return STAGES[config.stage]()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         stop_at_step: int | None = None) -> list[dict[str, float]]:
-    """Trains the stage `config.stage` names; see `train.loop.train`."""
+    """Runs the job `config.stage` names, or trains the stage it names (see
+    `train.loop.train`; `stop_at_step` applies to training only)."""
+    if config.stage in JOBS:
+        return JOBS[config.stage](config, workdir)
     return loop.train(config, workdir, stage_for(config), stop_at_step)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from phi4_jax.config_base import ConfigError
-from phi4_jax.data import pipeline, preference
+from phi4_jax.data import bad_records, pipeline, preference
 from phi4_jax.data.chat import Counts
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.losses.lm import sequence_log_probs
@@ -139,11 +139,9 @@ def _pair_rows(name, records: grain.MapDataset, cfg, *, split, example, referenc
                ) -> grain.IterDataset:
     """One source's pair rows; with precomputed reference log-probs, records arrive as
     (index, record) and each row carries its pair's `reference_log_probs`."""
-    if reference is None:
-        rows = records.map(example)
-    else:
-        rows = records.map(functools.partial(reference_scores.attach, reference[name, split],
-                                             example))
+    if reference is not None:
+        example = functools.partial(reference_scores.attach, reference[name, split], example)
+    rows = bad_records.convert(name, records, example, cfg["sources"][name])
     read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
                                      prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
     return rows.filter(lambda r: r is not None).to_iter_dataset(read_options)

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from phi4_jax.config_base import ConfigError
-from phi4_jax.data import pipeline, reasoning, synthetic
+from phi4_jax.data import bad_records, pipeline, reasoning, synthetic
 from phi4_jax.data.chat import Counts, where
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import load_tokenizer
@@ -178,7 +178,8 @@ def problem_row(record, *, tokenizer, fmt, prompt_len: int, counts: Counts):
 
 
 def _problem_rows(name, records: grain.MapDataset, cfg, *, example) -> grain.IterDataset:
-    return records.map(example).filter(lambda r: r is not None).to_iter_dataset()
+    examples = bad_records.convert(name, records, example, cfg["sources"][name])
+    return examples.filter(lambda r: r is not None).to_iter_dataset()
 
 
 def _row_keys(seed: int, step: int, questions, group_size: int) -> jax.Array:

@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from phi4_jax.config_base import ConfigError
-from phi4_jax.data import mixture, sources
+from phi4_jax.data import bad_records, mixture, sources
 from phi4_jax.data.sources import SYNTHETIC_KINDS
 from phi4_jax.parallel.sharding import logical_rules
 from phi4_jax.train.state import Run, to_global_batch
@@ -75,19 +75,21 @@ def load_or_compute(run: Run, example: Callable, score: Callable,
 def _score_source(run: Run, name: str, split: str, example: Callable, score: Callable,
                   params: Any) -> np.ndarray:
     data = run.config.data
-    records = sources.open_records(name, data.sources[name].to_dict(), seed=data.seed, split=split,
+    spec = data.sources[name].to_dict()
+    records = sources.open_records(name, spec, seed=data.seed, split=split,
                                    eval_holdout=data.eval_holdout)
+    examples = bad_records.convert(name, records, example, spec)  # bad ones are None
     count, index = jax.process_count(), jax.process_index()
     local = run.config.train.global_batch // count
     table = np.full((len(records), 2), np.nan, np.float32)
     mine = list(range(index, len(records), count))
     steps = -(-len(range(0, len(records), count)) // local)  # the busiest process's batches
-    filler = _any_rows(records, example)
+    filler = _any_rows(examples)
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
         scorer = jax.jit(score, in_shardings=(run.state_shardings.params, run.batch_sharding))
         for step in range(steps):
             ids = mine[step * local:(step + 1) * local]
-            rows = {i: example(records[i]) for i in ids}
+            rows = {i: examples[i] for i in ids}
             kept = [i for i in ids if rows[i] is not None]
             batch = _stacked([rows[i] for i in kept], local, like=filler)
             out = multihost_utils.process_allgather(
@@ -96,10 +98,10 @@ def _score_source(run: Run, name: str, split: str, example: Callable, score: Cal
     return table
 
 
-def _any_rows(records, example) -> Mapping[str, np.ndarray]:
+def _any_rows(examples) -> Mapping[str, np.ndarray]:
     """Rows of some pair, to pad a process's last batch (padded rows are never read)."""
-    for i in range(len(records)):
-        if (rows := example(records[i])) is not None:
+    for i in range(len(examples)):
+        if (rows := examples[i]) is not None:
             return rows
     raise ConfigError("a preference source yields no pair that fits train.seq_len.")
 

@@ -12,7 +12,7 @@ import functools
 
 import grain
 
-from phi4_jax.data import chat, pipeline
+from phi4_jax.data import bad_records, chat, pipeline
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.stages.pretrain import Pretrain
 from phi4_jax.train.state import Run
@@ -38,7 +38,8 @@ def _conversation_rows(name, records: grain.MapDataset, cfg, *, seq_len: int, tr
     example = functools.partial(chat.sft_example, tokenizer=load_tokenizer("phi4"),
                                 seq_len=seq_len, truncation=truncation, counts=counts,
                                 reasoning_format=reasoning_format)
-    examples = records.map(example).filter(lambda e: e is not None)
+    examples = bad_records.convert(name, records, example, cfg["sources"][name])
+    examples = examples.filter(lambda e: e is not None)
     read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
                                      prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
     return chat.pack_examples(examples.to_iter_dataset(read_options), seq_len)

@@ -1,11 +1,11 @@
 """The one training loop every stage runs: the side effects (data, metrics, checkpoints,
 signals) around the pure step, with the stage's loss, batches and frozen state plugged in.
 
-Start-up, cheapest check first: config -> mesh -> memory estimate -> the stage's checks ->
-initial checkpoint located and checked (metadata only) -> abstract state and shardings ->
-frozen state and data -> the state, restored from the newest complete checkpoint of the
-workdir, else from `init_from`'s parameters, else freshly initialized, always in its
-shards -> train.
+Start-up, cheapest check first: workdir -> config -> mesh -> memory estimate -> the stage's
+checks -> the workdir's checkpoints checked (a finished run stops here) -> initial checkpoint
+located and checked (metadata only) -> abstract state and shardings -> frozen state and data
+-> the state, restored from the newest intact checkpoint of the workdir, else from
+`init_from`'s parameters, else freshly initialized, always in its shards -> train.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import signal
+import threading
 import time
 from typing import Any
 
@@ -21,9 +22,10 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
+from phi4_jax.data import bad_records
 from phi4_jax.errors import Phi4Error
 from phi4_jax.parallel.sharding import logical_rules
-from phi4_jax.train import flops, initial_params
+from phi4_jax.train import flops, initial_params, workdir as workdir_lib
 from phi4_jax.train.checkpoint import Checkpointer
 from phi4_jax.train.metrics import MetricsWriter
 from phi4_jax.train.optimizer import learning_rate_schedule
@@ -54,26 +56,33 @@ def compile_steps(run: Run, stage: Stage, frozen: Any):
 
 
 class _StopSignal:
-    """Turns SIGTERM (preemption) into a flag the loop checks between steps.
+    """Turns SIGTERM (preemption) and Ctrl-C (SIGINT) into a flag the loop checks between
+    steps: it saves a checkpoint and exits cleanly. A second Ctrl-C aborts at once
+    (KeyboardInterrupt, nothing more saved).
 
     Single-process only: on multi-host runs JAX's preemption service catches SIGTERM itself
     and `reached_preemption` agrees on one step for every host, which a per-host flag cannot
-    (and a Python handler would displace the service's own).
+    (and a Python handler would displace the service's own); Ctrl-C there aborts.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
-        self.received = False
-        self._previous = None
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received = ""  # the signal's name once one arrived
+        self._previous = {}
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
-        self.received = True
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logging.warning("%s received: saving a checkpoint after this step, then exiting "
+                        "(Ctrl-C again aborts without saving).", self.received)
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
@@ -139,40 +148,75 @@ def _restore_or_init(run: Run, checkpointer: Checkpointer, data_iter,
     return state
 
 
+def _finished(checkpointer: Checkpointer, workdir: str, steps: int) -> bool:
+    """True, with one line saying how to go on, when the workdir's run reached `steps`."""
+    latest = checkpointer.latest_step()
+    if latest is None or latest < steps:
+        return False
+    logging.warning("The run in %s is finished: its newest checkpoint is at step %d of "
+                    "train.steps=%d. To train on, run again with --config.train.steps=N for some "
+                    "N > %d; to start over, choose another --workdir.", workdir, latest, steps,
+                    latest)
+    return True
+
+
+def _summary(history: list[dict[str, float]], step: int, steps: int) -> str:
+    """The end-of-run line: where it stopped, the last losses, any skipped bad records."""
+    last = {key: h[key] for key in ("loss", "eval_loss") for h in history if key in h}
+    parts = [f"Run ended at step {step} of {steps}"]
+    parts += [f"last {key} {value:.4g}" for key, value in last.items()]
+    if skipped := bad_records.counts():
+        parts.append("bad records skipped: " + ", ".join(f"{n} in data.sources.{name}"
+                                                         for name, n in skipped.items())
+                     + " (each is named in the log)")
+    return "; ".join(parts) + "."
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
           stop_at_step: int | None = None) -> list[dict[str, float]]:
     """Runs `stage` to `train.steps` (or to `stop_at_step`, checkpointing there), resuming if
     `workdir` has checkpoints; returns the logged metrics, one dict per log or eval step."""
+    workdir_lib.prepare(workdir)
+    bad_records.reset()
     run = build_run(config, sequences_per_row=stage.sequences_per_row(config))
     stage.check_config(config)
-    if description := stage.describe(config):
-        logging.info("%s", description)
-    load_initial = _initial_params_loader(run, stage.name)
-    shard = DataShard(config.train.global_batch // jax.process_count(), jax.process_index(),
-                      jax.process_count())
-    frozen = stage.frozen(run, load_initial, workdir)
-    data_iter = stage.train_batches(run, shard)
-    eval_batches = [to_global_batch(b, run.batch_sharding)
-                    for b in stage.eval_batches(run, shard)]
+    load_initial = _initial_params_loader(run, stage.name)  # init_from checked before any write
     checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                 every_steps=config.checkpoint.every_steps,
                                 async_save=config.checkpoint.async_save)
-    state = _restore_or_init(run, checkpointer, data_iter, load_initial)
-    writer = MetricsWriter(workdir, enabled=config.log.tensorboard,
-                           progress=config.log.progress_bar, total_steps=config.train.steps)
-    stop = _StopSignal()
+    data_iter, writer, stop = None, None, None
     try:
+        if _finished(checkpointer, workdir, config.train.steps):
+            return []
+        if description := stage.describe(config):
+            logging.info("%s", description)
+        shard = DataShard(config.train.global_batch // jax.process_count(), jax.process_index(),
+                          jax.process_count())
+        frozen = stage.frozen(run, load_initial, workdir)
+        data_iter = stage.train_batches(run, shard)
+        eval_batches = [to_global_batch(b, run.batch_sharding)
+                        for b in stage.eval_batches(run, shard)]
+        state = _restore_or_init(run, checkpointer, data_iter, load_initial)
+        writer = MetricsWriter(workdir, enabled=config.log.tensorboard,
+                               progress=config.log.progress_bar, total_steps=config.train.steps)
+        stop = _StopSignal()
         with jax.set_mesh(run.mesh), logical_rules(run.rules):
             train_fn, eval_fn = compile_steps(run, stage, frozen)
             loop = _Loop(run, stage, frozen, train_fn, eval_fn, eval_batches, checkpointer,
                          writer, stop)
-            return loop.steps(state, data_iter, stop_at_step or config.train.steps)
+            history = loop.steps(state, data_iter, stop_at_step or config.train.steps)
+        checkpointer.wait()
+        logging.info("%s", _summary(history, loop.step, config.train.steps))
+        return history
     finally:
-        stop.restore()
-        writer.close()
+        if stop is not None:
+            stop.restore()
+        if writer is not None:
+            writer.close()
         checkpointer.wait()
         checkpointer.close()
-        data_iter.close()
+        if data_iter is not None:
+            data_iter.close()
 
 
 class _Loop:
@@ -184,17 +228,21 @@ class _Loop:
         self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
         self.checkpointer, self.writer, self.stop = checkpointer, writer, stop
         self.tokens_per_step = stage.tokens_per_step(run.config)
+        self.step = 0  # the last step run
 
     def evaluate(self, step: int, params) -> dict[str, float]:
+        """The step's eval scores ({} when there is nothing to evaluate)."""
         scores = evaluate(self.eval_fn, params, self.frozen, self.eval_batches)
         scores.update(self.stage.evaluate(self.run, params, self.frozen))
+        if not scores:
+            return {}
         self.writer.write(step, scores)
         return {"step": step, **scores}
 
     def steps(self, state: TrainState, data_iter, last_step: int) -> list[dict[str, float]]:
         config, checkpointer = self.run.config, self.checkpointer
         meta = {"seed": config.seed, "data_seed": config.data.seed}
-        step = int(state.step)
+        step = self.step = int(state.step)
         pending, history = None, []
         if step == 0 and config.eval.at_start:
             history.append(self.evaluate(0, state.params))
@@ -207,9 +255,11 @@ class _Loop:
                 host_metrics.setdefault(key, []).append(value)
             batch = to_global_batch(batch, self.run.batch_sharding)
             state, metrics = self.train_fn(state, batch, self.frozen)
+            checkpointer.check()  # a failed background save stops the run now
             if pending is not None:  # read the previous step's metrics while this one runs
                 _check_finite(_to_host(pending), step, checkpointer)
             pending, step, window_steps = metrics, step + 1, window_steps + 1
+            self.step = step
             self.writer.advance(step)
             if step % config.log.every_steps == 0 or step == config.train.steps:
                 logged = _to_host(pending)
@@ -218,17 +268,22 @@ class _Loop:
                                           time.perf_counter() - window_start))
                 logged.update({key: sum(v) / len(v) for key, v in host_metrics.items()})
                 host_metrics = {}
+                logged.update({f"bad_records/{name}": float(n)
+                               for name, n in bad_records.counts().items()})
                 self.writer.write(step, logged)
                 history.append({"step": step, **logged})
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.eval.every_steps == 0 or step == config.train.steps:
-                history.append(self.evaluate(step, state.params))
+                if scores := self.evaluate(step, state.params):
+                    history.append(scores)
             preempted = self.stop.received or checkpointer.reached_preemption(step)
             final = step >= min(last_step, config.train.steps)
             if preempted or final or checkpointer.should_save(step):
                 _check_finite(_to_host(pending), step, checkpointer)  # never save a NaN state
                 checkpointer.save(step, state, data_iter, meta, force=preempted or final)
             if preempted:
-                logging.warning("Stopped at step %d for preemption; checkpoint saved.", step)
+                checkpointer.wait()
+                logging.warning("Stopped at step %d (%s); checkpoint saved.", step,
+                                self.stop.received or "preemption")
                 break
         return history

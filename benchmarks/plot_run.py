@@ -1,0 +1,76 @@
+r"""A run's loss and eval-loss curves, read from its TensorBoard event files, as a PNG.
+
+  pip install -e ".[plot]"   # matplotlib
+  python benchmarks/plot_run.py /tmp/phi4 --out docs/tiny_run.png
+
+Every event file of `<workdir>/tensorboard` is read (a resumed run writes one per start);
+a later file's value wins for a step logged twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+from pathlib import Path
+
+from tensorboardX.proto import event_pb2
+
+
+def _records(path: Path):
+    """The payloads of a TFRecord file (TensorBoard's event format)."""
+    data, offset = path.read_bytes(), 0
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        yield data[offset + 12:offset + 12 + length]
+        offset += 16 + length
+
+
+def read_scalars(workdir: str | Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value over every event file of the run, oldest first."""
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(Path(workdir, "tensorboard").glob("events.out.tfevents.*")):
+        for payload in _records(path):
+            event = event_pb2.Event.FromString(payload)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def plot(scalars: dict[str, dict[int, float]], out: str | Path, title: str) -> None:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for tag, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss (held out)", "o-")):
+        points = sorted(scalars.get(tag, {}).items())
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", help="the run's --workdir")
+    parser.add_argument("--out", default="run.png", help="the PNG to write")
+    parser.add_argument("--title", default="", help="plot title (default: the workdir)")
+    args = parser.parse_args()
+    scalars = read_scalars(args.workdir)
+    if "loss" not in scalars:
+        raise SystemExit(f"error: no 'loss' scalars under {args.workdir}/tensorboard; was the run "
+                         "started with --config.log.tensorboard=False?")
+    plot(scalars, args.out, args.title or str(args.workdir))
+    print(f"wrote {args.out}: {len(scalars['loss'])} loss and "
+          f"{len(scalars.get('eval_loss', {}))} eval-loss points")
+
+
+if __name__ == "__main__":
+    main()
