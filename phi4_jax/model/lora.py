@@ -149,6 +149,27 @@ def project(x: jax.Array, kernel: nnx.Param, equation: str, adapters: Mapping[st
     return y if adapter is None else y + adapter(x, adapter_ids_B)
 
 
+def split(params: Mapping) -> tuple[dict, dict]:
+    """(adapters, backbone): a pure-dict parameter tree cut at its `adapters` entries, the
+    trained half and the frozen half, each a nested dict of the same structure."""
+    adapters, backbone = {}, {}
+    for key, value in params.items():
+        if key == "adapters":
+            adapters[key] = value
+        elif isinstance(value, Mapping):
+            inner_adapters, backbone[key] = split(value)
+            if inner_adapters:
+                adapters[key] = inner_adapters
+        else:
+            backbone[key] = value
+    return adapters, backbone
+
+
+def zeroed(adapters: Any) -> Any:
+    """Adapters whose update is exactly zero: the backbone's own forward, with no weight copy."""
+    return jax.tree.map(jnp.zeros_like, adapters)
+
+
 def join(adapters: Mapping, backbone: Mapping) -> dict:
     """One parameter tree (nested dicts) from the adapter and backbone halves."""
     joined = dict(backbone)
