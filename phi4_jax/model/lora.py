@@ -170,6 +170,13 @@ def zeroed(adapters: Any) -> Any:
     return jax.tree.map(jnp.zeros_like, adapters)
 
 
+def as_backbone(params: Mapping) -> dict:
+    """The whole model's parameters with every adapter zeroed: the frozen backbone's own
+    forward (a DPO or KL reference) from the same arrays, no copy of its weights."""
+    adapters, backbone = split(params)
+    return join(zeroed(adapters), backbone)
+
+
 def join(adapters: Mapping, backbone: Mapping) -> dict:
     """One parameter tree (nested dicts) from the adapter and backbone halves."""
     joined = dict(backbone)

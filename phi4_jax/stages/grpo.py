@@ -29,6 +29,7 @@ from phi4_jax.data.chat import Counts, where
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.losses.policy_gradient import group_advantages, grpo_sums
+from phi4_jax.model import lora
 from phi4_jax.sampling import decode
 from phi4_jax.sampling.scoring import target_log_probs
 from phi4_jax.stages.pretrain import Pretrain
@@ -60,7 +61,8 @@ def grpo_loss(params, batch, frozen, *, graphdef, chunk_tokens, clip_low, clip_h
     score = functools.partial(target_log_probs, graphdef=graphdef, batch=flat,
                               chunk_tokens=chunk_tokens)
     log_probs = score(params)
-    reference = jax.lax.stop_gradient(score(frozen))
+    # `frozen` is the starting model, or None under LoRA: the backbone, adapters zeroed
+    reference = jax.lax.stop_gradient(score(lora.as_backbone(params) if frozen is None else frozen))
     return grpo_sums(log_probs, flat["old_log_probs"], reference,
                      batch["advantages"].reshape(p * g), flat["loss_mask"], clip_low=clip_low,
                      clip_high=clip_high, kl_coef=kl_coef, normalization=normalization)
@@ -100,7 +102,8 @@ class GRPO(Pretrain):
         return []
 
     def frozen(self, run: Run, initial_params, workdir: str) -> Any:
-        return initial_params()  # the reference model of the KL term
+        """The reference model of the KL term; under LoRA the frozen backbone already is."""
+        return None if run.model_cfg.lora else initial_params()
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
         prompt_len = run.config.train.seq_len + 1 - run.config.grpo.max_new_tokens
