@@ -18,6 +18,7 @@ from phi4_jax.data import reasoning
 from phi4_jax.data.chat import TRUNCATION
 from phi4_jax.data.preference import PAIR_FORMATS
 from phi4_jax.data.sources import SPEC_DEFAULTS
+from phi4_jax.data.tokenizer import TOKENIZER_NAMES, vocab_size_of
 from phi4_jax.errors import Phi4Error
 from phi4_jax.losses.policy_gradient import NORMALIZATIONS
 from phi4_jax.losses.preference import VARIANTS
@@ -242,6 +243,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora.rank",
              rank, "give an integer >= 0 (0 trains the whole model, no adapters).")
     model_cfg = build_model_config(config)
+    vocabularies = {vocab_size_of(name): name for name in TOKENIZER_NAMES}
+    _require(model_cfg.vocab_size in vocabularies, "model.size", config.model.size,
+             f"its vocabulary of {model_cfg.vocab_size} matches no tokenizer "
+             f"({vocabularies}); choose a size with one of those.")
     t = config.train
     for key in ("seq_len", "global_batch", "microbatches", "steps", "loss_chunk_tokens"):
         _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],

@@ -140,6 +140,16 @@ def vocab_size_of(name: str) -> int:
     return _SPECS[name].vocab_size
 
 
+def tokenizer_for_vocab(vocab_size: int) -> str:
+    """The tokenizer a model's embedding is sized for, so `model.size` alone picks it
+    (phi-4's 100,352 rows: 'phi4'; Phi-4-mini's 200,064: 'phi4-mini')."""
+    names = [name for name, spec in _SPECS.items() if spec.vocab_size == vocab_size]
+    if not names:
+        raise ValueError(f"no tokenizer has a vocabulary of {vocab_size} rows; the sizes are "
+                         f"{ {name: spec.vocab_size for name, spec in _SPECS.items()} }")
+    return names[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatEncoding:
     """Token ids of a ChatML conversation and a 0/1 mask of the ids a model is trained to emit."""

@@ -153,9 +153,10 @@ PHI4_MINI_LONG_ROPE = LongRoPE(
                  32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77),
     original_max_positions=4096, max_positions=131072)
 # mini-tiny's LongRoPE: illustrative factors (not released numbers) rising like the release's,
-# with an original context of 128 so a CPU run crosses it.
+# with an original context of 128 so a CPU run crosses it, extended to the run configs'
+# default 4096 positions.
 MINI_TINY_LONG_ROPE = LongRoPE(short_factor=(1.0,) * 6, long_factor=(1.0, 1.5, 2.5, 4.0, 6.0, 8.0),
-                               original_max_positions=128, max_positions=1024)
+                               original_max_positions=128, max_positions=4096)
 
 # Named sizes. phi4-14b and phi4-mini are the released geometries (rope base of the
 # released 16K phi-4; the 4K pretraining base is set by configs/pretrain.py). The research
@@ -178,7 +179,7 @@ _SIZES: dict[str, dict] = {
     "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=192,
                  vocab_size=100352, max_positions=1024),
     "mini-tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=192,
-                      vocab_size=200064, max_positions=1024, rotary_fraction=0.75,
+                      vocab_size=200064, max_positions=4096, rotary_fraction=0.75,
                       tie_embeddings=True, long_rope=MINI_TINY_LONG_ROPE),
 }
 

@@ -24,7 +24,6 @@ import numpy as np
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, pipeline, preference
 from phi4_jax.data.chat import Counts
-from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.losses.lm import sequence_log_probs
 from phi4_jax.losses.preference import dpo_losses, weighted_sums
 from phi4_jax.model import lora
@@ -100,7 +99,7 @@ class DPO(Pretrain):
     def example_fn(self, run: Run, counts: Counts):
         """record -> the pair's rows (or None when over-long, counted in `counts`)."""
         d = run.config.dpo
-        tokenizer = load_tokenizer("phi4")
+        tokenizer = run.tokenizer
         make_rows = preference.pivotal_rows if d.pair_format == "pivotal_token" else \
             preference.sequence_rows
         weighting = preference.JudgeWeighting(d.judge_weighting, d.judge_margin_scale,

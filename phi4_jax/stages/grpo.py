@@ -27,7 +27,6 @@ from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, pipeline, reasoning, synthetic
 from phi4_jax.data.chat import Counts, where
 from phi4_jax.data.sources import BadRecordError
-from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.losses.policy_gradient import group_advantages, grpo_sums
 from phi4_jax.model import lora
 from phi4_jax.sampling import decode
@@ -107,20 +106,20 @@ class GRPO(Pretrain):
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
         prompt_len = run.config.train.seq_len + 1 - run.config.grpo.max_new_tokens
-        example = functools.partial(problem_row, tokenizer=load_tokenizer("phi4"),
+        example = functools.partial(problem_row, tokenizer=run.tokenizer,
                                     fmt=self.reasoning_format(run.config), prompt_len=prompt_len,
                                     counts=self.counts)
         return functools.partial(_problem_rows, example=example)
 
     def sampling(self, run: Run) -> decode.SamplingParams:
-        g, tokenizer = run.config.grpo, load_tokenizer("phi4")
+        g, tokenizer = run.config.grpo, run.tokenizer
         return decode.SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                      top_k=g.top_k, top_p=g.top_p, pad_id=tokenizer.pad_id,
                                      stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id))
 
     def prepare_batch(self, run: Run, batch, params, step: int):
         """Samples G responses per problem with `params`, rewards them and lays out the rows."""
-        g, tokenizer = run.config.grpo, load_tokenizer("phi4")
+        g, tokenizer = run.config.grpo, run.tokenizer
         start = time.perf_counter()
         prompt = {key: np.repeat(batch.pop(f"prompt_{key}"), g.group_size, axis=0)
                   for key in ("tokens", "positions", "segment_ids")}

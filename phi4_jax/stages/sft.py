@@ -13,7 +13,6 @@ import functools
 import grain
 
 from phi4_jax.data import bad_records, chat, pipeline
-from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.stages.pretrain import Pretrain
 from phi4_jax.train.state import Run
 
@@ -25,7 +24,8 @@ class SFT(Pretrain):
         self.counts = chat.Counts()
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
-        return functools.partial(_conversation_rows, seq_len=run.config.train.seq_len,
+        return functools.partial(_conversation_rows, tokenizer=run.tokenizer,
+                                 seq_len=run.config.train.seq_len,
                                  truncation=run.config.sft.truncation, counts=self.counts,
                                  reasoning_format=self.reasoning_format(run.config))
 
@@ -33,9 +33,10 @@ class SFT(Pretrain):
         return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("sft")}
 
 
-def _conversation_rows(name, records: grain.MapDataset, cfg, *, seq_len: int, truncation: str,
-                       counts: chat.Counts, reasoning_format) -> grain.IterDataset:
-    example = functools.partial(chat.sft_example, tokenizer=load_tokenizer("phi4"),
+def _conversation_rows(name, records: grain.MapDataset, cfg, *, tokenizer, seq_len: int,
+                       truncation: str, counts: chat.Counts, reasoning_format
+                       ) -> grain.IterDataset:
+    example = functools.partial(chat.sft_example, tokenizer=tokenizer,
                                 seq_len=seq_len, truncation=truncation, counts=counts,
                                 reasoning_format=reasoning_format)
     examples = bad_records.convert(name, records, example, cfg["sources"][name])

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from phi4_jax.config_base import ConfigError, validate_config
+from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
 from phi4_jax.model import attention as attention_lib
 from phi4_jax.model import lora
 from phi4_jax.model.attention.check import check_attention
@@ -53,6 +54,15 @@ class Run:
     def abstract_params(self) -> Any:
         """The trained parameters: the whole model's, or only the adapters under LoRA."""
         return self.abstract_state.params
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The model size's tokenizer (phi4 or phi4-mini), from its vocabulary."""
+        return tokenizer_for_vocab(self.model_cfg.vocab_size)
+
+    @property
+    def tokenizer(self) -> Phi4Tokenizer:
+        return load_tokenizer(self.tokenizer_name)
 
     @property
     def abstract_backbone(self) -> Any:
