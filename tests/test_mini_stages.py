@@ -13,7 +13,8 @@ from phi4_jax.train import state as state_lib
 def _config(stage: str, arg: str = "tiny"):
     c = config_base.load_config(f"configs/{stage}.py", arg)
     c.model.size = "mini-tiny"
-    c.train.update(steps=1, warmup_steps=1, seq_len=192, global_batch=8)
+    # 32 positions of [B, T, 200064] float32 logits at a time keep the loss's working set small
+    c.train.update(steps=1, warmup_steps=1, seq_len=192, global_batch=8, loss_chunk_tokens=32)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
     c.eval.update(every_steps=1, batches=1, accuracy_problems=0, at_start=False)
     if stage == "grpo":
