@@ -156,6 +156,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.reasoning.system = reasoning.DEFAULT_SYSTEM
     c.reasoning.think_open = "<think>"
     c.reasoning.think_close = "</think>"
+    # The teachability filter (reasoning SFT and GRPO): before training, the first
+    # `teachable_pool` problems of each source are answered `teachable_samples` times by the
+    # starting model (sampled as grpo.* says); only those solved at a rate within
+    # [teachable_low, teachable_high] are trained on. 0 = off. The band is a choice: the
+    # report keeps prompts at the edge of the model's ability without publishing its bounds.
+    c.reasoning.teachable_pool = 0
+    c.reasoning.teachable_samples = 8
+    c.reasoning.teachable_low = 0.1
+    c.reasoning.teachable_high = 0.9
 
     # GRPO (stage 'grpo'): train.global_batch problems per step, group_size responses each.
     c.grpo = ml_collections.ConfigDict()
@@ -326,6 +335,13 @@ def _validate_post_training(config: ml_collections.ConfigDict) -> None:
              "choose 'none' or 'margin'.")
     _require(config.sft.template in ("chat", "reasoning"), "sft.template", config.sft.template,
              "choose 'chat' or 'reasoning'.")
+    r = config.reasoning
+    _require(isinstance(r.teachable_pool, int) and r.teachable_pool >= 0,
+             "reasoning.teachable_pool", r.teachable_pool, "must be an integer >= 0 (0 = off).")
+    _require(isinstance(r.teachable_samples, int) and r.teachable_samples >= 1,
+             "reasoning.teachable_samples", r.teachable_samples, "must be an integer >= 1.")
+    _require(0 <= r.teachable_low <= r.teachable_high <= 1, "reasoning.teachable_low/high",
+             (r.teachable_low, r.teachable_high), "need 0 <= low <= high <= 1.")
     g = config.grpo
     for key in ("group_size", "max_new_tokens", "top_k"):
         _require(isinstance(g[key], int) and g[key] >= 0, f"grpo.{key}", g[key],

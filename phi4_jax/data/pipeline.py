@@ -72,15 +72,17 @@ def make_iterator(
     process_count: int = 1,
     split: str = "train",
     indexed: bool = False,
+    subsets: Mapping[str, np.ndarray] | None = None,
 ) -> grain.DatasetIterator:
     """Endless iterator of this process's batches of the rows `rows_fn` makes of each source;
-    `indexed` hands it (index in the split, record) pairs instead of records."""
+    `indexed` hands it (index in the split, record) pairs instead of records; `subsets` limits
+    a source to the records at those indices of its split (e.g. the teachable problems)."""
     cfg = checked_data_config(data_cfg)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; it must be >= 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is outside [0, process_count={process_count})")
-    records = _split_records(cfg, split, process_index, process_count, indexed)
+    records = _split_records(cfg, split, process_index, process_count, indexed, subsets or {})
     weights = mixture.normalized_weights({name: cfg["mix"][name] for name in records}, records)
     rows = {name: rows_fn(name, shard, cfg) for name, shard in records.items()}
     batches = mixture.mix_rows(rows, weights).batch(batch_size, drop_remainder=True)
@@ -103,7 +105,8 @@ def make_eval_batches(
 
 
 def _split_records(cfg: CheckedDataConfig, split: str, process_index: int,
-                   process_count: int, indexed: bool) -> dict[str, grain.MapDataset]:
+                   process_count: int, indexed: bool,
+                   subsets: Mapping[str, np.ndarray]) -> dict[str, grain.MapDataset]:
     """Each positive-weight source's records for this process; for eval, only the sources that
     hold records out (a warning names the others)."""
     records = {}
@@ -111,7 +114,8 @@ def _split_records(cfg: CheckedDataConfig, split: str, process_index: int,
         if weight == 0:
             continue
         try:
-            records[name] = _shard(name, cfg, split, process_index, process_count, indexed)
+            records[name] = _shard(name, cfg, split, process_index, process_count, indexed,
+                                   subsets.get(name))
         except EmptySplitError as error:
             if split != "eval":
                 raise
@@ -186,11 +190,16 @@ def shard_records(
 
 
 def _shard(name: str, cfg: CheckedDataConfig, split: str, process_index: int,
-           process_count: int, indexed: bool = False) -> grain.MapDataset:
+           process_count: int, indexed: bool = False,
+           subset: np.ndarray | None = None) -> grain.MapDataset:
     records = sources.open_records(
         name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
     )
-    if indexed:  # grain passes indices past the end through to a repeated parent: wrap them
+    if subset is not None:  # the records at `subset`, each (when indexed) with its own index
+        picked, parent = np.asarray(subset, np.int64), records
+        records = grain.MapDataset.range(len(picked)).map(
+            lambda k: (int(picked[k]), parent[int(picked[k])]) if indexed else parent[int(picked[k])])
+    elif indexed:  # grain passes indices past the end through to a repeated parent: wrap them
         count = len(records)
         records = records.map_with_index(lambda index, record: (index % count, record))
     return _share(name, records, cfg, split, process_index, process_count)

@@ -27,10 +27,12 @@ from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, pipeline, reasoning, synthetic
 from phi4_jax.data.chat import Counts, where
 from phi4_jax.data.sources import BadRecordError
+from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.losses.policy_gradient import group_advantages, grpo_sums
 from phi4_jax.model import lora
 from phi4_jax.sampling import decode
 from phi4_jax.sampling.scoring import target_log_probs
+from phi4_jax.stages import teachability
 from phi4_jax.stages.pretrain import Pretrain
 from phi4_jax.train.state import Run
 
@@ -72,6 +74,7 @@ class GRPO(Pretrain):
 
     def __init__(self):
         self.counts = Counts()
+        self.teachable: dict[str, float] = {}
 
     def sequences_per_row(self, config: ml_collections.ConfigDict) -> int:
         return config.grpo.group_size
@@ -101,8 +104,14 @@ class GRPO(Pretrain):
         return []
 
     def frozen(self, run: Run, initial_params, workdir: str) -> Any:
-        """The reference model of the KL term; under LoRA the frozen backbone already is."""
-        return None if run.model_cfg.lora else initial_params()
+        """The reference model of the KL term (None under LoRA: the frozen backbone is it);
+        the teachability filter samples with the starting model."""
+        reference = None if run.model_cfg.lora else initial_params()
+        start = initial_params if reference is None else (lambda: reference)
+        self.subsets, self.teachable = teachability.kept_subsets(
+            run, problem_of, run.tokenizer, self.reasoning_format(run.config),
+            sampling_params(run.config, run.tokenizer), start, workdir)
+        return reference
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
         prompt_len = run.config.train.seq_len + 1 - run.config.grpo.max_new_tokens
@@ -111,12 +120,6 @@ class GRPO(Pretrain):
                                     counts=self.counts)
         return functools.partial(_problem_rows, example=example)
 
-    def sampling(self, run: Run) -> decode.SamplingParams:
-        g, tokenizer = run.config.grpo, run.tokenizer
-        return decode.SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                                     top_k=g.top_k, top_p=g.top_p, pad_id=tokenizer.pad_id,
-                                     stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id))
-
     def prepare_batch(self, run: Run, batch, params, step: int):
         """Samples G responses per problem with `params`, rewards them and lays out the rows."""
         g, tokenizer = run.config.grpo, run.tokenizer
@@ -124,7 +127,8 @@ class GRPO(Pretrain):
         prompt = {key: np.repeat(batch.pop(f"prompt_{key}"), g.group_size, axis=0)
                   for key in ("tokens", "positions", "segment_ids")}
         keys = _row_keys(run.config.seed, step, batch["question"], g.group_size)
-        generate = decode.compiled_generate(run.graphdef, run.model_cfg, self.sampling(run))
+        generate = decode.compiled_generate(run.graphdef, run.model_cfg,
+                                            sampling_params(run.config, tokenizer))
         with jax.set_mesh(run.mesh):
             out = jax.device_get(generate(params, prompt, keys))
         rewards = self.rewards(run, batch, out, tokenizer)
@@ -163,7 +167,18 @@ class GRPO(Pretrain):
                 for key, v in table.items()}
 
     def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
-        return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("grpo")}
+        return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("grpo"),
+                **self.teachable}
+
+
+def sampling_params(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer
+                    ) -> decode.SamplingParams:
+    """How GRPO (and the teachability filter) sample responses: the grpo.* keys, stopping at
+    the tokenizer's end of turn or end of text."""
+    g = config.grpo
+    return decode.SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                                 top_k=g.top_k, top_p=g.top_p, pad_id=tokenizer.pad_id,
+                                 stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id))
 
 
 def problem_row(record, *, tokenizer, fmt, prompt_len: int, counts: Counts):

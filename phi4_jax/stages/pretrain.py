@@ -35,6 +35,7 @@ def language_model_loss(params, batch, frozen, *, graphdef, chunk_tokens):
 
 class Pretrain(Stage):
     name = "pretrain"
+    subsets = None  # per source, the train-split indices to read (None: all of them)
 
     def check_config(self, config: ml_collections.ConfigDict) -> None:
         try:
@@ -58,7 +59,8 @@ class Pretrain(Stage):
     def train_batches(self, run: Run, shard: DataShard):
         return pipeline.make_iterator(run.config.data, self.rows_fn(run, "train"),
                                       batch_size=shard.batch_size, process_index=shard.index,
-                                      process_count=shard.count, indexed=self.indexed(run))
+                                      process_count=shard.count, indexed=self.indexed(run),
+                                      subsets=self.subsets)
 
     def eval_batches(self, run: Run, shard: DataShard):
         return pipeline.first_batches(run.config.data, self.rows_fn(run, "eval"),

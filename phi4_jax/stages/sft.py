@@ -12,7 +12,10 @@ import functools
 
 import grain
 
+from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, chat, pipeline
+from phi4_jax.stages import teachability
+from phi4_jax.stages.grpo import problem_of, sampling_params
 from phi4_jax.stages.pretrain import Pretrain
 from phi4_jax.train.state import Run
 
@@ -22,6 +25,21 @@ class SFT(Pretrain):
 
     def __init__(self):
         self.counts = chat.Counts()
+        self.teachable: dict[str, float] = {}
+
+    def check_config(self, config) -> None:
+        super().check_config(config)
+        if config.reasoning.teachable_pool and self.reasoning_format(config) is None:
+            raise ConfigError(f"reasoning.teachable_pool={config.reasoning.teachable_pool} needs "
+                              f"--config.sft.template=reasoning: the filter samples "
+                              f"think-then-answer responses (or set it to 0).")
+
+    def frozen(self, run: Run, initial_params, workdir: str) -> None:
+        """Nothing frozen; the teachability filter, when on, picks the problems to train on."""
+        self.subsets, self.teachable = teachability.kept_subsets(
+            run, problem_of, run.tokenizer, self.reasoning_format(run.config),
+            sampling_params(run.config, run.tokenizer), initial_params, workdir)
+        return None
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
         return functools.partial(_conversation_rows, tokenizer=run.tokenizer,
@@ -30,7 +48,8 @@ class SFT(Pretrain):
                                  reasoning_format=self.reasoning_format(run.config))
 
     def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
-        return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("sft")}
+        return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("sft"),
+                **self.teachable}
 
 
 def _conversation_rows(name, records: grain.MapDataset, cfg, *, tokenizer, seq_len: int,

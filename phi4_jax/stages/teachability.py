@@ -1,0 +1,113 @@
+"""The teachability filter of Phi-4-reasoning: train only on problems the starting model
+sometimes, but not always, solves.
+
+Before training, the first `reasoning.teachable_pool` problems of each source are each
+answered `reasoning.teachable_samples` times by the starting model (the KV-cache sampler at
+`grpo`'s temperature and filters, in the reasoning format) and checked by the verifier; the
+problems whose success rate lies in [`teachable_low`, `teachable_high`] are kept, and
+training then reads only those (`pipeline.make_iterator(subsets=...)`). Records without a
+checkable answer are handled by the source's bad-record policy. The rates are stored in
+`<workdir>/teachability/<source>.npy` (temporary name, then renamed) and reused on restart;
+the counts (pool, kept, too easy, too hard) are logged and reported with the eval metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from phi4_jax.config_base import ConfigError
+from phi4_jax.data import bad_records, mixture, sources, synthetic
+from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.tokenizer import Phi4Tokenizer
+from phi4_jax.evals.verifiable import chat_prompt
+from phi4_jax.parallel.sharding import logical_rules
+from phi4_jax.sampling import decode
+from phi4_jax.train.state import Run
+
+SAMPLE_BATCH = 64  # most responses sampled at once
+
+
+def success_rates(run: Run, params: Any, problems: list[synthetic.Exercise],
+                  tokenizer: Phi4Tokenizer, fmt: ReasoningFormat, *, samples: int,
+                  sampling: decode.SamplingParams, seed: int) -> np.ndarray:
+    """Each problem's fraction of `samples` sampled responses that the verifier accepts."""
+    if not problems:
+        return np.zeros(0)
+    prompts = [chat_prompt(ex.question, tokenizer, fmt) for ex in problems]
+    rows = [(i, j) for i in range(len(problems)) for j in range(samples)]
+    length = max(len(p) for p in prompts)
+    generate = decode.compiled_generate(run.graphdef, run.model_cfg, sampling)
+    solved, batch = np.zeros(len(problems)), min(SAMPLE_BATCH, len(rows))
+    with jax.set_mesh(run.mesh), logical_rules(run.rules):
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            padded = chunk + [chunk[-1]] * (batch - len(chunk))  # one shape for every batch
+            out = jax.device_get(generate(
+                params, decode.left_pad([prompts[i] for i, _ in padded], length, tokenizer.pad_id),
+                decode.row_keys(seed, [i * samples + j for i, j in padded])))
+            for row, (i, _) in enumerate(chunk):
+                ids = [t for t, m in zip(out.tokens[row], out.mask[row])
+                       if m and t not in sampling.stop_ids]
+                answer, _ = fmt.split(tokenizer.decode(ids))
+                solved[i] += synthetic.verify(problems[i], answer)
+    return solved / samples
+
+
+def kept_subsets(run: Run, problem_of: Callable[[Any], synthetic.Exercise],
+                 tokenizer: Phi4Tokenizer, fmt: ReasoningFormat,
+                 sampling: decode.SamplingParams, initial_params: Callable[[], Any],
+                 workdir: str) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
+    """Per positive-weight source, the indices (in its train split) of the teachable problems,
+    and the counts; (None, {}) when `reasoning.teachable_pool` is 0."""
+    r, data = run.config.reasoning, run.config.data
+    if not r.teachable_pool:
+        return None, {}
+    if jax.process_count() > 1:
+        raise ConfigError("reasoning.teachable_pool: the teachability filter samples on one "
+                          "process for now; run it on one host, or set it to 0.")
+    weights = mixture.normalized_weights(dict(data.mix), data.sources)
+    subsets, counts, params = {}, dict.fromkeys(
+        ("teachable_pool", "teachable_kept", "teachable_too_easy", "teachable_too_hard"), 0.0), None
+    for name in (n for n, w in weights.items() if w > 0):
+        path = os.path.join(workdir, "teachability", f"{name}.npz")
+        if os.path.exists(path):
+            with np.load(path) as stored:
+                indices, rates = stored["indices"], stored["rates"]
+        else:
+            params = params if params is not None else initial_params()
+            spec = data.sources[name].to_dict()
+            records = sources.open_records(name, spec, seed=data.seed, split="train",
+                                           eval_holdout=data.eval_holdout)
+            problems = bad_records.convert(name, records, problem_of, spec)  # bad ones: None
+            pool = [(i, ex) for i in range(min(r.teachable_pool, len(records)))
+                    if (ex := problems[i]) is not None]
+            logging.info("Teachability: sampling %d x %d responses for data.sources.%s.",
+                         len(pool), r.teachable_samples, name)
+            indices = np.asarray([i for i, _ in pool], np.int64)
+            rates = success_rates(run, params, [ex for _, ex in pool], tokenizer, fmt,
+                                  samples=r.teachable_samples, sampling=sampling,
+                                  seed=run.config.seed)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "wb") as f:
+                np.savez(f, indices=indices, rates=rates)
+            os.replace(path + ".tmp", path)
+        keep = (rates >= r.teachable_low) & (rates <= r.teachable_high)
+        subsets[name] = indices[keep]
+        counts["teachable_pool"] += len(rates)
+        counts["teachable_kept"] += int(keep.sum())
+        counts["teachable_too_easy"] += int((rates > r.teachable_high).sum())
+        counts["teachable_too_hard"] += int((rates < r.teachable_low).sum())
+        if not keep.any():
+            raise ConfigError(
+                f"reasoning.teachable_low/high=[{r.teachable_low}, {r.teachable_high}] keeps none "
+                f"of the {len(rates)} problems of data.sources.{name} (success rates "
+                f"{np.round(np.quantile(rates, [0, 0.5, 1]), 2).tolist() if len(rates) else []} "
+                f"min/median/max); widen the band, enlarge reasoning.teachable_pool, or start "
+                f"from a stronger model.")
+    logging.info("Teachability: %s", {k: int(v) for k, v in counts.items()})
+    return subsets, counts
