@@ -18,11 +18,13 @@ from phi4_jax.data import reasoning
 from phi4_jax.data.chat import TRUNCATION
 from phi4_jax.data.preference import PAIR_FORMATS
 from phi4_jax.data.sources import SPEC_DEFAULTS
+from phi4_jax.data.tokenizer import TOKENIZER_NAMES, vocab_size_of
 from phi4_jax.errors import Phi4Error
 from phi4_jax.losses.policy_gradient import NORMALIZATIONS
 from phi4_jax.losses.preference import VARIANTS
 
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
+from phi4_jax.model.lora import LoRAConfig
 from phi4_jax.parallel.sharding import MESH_AXES
 from phi4_jax.search.pivotal_tokens import SPLIT_RULES
 from phi4_jax.search.verifiers import TASKS
@@ -75,6 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"
     c.model.attention_block_size = 512
     c.model.remat_policy = "none"
+
+    # Low-rank adapters on a frozen backbone (phi4_jax.model.lora); rank 0 trains the whole
+    # model. Targets from q, k, v, o, gate, up, down; the first adapter is the one trained.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.targets = ("q", "k", "v", "o")
+    c.lora.adapters = ("default",)
+    c.lora.backbone_dtype = ""  # '' = model.param_dtype; 'bfloat16' halves the frozen weights
 
     c.train = ml_collections.ConfigDict()
     c.train.seq_len = 4096
@@ -213,12 +224,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The typed model config: the named size with the run's numerics and rope base."""
-    m = config.model
+    m, a = config.model, config.lora
+    adapters = LoRAConfig(rank=a.rank, alpha=a.alpha, targets=tuple(a.targets),
+                          adapters=tuple(a.adapters), backbone_dtype=a.backbone_dtype)
     return model_config_for(
         m.size, rope_theta=float(m.rope_theta), max_positions=int(m.max_positions),
         param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention_impl=m.attention_impl,
         attention_block_size=int(m.attention_block_size), remat_policy=m.remat_policy,
-        max_segments_per_row=int(config.data.max_segments_per_row))
+        max_segments_per_row=int(config.data.max_segments_per_row),
+        lora=adapters if a.rank else None)
 
 
 def _require(ok: bool, key: str, value, fix: str) -> None:
@@ -234,7 +248,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     _require(isinstance(segments, int) and not isinstance(segments, bool) and segments >= 1,
              "data.max_segments_per_row", segments,
              "give an integer >= 1 (32 is MaxText's bound; 1 = one document per row).")
+    rank = config.lora.rank
+    _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora.rank",
+             rank, "give an integer >= 0 (0 trains the whole model, no adapters).")
     model_cfg = build_model_config(config)
+    vocabularies = {vocab_size_of(name): name for name in TOKENIZER_NAMES}
+    _require(model_cfg.vocab_size in vocabularies, "model.size", config.model.size,
+             f"its vocabulary of {model_cfg.vocab_size} matches no tokenizer "
+             f"({vocabularies}); choose a size with one of those.")
     t = config.train
     for key in ("seq_len", "global_batch", "microbatches", "steps", "loss_chunk_tokens"):
         _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],

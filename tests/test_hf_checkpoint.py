@@ -280,8 +280,7 @@ def test_phi4_special_token_ids_are_the_release_roles():
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 4,
-                       "long_factor": [1.0] * 4}}, "longrope"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"sliding_window": 64}, "sliding_window"),
     ({"model_type": "llama"}, "model_type"),
@@ -304,8 +303,10 @@ def test_missing_geometry_key_is_named():
 def test_bad_save_arguments_are_refused(tmp_path):
     cfg = model_config_for("tiny", vocab_size=512, num_layers=1)
     model = init_model(cfg)
-    with pytest.raises(hf.HFCheckpointError, match="bos_token_id=100257"):
+    with pytest.raises(hf.HFCheckpointError, match="special-token ids for vocab_size=512"):
         hf.save_hf_checkpoint(model, cfg, tmp_path / "a")
+    with pytest.raises(hf.HFCheckpointError, match="bos_token_id=100257"):
+        hf.save_hf_checkpoint(model, cfg, tmp_path / "a", token_ids=hf.PHI4_TOKEN_IDS)
     with pytest.raises(hf.HFCheckpointError, match="dtype='int8'"):
         hf.save_hf_checkpoint(model, cfg, tmp_path / "a", dtype="int8", token_ids=TINY_TOKEN_IDS)
     wrong_shape = r"blocks/mlp/down_FD is \(1, 192, 64\), expected \(1, 64, 64\)"

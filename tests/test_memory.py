@@ -15,6 +15,7 @@ from phi4_jax.losses.lm import chunked_token_log_probs
 from phi4_jax.train import memory
 from phi4_jax.model.transformer import init_model
 from phi4_jax.model.config import model_config_for
+from phi4_jax.model.lora import LoRAConfig
 
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
 PHI4_PARAMS = 14_659_507_200
@@ -49,6 +50,23 @@ def test_state_is_sharded_over_fsdp_and_tensor_only(mesh):
     assert est.params == PHI4_PARAMS * 2 // 8
     assert est.grads == PHI4_PARAMS * 4 // 8
     assert est.optimizer == PHI4_PARAMS * 8 // 8
+
+
+def test_lora_counts_adapters_and_a_frozen_backbone_by_hand():
+    lora = LoRAConfig(16, 32.0, ("q", "k", "v", "o"), backbone_dtype="bfloat16")
+    cfg = model_config_for("phi4-mini", lora=lora)  # D=3072, N=24, K=8, H=128, L=32
+    adapters = 32 * 16 * ((3072 + 24 * 128) + 2 * (3072 + 8 * 128) + (24 * 128 + 3072))
+    assert adapters == 10_485_760
+    est, full = _estimate(cfg), _estimate(cfg.replace(lora=None))
+    assert (est.params, est.grads, est.optimizer) == (4 * adapters, 4 * adapters, 8 * adapters)
+    assert est.frozen == 2 * 3_836_021_760  # bf16 backbone, no gradient, no moments
+    assert full.frozen == 0 and full.params + full.grads + full.optimizer == 16 * 3_836_021_760
+    assert (est.activations, est.backward) == (full.activations, full.backward)
+    assert est.total == sum((est.params, est.frozen, est.grads, est.optimizer, est.activations,
+                             est.backward))
+    assert "frozen" in est.describe() and "frozen" not in full.describe()
+    sharded = _estimate(cfg, _mesh(fsdp=8))
+    assert sharded.frozen == 2 * 3_836_021_760 // 8
 
 
 def test_tiny_state_by_hand_and_accumulation_buffer():

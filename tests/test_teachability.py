@@ -10,6 +10,7 @@ import pytest
 
 from phi4_jax import config_base, stages
 from phi4_jax.data import pipeline, sources
+from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.stages import teachability
 from phi4_jax.stages.grpo import problem_of, sampling_params
 from phi4_jax.stages.sft import SFT
@@ -117,4 +118,4 @@ def test_reasoning_sft_samples_filters_and_trains(tmp_path):
         with np.load(tmp_path / "teachability" / f"{name}.npz") as stored:
             assert stored["indices"].tolist() == [0, 1, 2]
             assert set(stored["rates"].tolist()) <= {0.0, 0.5, 1.0}  # 2 samples each
-    assert sampling_params(c).max_new_tokens == 4
+    assert sampling_params(c, load_tokenizer("phi4")).max_new_tokens == 4

@@ -227,10 +227,11 @@ def _share(name: str, records: grain.MapDataset, cfg: dict[str, Any], split: str
 
 
 def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, Any], *,
-                         seq_len: int) -> grain.IterDataset:
-    """Pretraining rows of one source: its documents tokenized on read threads, then packed;
-    records without a document are handled by the source's bad-record policy."""
-    tokenizer = load_tokenizer("phi4")
+                         seq_len: int, tokenizer_name: str = "phi4") -> grain.IterDataset:
+    """Pretraining rows of one source: its documents tokenized (by the named tokenizer) on
+    read threads, then packed; records without a document are handled by the source's
+    bad-record policy."""
+    tokenizer = load_tokenizer(tokenizer_name)
     spec = cfg["sources"][name]
     documents = bad_records.convert(name, records, functools.partial(sources.document_text, name, spec),
                                     spec)

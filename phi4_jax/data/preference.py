@@ -128,14 +128,14 @@ def _sequence_record(record: Mapping, tokenizer: Phi4Tokenizer, source: str) -> 
 
 def _response_ids(response: Any, tokenizer: Phi4Tokenizer, source: str) -> tuple[int, ...]:
     """An assistant response (text, or messages whose last is the assistant's) as the tokens
-    after the generation prompt: its content and `<|im_end|>`."""
+    after the generation prompt: its content and the turn end (`<|im_end|>`; Phi-4-mini `<|end|>`)."""
     if isinstance(response, list) and response and isinstance(response[-1], Mapping):
         if response[-1].get("role") != "assistant":
             raise BadRecordError(f"{source}: the last message must be the assistant's")
         response = response[-1].get("content")
     if not isinstance(response, str) or not response.strip():
         raise BadRecordError(f"{source} is empty; both responses need text")
-    return (*tokenizer.encode(response), tokenizer.im_end_id)
+    return (*tokenizer.encode(response), tokenizer.end_of_turn_id)
 
 
 def _scores(record: Mapping, source: str) -> dict | None:
@@ -168,7 +168,7 @@ def _exercise_pair(ex: synthetic.Exercise, tokenizer: Phi4Tokenizer, *, pair_for
     rejected, scores = corrupted_solution(ex, rng, judged=judged)
 
     def response(text):
-        return (*tokenizer.encode(text), tokenizer.im_end_id)
+        return (*tokenizer.encode(text), tokenizer.end_of_turn_id)
 
     return Pair(prompt, response(ex.solution), response(rejected), scores)
 

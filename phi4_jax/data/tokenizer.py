@@ -1,11 +1,19 @@
-"""Phi-4's tokenizer: tiktoken's cl100k_base ranks, Phi-4's special tokens, and its ChatML.
+"""Phi-4's and Phi-4-mini's tokenizers: tiktoken's cl100k_base / o200k_base ranks, each
+release's special tokens at their released ids, and each release's chat template.
 
 The rank files ship inside the package and are checked against `assets/SHA256SUMS` when
 loaded, so a tokenizer never touches the network and a damaged install fails loudly.
 Ordinary text, chat contents included, is always encoded as plain text: a literal
-`<|im_end|>` in a web page is spelled out in ordinary tokens and cannot forge a turn.
-`phi4-mini` has only o200k_base's `<|endoftext|>` and `<|endofprompt|>`: Phi-4-mini's own
-chat special tokens are not in our reference notes, so they are left out (no `encode_chat`).
+`<|im_end|>` or `<|end|>` in a web page is spelled out in ordinary tokens and cannot forge
+a turn.
+
+Chat templates (from each release's tokenizer_config.json):
+- phi4: `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` per message (the role as text),
+  generation prompt `<|im_start|>assistant<|im_sep|>`;
+- phi4-mini: `<|{role}|>{content}<|end|>` per message (the role one special token; a system
+  message with `tools` puts `<|tool|>{tools}<|/tool|>` after its content), generation
+  prompt `<|assistant|>`, and a finished chat (no generation prompt) ends with
+  `<|endoftext|>`.
 """
 
 from __future__ import annotations
@@ -64,7 +72,40 @@ def _phi4_special_tokens() -> dict[str, int]:
 
 
 PHI4_SPECIAL_TOKENS: dict[str, int] = _phi4_special_tokens()
-PHI4_MINI_SPECIAL_TOKENS: dict[str, int] = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
+# o200k_base's two specials, then microsoft/Phi-4-mini-instruct's added tokens (its
+# added_tokens.json / tokenizer_config.json); ids 200029..200063 only pad the embedding.
+PHI4_MINI_SPECIAL_TOKENS: dict[str, int] = {
+    "<|endoftext|>": 199999,
+    "<|endofprompt|>": 200018,
+    "<|assistant|>": 200019,
+    "<|end|>": 200020,
+    "<|user|>": 200021,
+    "<|system|>": 200022,
+    "<|tool|>": 200023,
+    "<|/tool|>": 200024,
+    "<|tool_call|>": 200025,
+    "<|/tool_call|>": 200026,
+    "<|tool_response|>": 200027,
+    "<|tag|>": 200028,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """How a release lays out a chat: each message is `header(role) + content + turn_end`.
+
+    `role_tokens`: the header is the one special token `<|{role}|>` (Phi-4-mini); else
+    `<|im_start|>`, the role as text, `<|im_sep|>` (Phi-4). `eos_after_chat`: a finished
+    chat (no generation prompt) ends with `<|endoftext|>`.
+    """
+
+    role_tokens: bool
+    turn_end: str
+    eos_after_chat: bool
+
+
+PHI4_CHAT = ChatFormat(role_tokens=False, turn_end="<|im_end|>", eos_after_chat=False)
+PHI4_MINI_CHAT = ChatFormat(role_tokens=True, turn_end="<|end|>", eos_after_chat=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +117,37 @@ class _TokenizerSpec:
     special_tokens: Mapping[str, int]
     vocab_size: int
     pad_token: str
+    chat: ChatFormat
 
 
 _SPECS = {
     "phi4": _TokenizerSpec(
         "cl100k_base.tiktoken", CL100K_PAT_STR, PHI4_SPECIAL_TOKENS, PHI4_VOCAB_SIZE,
-        pad_token="<|dummy_85|>",
+        pad_token="<|dummy_85|>", chat=PHI4_CHAT,
     ),
     "phi4-mini": _TokenizerSpec(
         "o200k_base.tiktoken", O200K_PAT_STR, PHI4_MINI_SPECIAL_TOKENS, PHI4_MINI_VOCAB_SIZE,
-        pad_token="<|endoftext|>",
+        pad_token="<|endoftext|>", chat=PHI4_MINI_CHAT,
     ),
 }
+TOKENIZER_NAMES: tuple[str, ...] = tuple(_SPECS)
+
+
+def vocab_size_of(name: str) -> int:
+    """The model vocabulary a named tokenizer needs, without loading its ranks."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(_SPECS)}")
+    return _SPECS[name].vocab_size
+
+
+def tokenizer_for_vocab(vocab_size: int) -> str:
+    """The tokenizer a model's embedding is sized for, so `model.size` alone picks it
+    (phi-4's 100,352 rows: 'phi4'; Phi-4-mini's 200,064: 'phi4-mini')."""
+    names = [name for name, spec in _SPECS.items() if spec.vocab_size == vocab_size]
+    if not names:
+        raise ValueError(f"no tokenizer has a vocabulary of {vocab_size} rows; the sizes are "
+                         f"{ {name: spec.vocab_size for name, spec in _SPECS.items()} }")
+    return names[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,19 +164,22 @@ class ChatEncoding:
 
 @dataclasses.dataclass(frozen=True)
 class Phi4Tokenizer:
-    """A tiktoken encoding with Phi-4's ids for the tokens that structure documents and chats.
+    """A tiktoken encoding with a release's ids for the tokens that structure documents and chats.
 
-    `vocab_size` is the model's (padded) embedding size; `im_*` ids are None for a tokenizer
-    without ChatML specials.
+    `vocab_size` is the model's (padded) embedding size; `end_of_turn_id` ends every chat turn
+    (`<|im_end|>`, Phi-4-mini's `<|end|>`); `im_*` ids are None for a tokenizer without
+    ChatML specials.
     """
 
     name: str
     vocab_size: int
     eot_id: int
     pad_id: int
+    end_of_turn_id: int
     im_start_id: int | None
     im_end_id: int | None
     im_sep_id: int | None
+    chat: ChatFormat = dataclasses.field(repr=False)
     special_tokens: Mapping[str, int] = dataclasses.field(repr=False, compare=False)
     encoding: tiktoken.Encoding = dataclasses.field(repr=False, compare=False)
 
@@ -154,29 +217,42 @@ class Phi4Tokenizer:
     def encode_chat(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
     ) -> ChatEncoding:
-        """Phi-4's ChatML: `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` per message, no separators.
+        """The release's chat template (module docstring), no separators between messages.
 
-        The loss mask is 1 on each assistant turn's content and its `<|im_end|>`, 0 elsewhere.
-        Keys other than 'role' and 'content' are ignored, as Phi-4's template ignores them.
+        The loss mask is 1 on each assistant turn's content and its turn end, 0 elsewhere
+        (Phi-4-mini's closing `<|endoftext|>` too: generation stops at `<|end|>`). Keys other
+        than 'role' and 'content' are ignored, as the templates ignore them, except a system
+        message's `tools` (a string) in Phi-4-mini's.
         """
-        if self.im_start_id is None or self.im_end_id is None or self.im_sep_id is None:
-            raise ValueError(
-                f"the {self.name} tokenizer has no ChatML special tokens; "
-                "use load_tokenizer('phi4') for chat data"
-            )
         ids: list[int] = []
         loss_mask: list[int] = []
         for index, message in enumerate(messages):
             role, content = _checked_message(index, message)
-            header = [self.im_start_id, *self.encode(role), self.im_sep_id]
-            body = [*self.encode(content), self.im_end_id]
-            ids += header + body
-            loss_mask += [0] * len(header) + [int(role == "assistant")] * len(body)
-        if add_generation_prompt:
-            prompt = [self.im_start_id, *self.encode("assistant"), self.im_sep_id]
-            ids += prompt
-            loss_mask += [0] * len(prompt)
-        return ChatEncoding(ids=ids, loss_mask=loss_mask)
+            header = self._role_header(role)
+            body = [*self.encode(content), self.end_of_turn_id]
+            tools = self._tools(index, message) if role == "system" else []
+            ids += header + body[:-1] + tools + body[-1:]
+            loss_mask += [0] * (len(header) + len(tools)) + [int(role == "assistant")] * len(body)
+        ending = self._role_header("assistant") if add_generation_prompt else (
+            [self.eot_id] if self.chat.eos_after_chat else [])
+        return ChatEncoding(ids=ids + ending, loss_mask=loss_mask + [0] * len(ending))
+
+    def _role_header(self, role: str) -> list[int]:
+        """The tokens that open a turn of `role`."""
+        if self.chat.role_tokens:
+            return [self.special_tokens[f"<|{role}|>"]]
+        return [self.im_start_id, *self.encode(role), self.im_sep_id]
+
+    def _tools(self, index: int, message: Mapping[str, str]) -> list[int]:
+        """Phi-4-mini's `<|tool|>{tools}<|/tool|>` of a system message (tools as plain text)."""
+        tools = message.get("tools")
+        if tools is None or not self.chat.role_tokens:
+            return []
+        if not isinstance(tools, str):
+            raise TypeError(f"chat message {index} has tools of type {type(tools).__name__}; "
+                            "expected the tool list as a JSON string")
+        return [self.special_tokens["<|tool|>"], *self.encode(tools),
+                self.special_tokens["<|/tool|>"]]
 
     def _unknown_ids(self, token_ids: list[int]) -> list[int]:
         """The ids among `token_ids` that tiktoken cannot decode."""
@@ -247,9 +323,11 @@ def _build_tokenizer(name: str, spec: _TokenizerSpec, ranks: dict[bytes, int]) -
         vocab_size=spec.vocab_size,
         eot_id=specials["<|endoftext|>"],
         pad_id=specials[spec.pad_token],
+        end_of_turn_id=specials[spec.chat.turn_end],
         im_start_id=specials.get("<|im_start|>"),
         im_end_id=specials.get("<|im_end|>"),
         im_sep_id=specials.get("<|im_sep|>"),
+        chat=spec.chat,
         special_tokens=specials,
         encoding=encoding,
     )

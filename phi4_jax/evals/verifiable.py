@@ -39,7 +39,7 @@ def greedy_responses(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
                      max_new_tokens: int, batch_size: int) -> list[str]:
     """The greedy completion of each prompt, decoded up to its stop token."""
     sampling = decode.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                                     stop_ids=(tokenizer.im_end_id, tokenizer.eot_id),
+                                     stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id),
                                      pad_id=tokenizer.pad_id)
     generate = decode.compiled_generate(graphdef, cfg, sampling)
     length = max(len(p) for p in prompts)

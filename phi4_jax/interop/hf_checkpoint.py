@@ -1,9 +1,12 @@
-"""Hugging Face interop: `microsoft/phi-4`-format safetensors checkpoints in and out.
+"""Hugging Face interop: `microsoft/phi-4` and `microsoft/Phi-4-mini-instruct`-format
+safetensors checkpoints in and out.
 
 The released checkpoints are transformers' `Phi3ForCausalLM`: torch `[out, in]` kernels, one
-fused `qkv_proj` and one fused `gate_up_proj` per layer, one tensor per layer. Here the same
-weights are JAX `[in, out]` kernels stacked on a leading layer axis. A single layout table
-(`_LAYOUT`) describes the correspondence; import, export and the shape check all read it.
+fused `qkv_proj` and one fused `gate_up_proj` per layer, one tensor per layer (Phi-4-mini:
+no `lm_head`, tied to the embedding; LongRoPE in its config). Here the same weights are JAX
+`[in, out]` kernels stacked on a leading layer axis. A single layout table (`_LAYOUT`)
+describes the correspondence; import, export and the shape check all read it. Adapters
+(`model.lora`) are not part of a checkpoint: fold one in with `lora.merged` before saving.
 
 Import streams one parameter at a time (each layer's rows read straight from the memory-mapped
 file into a preallocated stacked host array, which is placed on devices before the next is
@@ -37,7 +40,9 @@ from safetensors.numpy import save_file
 from phi4_jax.errors import Phi4Error
 from phi4_jax.model.transformer import Transformer, init_model
 from phi4_jax.model.config import ModelConfig, ModelConfigError
-from phi4_jax.data.tokenizer import PHI4_SPECIAL_TOKENS
+from phi4_jax.model.rope import LongRoPE, default_attention_factor
+from phi4_jax.data.tokenizer import (PHI4_MINI_SPECIAL_TOKENS, PHI4_MINI_VOCAB_SIZE,
+                                     PHI4_SPECIAL_TOKENS, PHI4_VOCAB_SIZE)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -84,6 +89,11 @@ class SpecialTokenIds:
 PHI4_TOKEN_IDS = SpecialTokenIds(bos=PHI4_SPECIAL_TOKENS["<|endoftext|>"],
                                  eos=PHI4_SPECIAL_TOKENS["<|im_end|>"],
                                  pad=PHI4_SPECIAL_TOKENS["<|dummy_85|>"])
+# microsoft/Phi-4-mini-instruct config.json: bos, eos and pad all <|endoftext|> (199999).
+PHI4_MINI_TOKEN_IDS = SpecialTokenIds(bos=PHI4_MINI_SPECIAL_TOKENS["<|endoftext|>"],
+                                      eos=PHI4_MINI_SPECIAL_TOKENS["<|endoftext|>"],
+                                      pad=PHI4_MINI_SPECIAL_TOKENS["<|endoftext|>"])
+_RELEASE_TOKEN_IDS = {PHI4_VOCAB_SIZE: PHI4_TOKEN_IDS, PHI4_MINI_VOCAB_SIZE: PHI4_MINI_TOKEN_IDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +120,14 @@ class _HFTensor:
 # The layout: HF tensors of a config, and the conversion of one block each way.
 
 
+def _abstract_params(cfg: ModelConfig) -> nnx.State:
+    """The parameters a checkpoint holds (never adapters), shapes only."""
+    return nnx.state(nnx.eval_shape(lambda: init_model(cfg.replace(lora=None))), nnx.Param)
+
+
 def _param_shapes(cfg: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
     """Shapes of the model's parameters, from an abstract (unallocated) model."""
-    abstract = nnx.state(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param)
-    return {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+    return {path: tuple(var.shape) for path, var in nnx.to_flat_state(_abstract_params(cfg))}
 
 
 def _torch_block_shape(layer_shape: tuple[int, ...], in_dims: int) -> tuple[int, ...]:
@@ -294,7 +308,7 @@ def load_hf_checkpoint(path: str | Path, cfg: ModelConfig, *, dtype: str | None 
     each parameter as it is read. Merge into a model with `nnx.merge(graphdef, state)`.
     """
     dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-    abstract = nnx.state(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param)
+    abstract = _abstract_params(cfg)
     placements = _placements(abstract, shardings)
     parts: dict[ParamPath, list[tuple[_HFTensor, _Block]]] = {}
     for tensor in _hf_tensors(cfg):
@@ -335,6 +349,10 @@ def _host_params(params: nnx.State | nnx.Module, cfg: ModelConfig) -> dict[Param
     state = nnx.state(params, nnx.Param) if isinstance(params, nnx.Module) else params
     values = {path: var.get_value() if isinstance(var, nnx.Variable) else var
               for path, var in nnx.to_flat_state(state)}
+    if any("adapters" in path for path in values):
+        raise HFCheckpointError(
+            "the parameters hold adapters, which a Hugging Face checkpoint has no place for; "
+            "fold one into the weights first: model.lora.merged(params, cfg.lora, name).")
     expected = _param_shapes(cfg)
     for path, shape in expected.items():
         if path not in values or tuple(values[path].shape) != shape:
@@ -374,25 +392,54 @@ def _plan_shards(tensors: list[_HFTensor], itemsize: int,
     return shards
 
 
-def hf_config_dict(cfg: ModelConfig, token_ids: SpecialTokenIds = PHI4_TOKEN_IDS,
+def _release_token_ids(cfg: ModelConfig) -> SpecialTokenIds:
+    """The released bos/eos/pad of the vocabulary's family (phi-4 or Phi-4-mini)."""
+    if cfg.vocab_size not in _RELEASE_TOKEN_IDS:
+        raise HFCheckpointError(
+            f"no released special-token ids for vocab_size={cfg.vocab_size} (phi-4 has "
+            f"{PHI4_VOCAB_SIZE}, Phi-4-mini {PHI4_MINI_VOCAB_SIZE}); pass "
+            f"token_ids=SpecialTokenIds(bos=..., eos=..., pad=...).")
+    return _RELEASE_TOKEN_IDS[cfg.vocab_size]
+
+
+def _rope_config(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any] | None, int, int]:
+    """(rope_parameters, rope_scaling, max and original max positions) for config.json; the
+    LongRoPE scaling as the release writes it, which transformers before 5.0 also reads."""
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta),
+            "partial_rotary_factor": float(cfg.rotary_fraction)}
+    long_rope = cfg.long_rope
+    if long_rope is None:
+        return rope, None, cfg.max_positions, cfg.max_positions
+    factors = {"short_factor": list(long_rope.short_factor),
+               "long_factor": list(long_rope.long_factor)}
+    if long_rope.attention_factor is not None:
+        factors["attention_factor"] = long_rope.attention_factor
+    rope = {**rope, "rope_type": "longrope", **factors,
+            "original_max_position_embeddings": long_rope.original_max_positions}
+    return (rope, {"type": "longrope", **factors}, long_rope.max_positions,
+            long_rope.original_max_positions)
+
+
+def hf_config_dict(cfg: ModelConfig, token_ids: SpecialTokenIds | None = None,
                    dtype: str = "bfloat16") -> dict[str, Any]:
-    """transformers' `Phi3Config` fields for this geometry (current and pre-5.0 rope keys)."""
+    """transformers' `Phi3Config` fields for this geometry (current and pre-5.0 rope keys);
+    `token_ids` default to the release's for the vocabulary (phi-4 or Phi-4-mini)."""
+    token_ids = token_ids or _release_token_ids(cfg)
     for role, token_id in dataclasses.asdict(token_ids).items():
         if token_id is not None and not 0 <= token_id < cfg.vocab_size:
             raise HFCheckpointError(
                 f"{role}_token_id={token_id} is outside the vocabulary of {_describe(cfg)}; pass "
                 f"token_ids=SpecialTokenIds(...) with ids below {cfg.vocab_size} (or None).")
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta),
-            "partial_rotary_factor": float(cfg.rotary_fraction)}
+    rope, rope_scaling, max_positions, original_max_positions = _rope_config(cfg)
     return {
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "hidden_act": "silu", "attention_bias": False, "sliding_window": None,
-        "max_position_embeddings": cfg.max_positions,
-        "original_max_position_embeddings": cfg.max_positions,
-        "rope_parameters": rope, "rope_theta": rope["rope_theta"], "rope_scaling": None,
+        "max_position_embeddings": max_positions,
+        "original_max_position_embeddings": original_max_positions,
+        "rope_parameters": rope, "rope_theta": rope["rope_theta"], "rope_scaling": rope_scaling,
         "partial_rotary_factor": rope["partial_rotary_factor"],
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std, "attention_dropout": 0.0, "embd_pdrop": 0.0,
@@ -403,10 +450,11 @@ def hf_config_dict(cfg: ModelConfig, token_ids: SpecialTokenIds = PHI4_TOKEN_IDS
 
 def save_hf_checkpoint(params: nnx.State | Transformer, cfg: ModelConfig, path: str | Path, *,
                        max_shard_bytes: float = 5e9, dtype: str = "bfloat16",
-                       token_ids: SpecialTokenIds = PHI4_TOKEN_IDS) -> Path:
+                       token_ids: SpecialTokenIds | None = None) -> Path:
     """Writes a Phi3ForCausalLM checkpoint: safetensors (sharded past max_shard_bytes), config.json.
 
-    `params` is a model or its `nnx.Param` state; the directory must not hold a checkpoint yet.
+    `params` is a model or its `nnx.Param` state (adapters folded in, `lora.merged`); the
+    directory must not hold a checkpoint yet. `token_ids` default to the release's.
     """
     if dtype not in _SAVE_DTYPES:
         raise HFCheckpointError(f"dtype={dtype!r}: choose one of {_SAVE_DTYPES}.")
@@ -458,19 +506,40 @@ def _require(config: Mapping[str, Any], key: str) -> Any:
     return config[key]
 
 
-def _rope_fields(config: Mapping[str, Any]) -> tuple[float, float]:
-    """(rope base, rotary fraction) from `rope_parameters` (transformers 5) or the older keys."""
+def _rope_fields(config: Mapping[str, Any]) -> tuple[float, float, LongRoPE | None]:
+    """(rope base, rotary fraction, LongRoPE or None) from `rope_parameters` (transformers 5)
+    or the older keys, read as transformers' Phi3Config reads them."""
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "longrope", "su", "yarn"):  # Phi-3 reads su, yarn as longrope
         raise HFCheckpointError(
-            f"config.json asks for rope_type {rope_type!r} (phi-4-mini's LongRoPE); this model "
-            f"implements plain RoPE only. The weights still load: build the config with "
-            f"model_config_for(...) and load_hf_checkpoint, knowing positions past "
-            f"original_max_position_embeddings will not match.")
+            f"config.json asks for rope_type {rope_type!r}; this model implements plain RoPE "
+            f"and Phi-3/Phi-4-mini's LongRoPE ('longrope') only.")
     theta = rope.get("rope_theta", config.get("rope_theta", 10_000.0))
     fraction = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    return float(theta), float(fraction)
+    long_rope = None if rope_type == "default" else _long_rope(config, rope)
+    return float(theta), float(fraction), long_rope
+
+
+def _long_rope(config: Mapping[str, Any], rope: Mapping[str, Any]) -> LongRoPE:
+    """LongRoPE from config.json: transformers takes the original length from the rope
+    parameters or the top-level key (Phi3Config's default 4096 when absent) and derives the attention factor from
+    `factor`, else from max / original positions."""
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        values = rope.get(name)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+            raise HFCheckpointError(f"config.json rope scaling {name}={values!r}: LongRoPE needs "
+                                    f"a list of numbers, one per rotary pair.")
+        factors[name] = tuple(float(v) for v in values)
+    max_positions = config.get("max_position_embeddings", 4096)
+    original = rope.get("original_max_position_embeddings",
+                        config.get("original_max_position_embeddings", 4096))
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None and rope.get("factor") is not None:
+        attention_factor = default_attention_factor(rope["factor"] * original, original)
+    return LongRoPE(**factors, original_max_positions=original, max_positions=max_positions,
+                    attention_factor=None if attention_factor is None else float(attention_factor))
 
 
 def _refuse_unsupported(config: Mapping[str, Any]) -> None:
@@ -502,7 +571,7 @@ def model_config_from_hf(config: str | Path | Mapping[str, Any], **overrides) ->
     """
     config = _read_config(config)
     _refuse_unsupported(config)
-    rope_theta, rotary_fraction = _rope_fields(config)
+    rope_theta, rotary_fraction, long_rope = _rope_fields(config)
     heads = _require(config, "num_attention_heads")
     fields = dict(
         num_layers=_require(config, "num_hidden_layers"), d_model=_require(config, "hidden_size"),
@@ -510,7 +579,7 @@ def model_config_from_hf(config: str | Path | Mapping[str, Any], **overrides) ->
         ffn_dim=_require(config, "intermediate_size"), vocab_size=_require(config, "vocab_size"),
         max_positions=config.get("max_position_embeddings", 4096), rope_theta=rope_theta,
         rotary_fraction=rotary_fraction, norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)), long_rope=long_rope)
     known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -2,7 +2,8 @@
 
 A `ModelConfig` is frozen and validated on construction, so a bad geometry is refused
 before any parameter is built. `param_count` works from shapes alone: it is how a 14B
-size is checked on a laptop.
+size is checked on a laptop. Optional parts: Phi-4-mini's LongRoPE (`long_rope`) and
+low-rank adapters (`lora`, which adds parameters beside the backbone's, not in its count).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import dataclasses
 from typing import Literal
 
 from phi4_jax.errors import Phi4Error
+from phi4_jax.model.lora import LoRAConfig, LoRAConfigError, validate_lora_config
+from phi4_jax.model.rope import LongRoPE
 
 AttentionImpl = Literal["auto", "xla", "blockwise", "cudnn", "pallas_triton", "tokamax", "splash"]
 # `auto` is resolved at start-up (train.state.build_run) to the cheapest policy whose memory
@@ -43,6 +46,8 @@ class ModelConfig:
     max_segments_per_row: int = 32
     remat_policy: RematPolicy = "none"
     init_std: float = 0.02
+    long_rope: LongRoPE | None = None  # Phi-4-mini's rescaled frequencies; None: plain RoPE
+    lora: LoRAConfig | None = None  # adapters beside the weights; None: none
 
     def __post_init__(self) -> None:
         validate_model_config(self)
@@ -105,17 +110,64 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.remat_policy not in RematPolicy.__args__:
         raise ModelConfigError(
             f"model.remat_policy={cfg.remat_policy!r}: choose one of {RematPolicy.__args__}.")
+    if cfg.long_rope is not None:
+        _validate_long_rope(cfg)
+    if cfg.lora is not None:
+        try:
+            validate_lora_config(cfg.lora)
+        except LoRAConfigError as error:
+            raise ModelConfigError(str(error)) from error
 
+
+def _validate_long_rope(cfg: ModelConfig) -> None:
+    rope, pairs = cfg.long_rope, cfg.rotary_dim // 2
+    for name in ("short_factor", "long_factor"):
+        factors = getattr(rope, name)
+        if len(factors) != pairs or not all(isinstance(f, float) and f > 0 for f in factors):
+            raise ModelConfigError(
+                f"model.long_rope.{name} has {len(factors)} entries; LongRoPE needs one "
+                f"positive float per rotary pair: rotary_dim / 2 = {pairs}.")
+    if not 0 < rope.original_max_positions <= rope.max_positions:
+        raise ModelConfigError(
+            f"model.long_rope: original_max_positions={rope.original_max_positions} must be "
+            f"positive and at most max_positions={rope.max_positions}.")
+    if cfg.max_positions > rope.max_positions:
+        raise ModelConfigError(
+            f"model.max_positions={cfg.max_positions} exceeds the {rope.max_positions} "
+            f"positions the LongRoPE factors were fitted for; lower model.max_positions.")
+    if rope.attention_factor is not None and not rope.attention_factor > 0:
+        raise ModelConfigError(f"model.long_rope.attention_factor={rope.attention_factor} must "
+                               f"be positive (or None for the default).")
+
+
+# microsoft/Phi-4-mini-instruct config.json, `rope_scaling` (type longrope): one factor per
+# rotary pair (96 / 2), the short ones all 1.0, and the lengths that choose between them.
+PHI4_MINI_LONG_ROPE = LongRoPE(
+    short_factor=(1.0,) * 48,
+    long_factor=(1.0, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897,
+                 1.956131817, 2.187582649, 2.446418898, 2.735880826, 3.059592084, 3.421605075,
+                 3.826451687, 4.279200023, 4.785517845, 5.351743533, 5.984965424, 6.693110555,
+                 7.485043894, 8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651,
+                 14.64173252, 16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418,
+                 28.64115884, 32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71,
+                 32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77),
+    original_max_positions=4096, max_positions=131072)
+# mini-tiny's LongRoPE: illustrative factors (not released numbers) rising like the release's,
+# with an original context of 128 so a CPU run crosses it, extended to the run configs'
+# default 4096 positions.
+MINI_TINY_LONG_ROPE = LongRoPE(short_factor=(1.0,) * 6, long_factor=(1.0, 1.5, 2.5, 4.0, 6.0, 8.0),
+                               original_max_positions=128, max_positions=4096)
 
 # Named sizes. phi4-14b and phi4-mini are the released geometries (rope base of the
 # released 16K phi-4; the 4K pretraining base is set by configs/pretrain.py). The research
-# sizes keep Phi-4's vocabulary and head layout at smaller width and depth.
+# sizes keep Phi-4's vocabulary and head layout at smaller width and depth; mini-tiny is
+# Phi-4-mini's (o200k vocabulary, 0.75 rotary fraction, tied head, LongRoPE) at tiny width.
 _SIZES: dict[str, dict] = {
     "phi4-14b": dict(num_layers=40, d_model=5120, num_heads=40, num_kv_heads=10, ffn_dim=17920,
                      vocab_size=100352, max_positions=16384, rope_theta=250_000.0),
     "phi4-mini": dict(num_layers=32, d_model=3072, num_heads=24, num_kv_heads=8, ffn_dim=8192,
-                      vocab_size=200064, max_positions=4096, rope_theta=10_000.0,
-                      rotary_fraction=0.75, tie_embeddings=True),
+                      vocab_size=200064, max_positions=131072, rope_theta=10_000.0,
+                      rotary_fraction=0.75, tie_embeddings=True, long_rope=PHI4_MINI_LONG_ROPE),
     # phi4-14b layer geometry with 4 layers: single-GPU benchmarks of the real layer.
     "phi4-14b-4l": dict(num_layers=4, d_model=5120, num_heads=40, num_kv_heads=10, ffn_dim=17920,
                         vocab_size=100352, max_positions=16384, rope_theta=250_000.0),
@@ -126,6 +178,9 @@ _SIZES: dict[str, dict] = {
                  vocab_size=100352, max_positions=4096),
     "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=192,
                  vocab_size=100352, max_positions=1024),
+    "mini-tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=192,
+                      vocab_size=200064, max_positions=4096, rotary_fraction=0.75,
+                      tie_embeddings=True, long_rope=MINI_TINY_LONG_ROPE),
 }
 
 SIZE_NAMES: tuple[str, ...] = tuple(_SIZES)

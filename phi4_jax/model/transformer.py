@@ -1,13 +1,15 @@
 """The Phi-4 decoder in Flax NNX: pre-norm blocks of GQA attention and a SwiGLU MLP.
 
 Axes: B batch, T query length, S key length, N query heads, K kv heads, H head dim,
-D model dim, F ffn dim, V vocab, L layers.
+D model dim, F ffn dim, V vocab, L layers (J adapters, R adapter rank: `model.lora`).
 
 Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so compile time
 and remat are per layer, not per model. Every parameter carries logical axis names
 (`out_sharding` metadata); `phi4_jax.sharding` maps them onto the mesh. Training code
 treats the model as `graphdef` + parameter pytree (`nnx.split` / `nnx.merge`), so a
-train step is a pure function of arrays.
+train step is a pure function of arrays. With `cfg.lora`, each adapted projection adds its
+adapter's low-rank update (`model.lora`); `adapter_ids` [B] picks each row's adapter
+(None: adapter 0 for every row; a negative id: none for that row).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from phi4_jax.model import attention as attention_lib
+from phi4_jax.model import lora
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.model.kv_cache import KVCache
 from phi4_jax.model.rope import apply_rope
@@ -63,16 +66,21 @@ class Attention(nnx.Module):
         self.k_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt)
         self.v_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt)
         self.o_NHD = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), std, dt)
+        self.adapters = lora.adapters_for("attn", cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv=None, adapter_ids_B=None):
         cfg, dt = self.cfg, x_BTD.dtype
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_DKH[...].astype(dt))
+
+        def project(kernel, equation, target, x):
+            return lora.project(x, kernel, equation, self.adapters, target, adapter_ids_B)
+
+        q_BTNH = project(self.q_DNH, "btd,dnh->btnh", "q", x_BTD)
+        k_BTKH = project(self.k_DKH, "btd,dkh->btkh", "k", x_BTD)
+        v_BTKH = project(self.v_DKH, "btd,dkh->btkh", "v", x_BTD)
         q_BTNH, k_BTKH, v_BTKH = (checkpoint_name(a, "qkv_proj")
                                   for a in (q_BTNH, k_BTKH, v_BTKH))
-        rope = dict(theta=cfg.rope_theta, rotary_dim=cfg.rotary_dim)
+        rope = dict(theta=cfg.rope_theta, rotary_dim=cfg.rotary_dim, long_rope=cfg.long_rope)
         q_BTNH = constrain(apply_rope(q_BTNH, positions_BT, **rope),
                            ("batch", "seq", "q_heads", "head_dim"))
         k_BTKH = constrain(apply_rope(k_BTKH, positions_BT, **rope),
@@ -91,7 +99,7 @@ class Attention(nnx.Module):
             q_BTNH, k_all.astype(dt), v_all.astype(dt), q_segment_ids=segment_ids_BT,
             kv_segment_ids=kv_segments, q_offset=offset, impl=cfg.attention_impl,
             block_size=cfg.attention_block_size, max_segments_per_row=cfg.max_segments_per_row)
-        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD[...].astype(dt))
+        out_BTD = project(self.o_NHD, "btnh,nhd->btd", "o", out_BTNH)
         return out_BTD, new_cache_kv
 
 
@@ -103,13 +111,16 @@ class MLP(nnx.Module):
         self.gate_DF = _param(rngs, (d, f), ("embed", "mlp"), std, dt)
         self.up_DF = _param(rngs, (d, f), ("embed", "mlp"), std, dt)
         self.down_FD = _param(rngs, (f, d), ("mlp", "embed"), std, dt)
+        self.adapters = lora.adapters_for("mlp", cfg, rngs)
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        dt = x_BTD.dtype
-        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate_DF[...].astype(dt))
-        up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up_DF[...].astype(dt))
+    def __call__(self, x_BTD: jax.Array, adapter_ids_B: jax.Array | None = None) -> jax.Array:
+        def project(kernel, equation, target, x):
+            return lora.project(x, kernel, equation, self.adapters, target, adapter_ids_B)
+
+        gate_BTF = project(self.gate_DF, "btd,df->btf", "gate", x_BTD)
+        up_BTF = project(self.up_DF, "btd,df->btf", "up", x_BTD)
         hidden_BTF = constrain(up_BTF * jax.nn.silu(gate_BTF), ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", hidden_BTF, self.down_FD[...].astype(dt))
+        return project(self.down_FD, "btf,fd->btd", "down", hidden_BTF)
 
 
 class Block(nnx.Module):
@@ -121,11 +132,12 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache_kv=None, adapter_ids_B=None):
         attn_out, new_cache_kv = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
-                                           cache_kv)
+                                           cache_kv, adapter_ids_B)
         x_BTD = constrain(x_BTD + attn_out, ("batch", "seq", "embed"))
-        x_BTD = constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ("batch", "seq", "embed"))
+        x_BTD = constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD), adapter_ids_B),
+                          ("batch", "seq", "embed"))
         return x_BTD, new_cache_kv
 
 
@@ -149,16 +161,20 @@ class Transformer(nnx.Module):
                                      cfg.init_std, cfg.param_dtype)
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array) -> jax.Array:
+                 segment_ids_BT: jax.Array, adapter_ids_B: jax.Array | None = None) -> jax.Array:
         """Float32 logits [B, T, V] of a packed batch (training and scoring)."""
-        return self.forward(tokens_BT, positions_BT, segment_ids_BT)[0]
+        return self.forward(tokens_BT, positions_BT, segment_ids_BT,
+                            adapter_ids_B=adapter_ids_B)[0]
 
-    def forward(self, tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None = None):
+    def forward(self, tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None = None,
+                adapter_ids_B=None):
         """Logits and, when decoding with a cache, the cache with these tokens written in."""
-        x_BTD, new_cache = self.hidden(tokens_BT, positions_BT, segment_ids_BT, cache)
+        x_BTD, new_cache = self.hidden(tokens_BT, positions_BT, segment_ids_BT, cache,
+                                       adapter_ids_B)
         return self.logits(x_BTD), new_cache
 
-    def hidden(self, tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None = None):
+    def hidden(self, tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None = None,
+               adapter_ids_B=None):
         """The final-normed hidden states [B, T, D] (and the updated cache when decoding).
 
         Training losses take these with `head_DV()` and form the logits chunk by chunk
@@ -171,10 +187,11 @@ class Transformer(nnx.Module):
         x_BTD = table_VD[tokens_BT]
         x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
         if cache is None:
-            x_BTD = self._run_blocks(x_BTD, positions_BT, segment_ids_BT)
+            x_BTD = self._run_blocks(x_BTD, positions_BT, segment_ids_BT, adapter_ids_B)
             new_cache = None
         else:
-            x_BTD, new_cache = self._run_blocks_cached(x_BTD, positions_BT, segment_ids_BT, cache)
+            x_BTD, new_cache = self._run_blocks_cached(x_BTD, positions_BT, segment_ids_BT, cache,
+                                                       adapter_ids_B)
         return self.final_norm(x_BTD), new_cache
 
     def head_DV(self) -> jax.Array:
@@ -187,20 +204,22 @@ class Transformer(nnx.Module):
                                 preferred_element_type=jnp.float32)
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
-    def _run_blocks(self, x_BTD, positions_BT, segment_ids_BT):
+    def _run_blocks(self, x_BTD, positions_BT, segment_ids_BT, adapter_ids_B=None):
         # A plain lax.scan over the split layer state: pure JAX, so it traces the same under
         # jit, grad or neither, whichever level the parameters come from.
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT)[0], None
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, positions_BT, segment_ids_BT, adapter_ids_B=adapter_ids_B)[0], None
 
         if self.cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat_policy],
                                    prevent_cse=False)
         return jax.lax.scan(layer, x_BTD, stacked)[0]
 
-    def _run_blocks_cached(self, x_BTD, positions_BT, segment_ids_BT, cache: KVCache):
+    def _run_blocks_cached(self, x_BTD, positions_BT, segment_ids_BT, cache: KVCache,
+                           adapter_ids_B):
         t = x_BTD.shape[1]
         kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BS, segment_ids_BT,
                                                           cache.index, axis=1)
@@ -210,7 +229,7 @@ class Transformer(nnx.Module):
             layer_state, k_cache, v_cache = xs
             block = nnx.merge(graphdef, layer_state)
             x, k_v = block(x, positions_BT, segment_ids_BT,
-                           (k_cache, v_cache, kv_segments, cache.index))
+                           (k_cache, v_cache, kv_segments, cache.index), adapter_ids_B)
             return x, k_v
 
         x_BTD, (k_LBSKH, v_LBSKH) = jax.lax.scan(layer, x_BTD,

@@ -32,8 +32,8 @@ import ml_collections
 import tqdm
 from flax import nnx
 
-from phi4_jax.config_base import ConfigError, validate_config
-from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer
+from phi4_jax.config_base import ConfigError, build_model_config, validate_config
+from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
 from phi4_jax.evals.verifiable import chat_prompt
 from phi4_jax.errors import Phi4Error
 from phi4_jax.model.transformer import init_model
@@ -235,7 +235,7 @@ def load_rollout_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokeniz
     pts = config.pts
     sampling = decode.SamplingParams(
         max_new_tokens=pts.max_new_tokens, temperature=pts.temperature, top_k=pts.top_k,
-        top_p=pts.top_p, stop_ids=(tokenizer.im_end_id, tokenizer.eot_id),
+        top_p=pts.top_p, stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id),
         pad_id=tokenizer.pad_id, draw="inverse_cdf")
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if pts.batch_rows % batch_devices:
@@ -249,7 +249,7 @@ def load_rollout_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokeniz
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Searches this process's questions into `<workdir>/pts/`; returns the run's totals."""
-    tokenizer = load_tokenizer("phi4")
+    tokenizer = load_tokenizer(tokenizer_for_vocab(build_model_config(config).vocab_size))
     model, mesh, rules = load_rollout_model(config, tokenizer)
     index, count = jax.process_index(), jax.process_count()
     shard = ShardFiles(Path(workdir) / "pts", index, count)

@@ -2,8 +2,9 @@
 judge-weighted pairs (Phi-4 report section 4.2-4.3), on the shared engine.
 
 The reference model is the run's starting parameters. `dpo.reference='on_the_fly'` keeps a
-frozen copy beside the policy and scores every batch with it; `'precomputed'` scores every
-pair once before training (`stages.reference_scores`), stores the log-probs in the workdir
+frozen copy beside the policy and scores every batch with it (under LoRA the frozen backbone
+is that model: the forward with the adapters zeroed, no second copy); `'precomputed'` scores
+every pair once before training (`stages.reference_scores`), stores the log-probs in the workdir
 and attaches them to the batches, so the reference never sits in accelerator memory while
 training. Sequence pairs put chosen and rejected through one forward ([2B, T] rows);
 pivotal pairs score both candidate tokens at the prompt's last position of one forward.
@@ -23,9 +24,9 @@ import numpy as np
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, pipeline, preference
 from phi4_jax.data.chat import Counts
-from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.losses.lm import sequence_log_probs
 from phi4_jax.losses.preference import dpo_losses, weighted_sums
+from phi4_jax.model import lora
 from phi4_jax.sampling.scoring import next_token_candidate_log_probs, target_log_probs
 from phi4_jax.stages import reference_scores
 from phi4_jax.stages.pretrain import Pretrain
@@ -46,19 +47,22 @@ def pair_log_probs(params, batch, *, graphdef, chunk_tokens: int, pair_format: s
     return per_side.reshape(b, sides)
 
 
-def dpo_loss(params, batch, frozen, *, score, variant: str, beta: float, label_smoothing: float):
+def dpo_loss(params, batch, frozen, *, score, variant: str, beta: float, label_smoothing: float,
+             reference: str = "frozen"):
     """The engine's loss: summed weighted DPO loss over pairs, the pair count, metric sums.
 
-    `frozen` is the reference model's parameters, or None when the batch carries
-    precomputed `reference_log_probs` [B, 2].
+    `reference` says where the reference log-probs come from: 'frozen' (the reference
+    model's parameters are `frozen`), 'precomputed' (the batch's `reference_log_probs`
+    [B, 2]) or 'backbone' (LoRA: `params` with their adapters zeroed).
     """
     policy = score(params, batch)
-    if frozen is None:
-        reference = batch["reference_log_probs"]
+    if reference == "precomputed":
+        ref_log_probs = batch["reference_log_probs"]
     else:
-        reference = jax.lax.stop_gradient(score(frozen, batch))
-    losses, metrics = dpo_losses(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1],
-                                 beta=beta, variant=variant, label_smoothing=label_smoothing)
+        model = frozen if reference == "frozen" else lora.as_backbone(params)
+        ref_log_probs = jax.lax.stop_gradient(score(model, batch))
+    losses, metrics = dpo_losses(policy[:, 0], policy[:, 1], ref_log_probs[:, 0],
+                                 ref_log_probs[:, 1], beta=beta, variant=variant, label_smoothing=label_smoothing)
     return weighted_sums(losses, metrics, batch["weight"], jnp.ones_like(batch["weight"]))
 
 
@@ -90,12 +94,12 @@ class DPO(Pretrain):
     def loss_fn(self, run: Run):
         d = run.config.dpo
         return functools.partial(dpo_loss, score=self.scorer(run), variant=d.variant, beta=d.beta,
-                                 label_smoothing=d.label_smoothing)
+                                 label_smoothing=d.label_smoothing, reference=_reference(run))
 
     def example_fn(self, run: Run, counts: Counts):
         """record -> the pair's rows (or None when over-long, counted in `counts`)."""
         d = run.config.dpo
-        tokenizer = load_tokenizer("phi4")
+        tokenizer = run.tokenizer
         make_rows = preference.pivotal_rows if d.pair_format == "pivotal_token" else \
             preference.sequence_rows
         weighting = preference.JudgeWeighting(d.judge_weighting, d.judge_margin_scale,
@@ -106,6 +110,8 @@ class DPO(Pretrain):
             seq_len=run.config.train.seq_len, counts=counts)
 
     def frozen(self, run: Run, initial_params, workdir: str) -> Any:
+        if _reference(run) == "backbone":
+            return None
         if run.config.dpo.reference == "on_the_fly":
             return initial_params()
         self.reference = reference_scores.load_or_compute(
@@ -121,6 +127,13 @@ class DPO(Pretrain):
 
     def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
         return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("dpo")}
+
+
+def _reference(run: Run) -> str:
+    """'precomputed', 'backbone' (on the fly under LoRA) or 'frozen' (an on-the-fly copy)."""
+    if run.config.dpo.reference == "precomputed":
+        return "precomputed"
+    return "backbone" if run.model_cfg.lora else "frozen"
 
 
 def pair_example(record, *, tokenizer, pair_format, judged, weighting, make_rows, seq_len,

@@ -27,8 +27,9 @@ from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, pipeline, reasoning, synthetic
 from phi4_jax.data.chat import Counts, where
 from phi4_jax.data.sources import BadRecordError
-from phi4_jax.data.tokenizer import load_tokenizer
+from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.losses.policy_gradient import group_advantages, grpo_sums
+from phi4_jax.model import lora
 from phi4_jax.sampling import decode
 from phi4_jax.sampling.scoring import target_log_probs
 from phi4_jax.stages import teachability
@@ -61,7 +62,8 @@ def grpo_loss(params, batch, frozen, *, graphdef, chunk_tokens, clip_low, clip_h
     score = functools.partial(target_log_probs, graphdef=graphdef, batch=flat,
                               chunk_tokens=chunk_tokens)
     log_probs = score(params)
-    reference = jax.lax.stop_gradient(score(frozen))
+    # `frozen` is the starting model, or None under LoRA: the backbone, adapters zeroed
+    reference = jax.lax.stop_gradient(score(lora.as_backbone(params) if frozen is None else frozen))
     return grpo_sums(log_probs, flat["old_log_probs"], reference,
                      batch["advantages"].reshape(p * g), flat["loss_mask"], clip_low=clip_low,
                      clip_high=clip_high, kl_coef=kl_coef, normalization=normalization)
@@ -102,28 +104,31 @@ class GRPO(Pretrain):
         return []
 
     def frozen(self, run: Run, initial_params, workdir: str) -> Any:
-        reference = initial_params()  # the reference model of the KL term
+        """The reference model of the KL term (None under LoRA: the frozen backbone is it);
+        the teachability filter samples with the starting model."""
+        reference = None if run.model_cfg.lora else initial_params()
+        start = initial_params if reference is None else (lambda: reference)
         self.subsets, self.teachable = teachability.kept_subsets(
-            run, problem_of, load_tokenizer("phi4"), self.reasoning_format(run.config),
-            sampling_params(run.config), lambda: reference, workdir)
+            run, problem_of, run.tokenizer, self.reasoning_format(run.config),
+            sampling_params(run.config, run.tokenizer), start, workdir)
         return reference
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
         prompt_len = run.config.train.seq_len + 1 - run.config.grpo.max_new_tokens
-        example = functools.partial(problem_row, tokenizer=load_tokenizer("phi4"),
+        example = functools.partial(problem_row, tokenizer=run.tokenizer,
                                     fmt=self.reasoning_format(run.config), prompt_len=prompt_len,
                                     counts=self.counts)
         return functools.partial(_problem_rows, example=example)
 
     def prepare_batch(self, run: Run, batch, params, step: int):
         """Samples G responses per problem with `params`, rewards them and lays out the rows."""
-        g, tokenizer = run.config.grpo, load_tokenizer("phi4")
+        g, tokenizer = run.config.grpo, run.tokenizer
         start = time.perf_counter()
         prompt = {key: np.repeat(batch.pop(f"prompt_{key}"), g.group_size, axis=0)
                   for key in ("tokens", "positions", "segment_ids")}
         keys = _row_keys(run.config.seed, step, batch["question"], g.group_size)
         generate = decode.compiled_generate(run.graphdef, run.model_cfg,
-                                            sampling_params(run.config))
+                                            sampling_params(run.config, tokenizer))
         with jax.set_mesh(run.mesh):
             out = jax.device_get(generate(params, prompt, keys))
         rewards = self.rewards(run, batch, out, tokenizer)
@@ -151,9 +156,9 @@ class GRPO(Pretrain):
             for j in range(g.group_size):
                 i = row * g.group_size + j
                 emitted = out.tokens[i][out.mask[i] == 1]
-                finished = bool(len(emitted)) and int(emitted[-1]) in (tokenizer.im_end_id,
+                finished = bool(len(emitted)) and int(emitted[-1]) in (tokenizer.end_of_turn_id,
                                                                        tokenizer.eot_id)
-                text = tokenizer.decode([t for t in emitted if t not in (tokenizer.im_end_id,
+                text = tokenizer.decode([t for t in emitted if t not in (tokenizer.end_of_turn_id,
                                                                          tokenizer.eot_id)])
                 score = reasoning.reward(ex, text, finished=finished, fmt=fmt, rules=rules)
                 for key in table:
@@ -166,12 +171,14 @@ class GRPO(Pretrain):
                 **self.teachable}
 
 
-def sampling_params(config: ml_collections.ConfigDict) -> decode.SamplingParams:
-    """How GRPO (and the teachability filter) sample responses: the grpo.* keys."""
-    g, tokenizer = config.grpo, load_tokenizer("phi4")
+def sampling_params(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer
+                    ) -> decode.SamplingParams:
+    """How GRPO (and the teachability filter) sample responses: the grpo.* keys, stopping at
+    the tokenizer's end of turn or end of text."""
+    g = config.grpo
     return decode.SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                  top_k=g.top_k, top_p=g.top_p, pad_id=tokenizer.pad_id,
-                                 stop_ids=(tokenizer.im_end_id, tokenizer.eot_id))
+                                 stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id))
 
 
 def problem_row(record, *, tokenizer, fmt, prompt_len: int, counts: Counts):

@@ -16,7 +16,6 @@ import ml_collections
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import mixture, pipeline
 from phi4_jax.data.reasoning import ReasoningFormat
-from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.evals import verifiable
 from phi4_jax.losses.lm import next_token_loss_sum
 from phi4_jax.sampling.scoring import target_log_probs
@@ -54,7 +53,8 @@ class Pretrain(Stage):
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
         """What one source's records of a split become: here packed documents."""
-        return functools.partial(pipeline.packed_document_rows, seq_len=run.config.train.seq_len)
+        return functools.partial(pipeline.packed_document_rows, seq_len=run.config.train.seq_len,
+                                 tokenizer_name=run.tokenizer_name)
 
     def train_batches(self, run: Run, shard: DataShard):
         return pipeline.make_iterator(run.config.data, self.rows_fn(run, "train"),
@@ -83,7 +83,7 @@ class Pretrain(Stage):
                             "skipped on this %d-process run.", jax.process_count())
             return {}
         return verifiable.greedy_accuracy(
-            params, run.graphdef, run.model_cfg, load_tokenizer("phi4"), seed=run.config.data.seed,
+            params, run.graphdef, run.model_cfg, run.tokenizer, seed=run.config.data.seed,
             problems=e.accuracy_problems, max_new_tokens=e.max_new_tokens,
             batch_size=min(ACCURACY_BATCH, e.accuracy_problems),
             fmt=self.reasoning_format(run.config))

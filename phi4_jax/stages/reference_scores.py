@@ -86,7 +86,7 @@ def _score_source(run: Run, name: str, split: str, example: Callable, score: Cal
     steps = -(-len(range(0, len(records), count)) // local)  # the busiest process's batches
     filler = _any_rows(examples)
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
-        scorer = jax.jit(score, in_shardings=(run.state_shardings.params, run.batch_sharding))
+        scorer = jax.jit(score, in_shardings=(run.model_param_shardings, run.batch_sharding))
         for step in range(steps):
             ids = mine[step * local:(step + 1) * local]
             rows = {i: examples[i] for i in ids}

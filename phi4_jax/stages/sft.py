@@ -14,7 +14,6 @@ import grain
 
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, chat, pipeline
-from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.stages import teachability
 from phi4_jax.stages.grpo import problem_of, sampling_params
 from phi4_jax.stages.pretrain import Pretrain
@@ -38,12 +37,13 @@ class SFT(Pretrain):
     def frozen(self, run: Run, initial_params, workdir: str) -> None:
         """Nothing frozen; the teachability filter, when on, picks the problems to train on."""
         self.subsets, self.teachable = teachability.kept_subsets(
-            run, problem_of, load_tokenizer("phi4"), self.reasoning_format(run.config),
-            sampling_params(run.config), initial_params, workdir)
+            run, problem_of, run.tokenizer, self.reasoning_format(run.config),
+            sampling_params(run.config, run.tokenizer), initial_params, workdir)
         return None
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
-        return functools.partial(_conversation_rows, seq_len=run.config.train.seq_len,
+        return functools.partial(_conversation_rows, tokenizer=run.tokenizer,
+                                 seq_len=run.config.train.seq_len,
                                  truncation=run.config.sft.truncation, counts=self.counts,
                                  reasoning_format=self.reasoning_format(run.config))
 
@@ -52,9 +52,10 @@ class SFT(Pretrain):
                 **self.teachable}
 
 
-def _conversation_rows(name, records: grain.MapDataset, cfg, *, seq_len: int, truncation: str,
-                       counts: chat.Counts, reasoning_format) -> grain.IterDataset:
-    example = functools.partial(chat.sft_example, tokenizer=load_tokenizer("phi4"),
+def _conversation_rows(name, records: grain.MapDataset, cfg, *, tokenizer, seq_len: int,
+                       truncation: str, counts: chat.Counts, reasoning_format
+                       ) -> grain.IterDataset:
+    example = functools.partial(chat.sft_example, tokenizer=tokenizer,
                                 seq_len=seq_len, truncation=truncation, counts=counts,
                                 reasoning_format=reasoning_format)
     examples = bad_records.convert(name, records, example, cfg["sources"][name])

@@ -84,7 +84,8 @@ def load(source: InitialCheckpoint, abstract_params: Any, model_cfg: ModelConfig
     if source.kind == "phi4":
         return checkpoint.restore_params(source.path, abstract_params)
     shardings = nnx.State(jax.tree.map(lambda leaf: leaf.sharding, abstract_params))
-    state = hf.load_hf_checkpoint(source.path, model_cfg, shardings=shardings)
+    dtype = (model_cfg.lora.backbone_dtype or None) if model_cfg.lora else None
+    state = hf.load_hf_checkpoint(source.path, model_cfg, dtype=dtype, shardings=shardings)
     return nnx.to_pure_dict(state)
 
 

@@ -6,6 +6,10 @@ checks -> the workdir's checkpoints checked (a finished run stops here) -> initi
 located and checked (metadata only) -> abstract state and shardings -> frozen state and data
 -> the state, restored from the newest intact checkpoint of the workdir, else from
 `init_from`'s parameters, else freshly initialized, always in its shards -> train.
+
+With LoRA the step trains the adapters alone and reads the backbone as frozen input: the
+step's `frozen` is (backbone, the stage's frozen state) and the stage's loss, evaluation and
+batch preparation see the whole model's parameters, joined (`Run.model_params`).
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from phi4_jax.data import bad_records
 from phi4_jax.errors import Phi4Error
+from phi4_jax.model import lora
 from phi4_jax.parallel.sharding import logical_rules
 from phi4_jax.train import flops, initial_params, workdir as workdir_lib
 from phi4_jax.train.checkpoint import Checkpointer
 from phi4_jax.train.metrics import MetricsWriter
 from phi4_jax.train.optimizer import learning_rate_schedule
 from phi4_jax.train.stage import DataShard, Stage
-from phi4_jax.train.state import Run, build_run, init_params, init_state, to_global_batch
+from phi4_jax.train.state import (Run, build_run, init_adapters, init_params, init_state,
+                                  split_trained, to_global_batch)
 from phi4_jax.train.step import TrainState, eval_step, train_step
 
 
@@ -43,6 +49,8 @@ def compile_steps(run: Run, stage: Stage, frozen: Any):
     t = run.config.train
     replicated = NamedSharding(run.mesh, PartitionSpec())
     loss_fn = stage.loss_fn(run)
+    if run.model_cfg.lora:
+        loss_fn = _with_backbone(loss_fn)
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     step = functools.partial(train_step, loss_fn=loss_fn, optimizer=run.optimizer,
                              schedule=learning_rate_schedule(t), microbatches=t.microbatches)
@@ -53,6 +61,20 @@ def compile_steps(run: Run, stage: Stage, frozen: Any):
                                         frozen_shardings),
                           out_shardings=replicated)
     return train, evaluate_fn
+
+
+def _with_backbone(loss_fn):
+    """The stage's loss of the whole model as a function of the adapters: the step's `frozen`
+    is (backbone, the stage's frozen state), so gradients and updates reach adapters only."""
+    def loss(adapters, batch, frozen):
+        backbone, stage_frozen = frozen
+        return loss_fn(lora.join(adapters, backbone), batch, stage_frozen)
+    return loss
+
+
+def step_frozen(run: Run, backbone: Any, stage_frozen: Any) -> Any:
+    """What the jitted step reads besides the trained parameters."""
+    return (backbone, stage_frozen) if run.model_cfg.lora else stage_frozen
 
 
 class _StopSignal:
@@ -130,22 +152,29 @@ def _initial_params_loader(run: Run, stage_name: str):
     source = initial_params.locate(run.config.init_from)
     if source is None:
         return lambda: init_params(run)
-    initial_params.check(source, run.abstract_params, run.model_cfg)
+    initial_params.check(source, run.abstract_backbone, run.model_cfg)
     logging.info("%s starts from %s checkpoint %s.", stage_name, source.kind, source.path)
+    if run.model_cfg.lora:  # the checkpoint is the backbone; fresh adapters beside it
+        return lambda: lora.join(init_adapters(run), initial_params.load(
+            source, run.abstract_backbone, run.model_cfg))
     return lambda: initial_params.load(source, run.abstract_params, run.model_cfg)
 
 
 def _restore_or_init(run: Run, checkpointer: Checkpointer, data_iter,
-                     load_initial) -> TrainState:
+                     load_initial) -> tuple[TrainState, Any]:
+    """The train state and the frozen LoRA backbone (None without LoRA); the starting
+    parameters are loaded only for a fresh start or for the backbone."""
     latest = checkpointer.latest_step()
+    initial = load_initial() if latest is None or run.model_cfg.lora else None
+    trained, backbone = split_trained(run, initial) if initial is not None else (None, None)
     if latest is None:
-        return init_state(run, load_initial())
+        return init_state(run, trained), backbone
     logging.info("Resuming from the checkpoint at step %d.", latest)
     state, meta = checkpointer.restore(latest, run.abstract_state, data_iter)
     if meta.get("seed") != run.config.seed:
         logging.warning("Checkpoint seed %s differs from config seed %s.", meta.get("seed"),
                         run.config.seed)
-    return state
+    return state, backbone
 
 
 def _finished(checkpointer: Checkpointer, workdir: str, steps: int) -> bool:
@@ -192,18 +221,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
             logging.info("%s", description)
         shard = DataShard(config.train.global_batch // jax.process_count(), jax.process_index(),
                           jax.process_count())
-        frozen = stage.frozen(run, load_initial, workdir)
+        stage_frozen = stage.frozen(run, load_initial, workdir)
         data_iter = stage.train_batches(run, shard)
         eval_batches = [to_global_batch(b, run.batch_sharding)
                         for b in stage.eval_batches(run, shard)]
-        state = _restore_or_init(run, checkpointer, data_iter, load_initial)
+        state, backbone = _restore_or_init(run, checkpointer, data_iter, load_initial)
+        frozen = step_frozen(run, backbone, stage_frozen)
         writer = MetricsWriter(workdir, enabled=config.log.tensorboard,
                                progress=config.log.progress_bar, total_steps=config.train.steps)
         stop = _StopSignal()
         with jax.set_mesh(run.mesh), logical_rules(run.rules):
             train_fn, eval_fn = compile_steps(run, stage, frozen)
-            loop = _Loop(run, stage, frozen, train_fn, eval_fn, eval_batches, checkpointer,
-                         writer, stop)
+            loop = _Loop(run, stage, (frozen, stage_frozen, backbone), train_fn, eval_fn,
+                         eval_batches, checkpointer, writer, stop)
             history = loop.steps(state, data_iter, stop_at_step or config.train.steps)
         checkpointer.wait()
         logging.info("%s", _summary(history, loop.step, config.train.steps))
@@ -224,7 +254,8 @@ class _Loop:
 
     def __init__(self, run, stage, frozen, train_fn, eval_fn, eval_batches, checkpointer,
                  writer, stop):
-        self.run, self.stage, self.frozen = run, stage, frozen
+        self.run, self.stage = run, stage
+        self.frozen, self.stage_frozen, self.backbone = frozen  # step's, stage's, LoRA backbone
         self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
         self.checkpointer, self.writer, self.stop = checkpointer, writer, stop
         self.tokens_per_step = stage.tokens_per_step(run.config)
@@ -233,7 +264,8 @@ class _Loop:
     def evaluate(self, step: int, params) -> dict[str, float]:
         """The step's eval scores ({} when there is nothing to evaluate)."""
         scores = evaluate(self.eval_fn, params, self.frozen, self.eval_batches)
-        scores.update(self.stage.evaluate(self.run, params, self.frozen))
+        scores.update(self.stage.evaluate(self.run, self.run.model_params(params, self.backbone),
+                                          self.stage_frozen))
         if not scores:
             return {}
         self.writer.write(step, scores)
@@ -249,8 +281,8 @@ class _Loop:
         window_start, window_steps = time.perf_counter(), 0
         host_metrics: dict[str, list[float]] = {}
         while step < min(last_step, config.train.steps):
-            batch, prepared = self.stage.prepare_batch(self.run, next(data_iter), state.params,
-                                                       step)
+            batch, prepared = self.stage.prepare_batch(
+                self.run, next(data_iter), self.run.model_params(state.params, self.backbone), step)
             for key, value in prepared.items():
                 host_metrics.setdefault(key, []).append(value)
             batch = to_global_batch(batch, self.run.batch_sharding)

@@ -10,6 +10,10 @@ for them). The assumptions, per device:
 - gradients: float32, same sharding; with microbatches > 1 a second float32 copy for the
   accumulation buffer;
 - optimizer: AdamW's two float32 moments, same sharding;
+- with LoRA (`cfg.lora`) those three count the adapters alone (`lora.adapter_param_count`,
+  in param_dtype, taken as sharded like the backbone), and the frozen backbone is its own
+  component, `param_count(cfg)` in `lora.backbone_dtype`, with no gradient or moment; the
+  adapters' [tokens, rank] intermediates are left out (rank << D);
 - activations, for `per_device_batch` rows of `seq_len` tokens: what each layer keeps for
   the backward under its remat policy;
 - backward: the larger of two working sets that are never live together: the layer whose
@@ -53,6 +57,7 @@ from phi4_jax.errors import Phi4Error
 from phi4_jax.model import attention as attention_lib
 from phi4_jax.model.attention import cudnn
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for, param_count
+from phi4_jax.model.lora import adapter_param_count
 from phi4_jax.parallel.sharding import MESH_AXES
 
 GIB = 1024**3
@@ -99,15 +104,18 @@ class MemoryEstimate:
     activations: int
     backward: int
     inputs: TrainMemoryInputs
+    frozen: int = 0  # a LoRA run's backbone (params are then the adapters)
     total: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        parts = (self.params, self.grads, self.optimizer, self.activations, self.backward)
+        parts = (self.params, self.frozen, self.grads, self.optimizer, self.activations,
+                 self.backward)
         object.__setattr__(self, "total", sum(parts))
 
     def describe(self) -> str:
         """A small table in GiB per device, headed by what it was estimated for."""
-        rows = [("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer),
+        rows = [("params", self.params), *([("frozen", self.frozen)] if self.frozen else []),
+                ("grads", self.grads), ("optimizer", self.optimizer),
                 ("activations", self.activations), ("backward", self.backward),
                 ("total", self.total)]
         lines = [f"estimate for {self.inputs.describe()}:",
@@ -158,13 +166,16 @@ def resolve_remat(inputs: TrainMemoryInputs, budget_bytes: float) -> str:
 def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
     cfg = inputs.cfg
     state_shards = inputs.fsdp * inputs.tensor
-    params = param_count(cfg)
+    trained = adapter_param_count(cfg) if cfg.lora else param_count(cfg)
+    frozen_dtype = (cfg.lora.backbone_dtype or cfg.param_dtype) if cfg.lora else None
+    frozen = param_count(cfg) * _DTYPE_BYTES[frozen_dtype] if cfg.lora else 0
     grad_copies = 2 if inputs.microbatches > 1 else 1
     saved, in_flight = _activation_bytes(inputs)
     return MemoryEstimate(
-        params=math.ceil(params * _DTYPE_BYTES[cfg.param_dtype] / state_shards),
-        grads=grad_copies * math.ceil(params * _FLOAT32 / state_shards),
-        optimizer=math.ceil(_ADAM_MOMENTS * params * _FLOAT32 / state_shards),
+        params=math.ceil(trained * _DTYPE_BYTES[cfg.param_dtype] / state_shards),
+        frozen=math.ceil(frozen / state_shards),
+        grads=grad_copies * math.ceil(trained * _FLOAT32 / state_shards),
+        optimizer=math.ceil(_ADAM_MOMENTS * trained * _FLOAT32 / state_shards),
         activations=math.ceil(saved),
         backward=math.ceil(max(in_flight, loss_chunk_bytes(inputs))),
         inputs=inputs)

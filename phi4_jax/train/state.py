@@ -1,6 +1,10 @@
 """Start-up planning and the sharded train state: validated config -> mesh -> memory check ->
 abstract state with its shardings -> the state created directly in its shards.
 
+With LoRA (`model.lora`), the trained parameters are the adapters alone: the optimizer state,
+the checkpoints and the donated step state hold only them, and the backbone travels beside
+them as frozen input (`model_params` joins the two for a forward), in `lora.backbone_dtype`.
+
 Order, cheapest check first: config -> mesh -> batch layout -> memory estimate -> shape
 evaluation -> shardings. Nothing here allocates device memory until `init_state`.
 """
@@ -19,7 +23,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from phi4_jax.config_base import ConfigError, validate_config
+from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
 from phi4_jax.model import attention as attention_lib
+from phi4_jax.model import lora
 from phi4_jax.model.attention.check import check_attention
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.model.transformer import init_model
@@ -42,10 +48,35 @@ class Run:
     state_shardings: Any
     abstract_state: TrainState  # shapes, dtypes and target shardings, for restoring
     batch_sharding: NamedSharding  # rows over the batch axes, any rank
+    abstract_model_params: Any  # the whole model's parameters (with adapters), with shardings
 
     @property
     def abstract_params(self) -> Any:
+        """The trained parameters: the whole model's, or only the adapters under LoRA."""
         return self.abstract_state.params
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The model size's tokenizer (phi4 or phi4-mini), from its vocabulary."""
+        return tokenizer_for_vocab(self.model_cfg.vocab_size)
+
+    @property
+    def tokenizer(self) -> Phi4Tokenizer:
+        return load_tokenizer(self.tokenizer_name)
+
+    @property
+    def abstract_backbone(self) -> Any:
+        """The parameters a checkpoint or `init_from` holds: the model's without adapters."""
+        return lora.split(self.abstract_model_params)[1]
+
+    @property
+    def model_param_shardings(self) -> Any:
+        return jax.tree.map(lambda leaf: leaf.sharding, self.abstract_model_params)
+
+    def model_params(self, trained: Any, backbone: Any) -> Any:
+        """The forward's parameters from the trained ones and the frozen backbone (None
+        without LoRA, where the trained parameters are the whole model)."""
+        return trained if backbone is None else lora.join(trained, backbone)
 
 
 def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -107,10 +138,11 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     rules = tuple(tuple(rule) for rule in config.mesh.rules)
     abstract_model = nnx.eval_shape(lambda: init_model(model_cfg, config.seed))
     graphdef, abstract_params = nnx.split(abstract_model)
-    param_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh, rules))
-    optimizer = make_optimizer(config.train, nnx.to_pure_dict(abstract_params))
-    shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer),
-                            nnx.to_pure_dict(abstract_params))
+    model_params = _abstract_model_params(model_cfg, abstract_params, mesh, rules)
+    trained = lora.split(model_params)[0] if model_cfg.lora else model_params
+    param_shardings = jax.tree.map(lambda leaf: leaf.sharding, trained)
+    optimizer = make_optimizer(config.train, trained)
+    shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer), trained)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_shardings = optax.tree_map_params(
         optimizer, lambda _, sharding: sharding, shapes.opt_state, param_shardings,
@@ -120,16 +152,50 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
     return Run(config, model_cfg, mesh, rules, graphdef, optimizer, shardings, abstract_state,
-               batch_sharding)
+               batch_sharding, model_params)
+
+
+def _abstract_model_params(model_cfg: ModelConfig, abstract_params: nnx.State, mesh: Mesh,
+                           rules: tuple) -> Any:
+    """Shapes, dtypes (the LoRA backbone in its own dtype) and shardings of every parameter."""
+    shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh, rules))
+    shapes = nnx.to_pure_dict(abstract_params)
+    backbone_dtype = model_cfg.lora.backbone_dtype if model_cfg.lora else ""
+    if backbone_dtype:
+        adapters, backbone = lora.split(shapes)
+        backbone = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, backbone_dtype), backbone)
+        shapes = lora.join(adapters, backbone)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
 
 
 def init_params(run: Run) -> Any:
-    """Freshly initialized parameters, created directly in their shards."""
+    """Freshly initialized parameters of the whole model (the LoRA backbone in its dtype),
+    created directly in their shards."""
+    dtypes = jax.tree.map(lambda leaf: leaf.dtype, run.abstract_model_params)
+
     def init() -> Any:
-        return nnx.to_pure_dict(nnx.state(init_model(run.model_cfg, run.config.seed)))
+        params = nnx.to_pure_dict(nnx.state(init_model(run.model_cfg, run.config.seed)))
+        return jax.tree.map(lambda x, dtype: x.astype(dtype), params, dtypes)
+
+    with jax.set_mesh(run.mesh):
+        return jax.jit(init, out_shardings=run.model_param_shardings)()
+
+
+def init_adapters(run: Run) -> Any:
+    """Fresh adapters alone (B zero: the backbone's own forward), in their shards."""
+    def init() -> Any:
+        return lora.split(nnx.to_pure_dict(nnx.state(init_model(run.model_cfg,
+                                                                run.config.seed))))[0]
 
     with jax.set_mesh(run.mesh):
         return jax.jit(init, out_shardings=run.state_shardings.params)()
+
+
+def split_trained(run: Run, params: Any) -> tuple[Any, Any]:
+    """(trained, frozen backbone) of the whole model's parameters; (params, None) without
+    LoRA."""
+    return lora.split(params) if run.model_cfg.lora else (params, None)
 
 
 def init_state(run: Run, params: Any | None = None) -> TrainState:
