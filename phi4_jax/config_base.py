@@ -28,9 +28,11 @@ from phi4_jax.parallel.sharding import MESH_AXES
 SCHEDULES = ("linear", "cosine")
 
 # Logical axis -> mesh axes. FSDP shards weights over their `embed` dimension, tensor
-# parallelism splits heads and the MLP width, and the batch spans data and fsdp.
+# parallelism splits heads and the MLP width, the batch spans data and fsdp, and context
+# parallelism splits each row's positions over `sequence` (model.attention.context_parallel).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
+    ("seq", "sequence"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("q_heads", "tensor"),
