@@ -17,6 +17,8 @@ The diff from pretraining (everything else is configs/pretrain.py's for the same
   - 250B tokens (published); tokens per step kept, so rows per step / 4 (not published);
   - data: 30% long documents (`long`, documents of at least 8192 tokens, packed whole) and 70%
     replay of the pretraining sources at their pretraining weights (published shares);
+  - evaluation also reports the held-out loss in 8 position buckets, before the first step
+    and at every eval (`eval.position_buckets`);
   - research sizes: steps as in MID_STEPS (about 2.5% of pretraining's, the paper's 250B/10T,
     and at least enough for the tiny run to show an effect).
 """
@@ -49,5 +51,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     replay = {name: round(weight * (1 - LONG_SHARE), 6) for name, weight in c.data.mix.items()}
     c.data.sources.long = long
     c.data.mix = ml_collections.ConfigDict({"long": LONG_SHARE, **replay})
-    c.eval.at_start = True
+    c.eval.update(at_start=True, position_buckets=8)
     return c

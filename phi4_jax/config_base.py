@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Greedy accuracy on held-out built-in problems (0 = off); see phi4_jax.evals.verifiable.
     c.eval.accuracy_problems = 0
     c.eval.max_new_tokens = 128
+    # Held-out loss in this many equal position buckets of the row (0 = off), as metrics
+    # `eval_loss_pos<lo>-<hi>`: does the loss keep falling late in long rows? (pretrain stage)
+    c.eval.position_buckets = 0
 
     # Supervised fine-tuning (stage 'sft'): over-long conversations are 'drop'ped or
     # 'truncate'd to train.seq_len + 1 tokens; either way counted.
@@ -264,7 +267,7 @@ def load_config(spec: str | Path, arg: str | None = None) -> ml_collections.Conf
 
 def _validate_post_training(config: ml_collections.ConfigDict) -> None:
     e, d = config.eval, config.dpo
-    for key in ("accuracy_problems", "max_new_tokens"):
+    for key in ("accuracy_problems", "max_new_tokens", "position_buckets"):
         _require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
                  "must be an integer >= 0.")
     _require(config.sft.truncation in TRUNCATION, "sft.truncation", config.sft.truncation,

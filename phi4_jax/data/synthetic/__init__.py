@@ -22,8 +22,8 @@ import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
-from phi4_jax.data.synthetic import algebra, arithmetic, measures, number_theory, proportion
-from phi4_jax.data.synthetic.long_range import long_range
+from phi4_jax.data.synthetic import (algebra, arithmetic, long_range, measures, number_theory,
+                                     proportion)
 from phi4_jax.data.synthetic.text import REFUSAL, Exercise
 from phi4_jax.data.synthetic.unanswerable import WORD_FAMILIES, unanswerable
 from phi4_jax.data.synthetic.verifier import extract_final_answer, verify
@@ -92,7 +92,7 @@ def long_range_exercise(seed: int, index: int) -> Exercise:
     """The long-range recall document at `index` of the stream `seed` (see `long_range`): a
     fact, filler exercises, and a question only the fact answers; pure like `exercise`."""
     seed, index = _non_negative("seed", seed), _non_negative("index", index)
-    return long_range(random.Random(f"phi4_jax.synthetic.long_range/{seed}/{index}"), filler_text)
+    return long_range.long_range(random.Random(f"phi4_jax.synthetic.long_range/{seed}/{index}"), filler_text)
 
 
 _HEADINGS = (("Problem", "Solution"), ("Exercise", "Worked solution"), ("Question", "Answer"),
