@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.accuracy_problems = 0
     c.eval.max_new_tokens = 128
     # Held-out loss in this many equal position buckets of the row (0 = off), as metrics
-    # `eval_loss_pos<lo>-<hi>`: does the loss keep falling late in long rows? (pretrain stage)
+    # `loss_pos<lo>-<hi>`: does the loss keep falling late in long rows? (pretrain stage)
     c.eval.position_buckets = 0
 
     # Supervised fine-tuning (stage 'sft'): over-long conversations are 'drop'ped or
