@@ -32,9 +32,11 @@ from phi4_jax.search.verifiers import TASKS
 SCHEDULES = ("linear", "cosine")
 
 # Logical axis -> mesh axes. FSDP shards weights over their `embed` dimension, tensor
-# parallelism splits heads and the MLP width, and the batch spans data and fsdp.
+# parallelism splits heads and the MLP width, the batch spans data and fsdp, and context
+# parallelism splits each row's positions over `sequence` (model.attention.context_parallel).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
+    ("seq", "sequence"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("q_heads", "tensor"),
@@ -132,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Greedy accuracy on held-out built-in problems (0 = off); see phi4_jax.evals.verifiable.
     c.eval.accuracy_problems = 0
     c.eval.max_new_tokens = 128
+    # Held-out loss in this many equal position buckets of the row (0 = off), as metrics
+    # `loss_pos<lo>-<hi>`: does the loss keep falling late in long rows? (pretrain stage)
+    c.eval.position_buckets = 0
 
     # Supervised fine-tuning (stage 'sft'): over-long conversations are 'drop'ped or
     # 'truncate'd to train.seq_len + 1 tokens; either way counted.
@@ -318,7 +323,7 @@ def load_config(spec: str | Path, arg: str | None = None) -> ml_collections.Conf
 
 def _validate_post_training(config: ml_collections.ConfigDict) -> None:
     e, d = config.eval, config.dpo
-    for key in ("accuracy_problems", "max_new_tokens"):
+    for key in ("accuracy_problems", "max_new_tokens", "position_buckets"):
         _require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
                  "must be an integer >= 0.")
     _require(config.sft.truncation in TRUNCATION, "sft.truncation", config.sft.truncation,

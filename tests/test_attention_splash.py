@@ -140,7 +140,7 @@ KV_NAMES = ("batch", "seq", "kv_heads", "head_dim")
 
 
 def _mesh():
-    return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    return sharding.make_mesh({"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2})
 
 
 def _mesh_qkv(seed, num_kv_heads=K, batch=MESH_B):

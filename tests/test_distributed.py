@@ -170,7 +170,7 @@ def test_inconsistent_requests_are_refused_before_submission(target, fields, ove
 def test_consistent_request_resolves_the_mesh():
     config = config_base.load_config("configs/pretrain.py", "1b")
     config.mesh.tensor = 2
-    assert launch.check_request(_request("slurm", nodes=4), config) == {"data": 1, "fsdp": 16, "tensor": 2}
+    assert launch.check_request(_request("slurm", nodes=4), config) == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 2}
 
 
 def test_dry_runs_print_what_would_be_submitted_and_submit_nothing(tmp_path):

@@ -157,7 +157,7 @@ def test_load_places_parameters_with_the_given_shardings(tmp_path):
     directory = _saved(_hf_model(), tmp_path, "hf")
     cfg = hf.model_config_from_hf(directory)
     abstract = nnx.state(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param)
-    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1})
     shardings = sharding.state_shardings(abstract, mesh, (("embed", "fsdp"), ("mlp", "tensor")))
     params = hf.load_hf_checkpoint(directory, cfg, shardings=shardings)
     for (path, var), (_, want) in zip(nnx.to_flat_state(params), nnx.to_flat_state(shardings)):

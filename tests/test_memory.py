@@ -17,7 +17,7 @@ from phi4_jax.model.transformer import init_model
 from phi4_jax.model.config import model_config_for
 from phi4_jax.model.lora import LoRAConfig
 
-ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
+ONE_DEVICE = dict(data=1, fsdp=1, sequence=1, tensor=1)
 PHI4_PARAMS = 14_659_507_200
 
 
@@ -26,8 +26,8 @@ def _host_ram_bytes() -> int:
     return pytest.importorskip("psutil").virtual_memory().total
 
 
-def _mesh(data=1, fsdp=1, tensor=1):
-    return dict(data=data, fsdp=fsdp, tensor=tensor)
+def _mesh(data=1, fsdp=1, tensor=1, sequence=1):
+    return dict(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor)
 
 
 def _estimate(cfg, mesh=ONE_DEVICE, **kw):
@@ -111,6 +111,17 @@ def test_tensor_axis_divides_activations_and_logits():
     one, four = _estimate(cfg), _estimate(cfg, _mesh(tensor=4))
     assert memory.loss_chunk_bytes(four.inputs) == memory.loss_chunk_bytes(one.inputs) // 4
     assert one.activations / 4 < four.activations < one.activations / 2  # D-wide stream stays
+
+
+def test_sequence_axis_divides_activations_and_adds_the_gathered_row():
+    cfg = model_config_for("1b", compute_dtype="bfloat16", remat_policy="full")
+    one = _estimate(cfg, seq_len=16384)
+    four = _estimate(cfg, _mesh(sequence=4), seq_len=16384)
+    assert four.activations == pytest.approx(one.activations / 4, rel=1e-6)
+    assert four.params == one.params  # parameters are not split by the sequence axis
+    gathered = 16384 * 2 * cfg.num_kv_heads * cfg.head_dim * (2 + 4)  # K/V bf16 + f32 grads
+    assert four.backward >= gathered
+    assert "sequence=4" in four.describe()
 
 
 def _xla_temp_bytes(cfg, batch, seq, chunk):

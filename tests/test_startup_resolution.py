@@ -27,7 +27,7 @@ def _estimate_total(config, policy):
     t = config.train
     return memory.estimate_train_memory(
         model_cfg, seq_len=t.seq_len, per_device_batch=t.global_batch,
-        mesh_shape=dict(data=1, fsdp=1, tensor=1), loss_chunk_tokens=t.loss_chunk_tokens).total
+        mesh_shape=dict(data=1, fsdp=1, sequence=1, tensor=1), loss_chunk_tokens=t.loss_chunk_tokens).total
 
 
 @pytest.mark.parametrize("fits", ["none", "save_dots", "save_qkv_proj", "full"])

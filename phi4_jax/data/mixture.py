@@ -80,10 +80,13 @@ def mixture_report(data_cfg: Mapping[str, Any], total_tokens: int) -> str:
         "| source | weight | tokens | unique tokens | epochs |",
         "|---|---:|---:|---:|---:|",
     ]
+    sources = (data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg))["sources"]
     for row in mixture_rows(data_cfg, total_tokens):
+        min_tokens = sources[row.source].get("min_tokens", 0)
+        name = f"{row.source} (documents >= {min_tokens} tokens)" if min_tokens else row.source
         unique = _count(row.unique_tokens) if row.unique_tokens else "unknown"
         epochs = f"{row.epochs:.2f}" if row.epochs is not None else "-"
-        lines.append(f"| {row.source} | {row.weight:.3f} | {_count(row.tokens)} | {unique} | {epochs} |")
+        lines.append(f"| {name} | {row.weight:.3f} | {_count(row.tokens)} | {unique} | {epochs} |")
     return "\n".join(lines)
 
 

@@ -14,6 +14,11 @@ packed attention compiles that many segment slots in. A packed row of more is sp
 segments in order, into rows of at most `max_segments`, each padded; so a run of very short
 documents costs padding, never a token or the bound. Its iterator state is grain's: it
 resumes exactly.
+
+Long-document sources (mid-training) are packed by `pack_whole_documents` instead: a document
+is never cut at a row boundary unless it is longer than a row, so its first token and its
+last share one row and the model trains on the whole span; longer ones are cut into row-length
+pieces (each a segment from position 0) and the pieces packed first-fit, like short documents.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+WHOLE_PACKING_BINS = 4  # first-fit bins open at once for long documents
 
 
 def document_pair(text: str, tokenizer: Phi4Tokenizer) -> dict[str, np.ndarray]:
@@ -51,6 +57,29 @@ def pack_pairs(pairs: grain.IterDataset, seq_len: int, max_segments: int) -> gra
     )
     return grain.experimental.FlatMapIterDataset(packed.map(training_row),
                                                  _SegmentCap(seq_len, max_segments))
+
+
+def pack_whole_documents(pairs: grain.IterDataset, seq_len: int, max_segments: int
+                         ) -> grain.IterDataset:
+    """Rows of `seq_len` tokens holding whole documents first-fit (a document longer than a row
+    in row-length pieces), at most `max_segments` per row; padding is segment 0."""
+    pieces = grain.experimental.FlatMapIterDataset(pairs, _RowPieces(seq_len))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        pieces, length_struct={"inputs": seq_len, "targets": seq_len},
+        num_packing_bins=WHOLE_PACKING_BINS, shuffle_bins=False, max_sequences_per_bin=max_segments)
+    return packed.map(training_row)
+
+
+class _RowPieces(grain.experimental.FlatMapTransform):
+    """A pair cut into consecutive pieces of at most `seq_len` tokens."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.max_fan_out = 1  # unused by iterator flat maps: a piece count has no bound
+
+    def flat_map(self, pair: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        return [{key: value[start:start + self.seq_len] for key, value in pair.items()}
+                for start in range(0, len(pair["inputs"]), self.seq_len)]
 
 
 class _SegmentCap(grain.experimental.FlatMapTransform):

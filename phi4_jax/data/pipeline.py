@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from phi4_jax import config_base
-from phi4_jax.data import bad_records, mixture, packing, sources
+from phi4_jax.data import bad_records, length_filter, mixture, packing, sources
 from phi4_jax.data.sources import DataConfigError, EmptySplitError
 from phi4_jax.data.tokenizer import load_tokenizer
 
@@ -230,7 +230,8 @@ def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, An
                          seq_len: int, tokenizer_name: str = "phi4") -> grain.IterDataset:
     """Pretraining rows of one source: its documents tokenized (by the named tokenizer) on
     read threads, then packed; records without a document are handled by the source's
-    bad-record policy."""
+    bad-record policy. A source with `min_tokens` keeps only documents that long (counted,
+    `length_filter`) and packs them whole."""
     tokenizer = load_tokenizer(tokenizer_name)
     spec = cfg["sources"][name]
     documents = bad_records.convert(name, records, functools.partial(sources.document_text, name, spec),
@@ -240,8 +241,12 @@ def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, An
         num_threads=cfg["read_threads"],
         prefetch_buffer_size=DOCUMENTS_BUFFERED_PER_THREAD * cfg["read_threads"],
     )
-    return packing.pack_pairs(pairs.filter(packing.has_tokens).to_iter_dataset(read_options), seq_len,
-                              cfg["max_segments_per_row"])
+    pairs = pairs.filter(packing.has_tokens)
+    pack = packing.pack_pairs
+    if min_tokens := spec.get("min_tokens", 0):
+        pairs = pairs.filter(length_filter.MinTokens(name, min_tokens))
+        pack = packing.pack_whole_documents
+    return pack(pairs.to_iter_dataset(read_options), seq_len, cfg["max_segments_per_row"])
 
 
 def _source_seed(seed: int, name: str) -> int:

@@ -6,7 +6,8 @@ A record is what a source holds: an `Exercise` for `synthetic`, a file's text fo
 Post-training stages read records (`open_records`: conversations, preference pairs);
 pretraining reads documents (`open_documents`), a record's text. Kinds and what one document is:
 - `synthetic`: `render_document(exercise(seed, index))` (`synthetic_unanswerable`: the refusal
-  variants, `unanswerable_exercise`), random access by index over a finite span of
+  variants, `unanswerable_exercise`; `synthetic_long_range`: a fact, filler exercises and a
+  question only the fact answers, `long_range_exercise`), random access by index over a finite span of
   `SYNTHETIC_SPAN` (2**40) indices, so it behaves like any other MapDataset (shardable, repeatable)
   and is endless in practice. The eval split reads the next span, `[SYNTHETIC_SPAN, 2 * SYNTHETIC_SPAN)`.
 - `python_stdlib`: one `.py` file of the running interpreter's standard library (test and
@@ -26,6 +27,8 @@ Finite sources hold out the records whose index hashes below `eval_holdout` (`he
 and at least one record of a source with two or more: the split depends on the record index
 alone, so it stays put across seeds and restarts as long as the file list is unchanged. Only the held-out indices are kept in memory (about
 `8 * eval_holdout` bytes per record); the training split maps onto the records between them.
+A spec's `min_tokens` (pretraining rows only) keeps the documents of at least that many tokens,
+counted (`length_filter`), and packs them whole (`packing.pack_whole_documents`).
 `jsonl` keeps 20 bytes of line offsets per record: use array_record or TFDS for billions of records.
 """
 
@@ -47,14 +50,16 @@ from phi4_jax.data import bad_records, synthetic
 from phi4_jax.data.bad_records import BadRecordError
 from phi4_jax.errors import Phi4Error
 
-KINDS = ("synthetic", "synthetic_unanswerable", "python_stdlib", "jsonl", "text", "array_record", "tfds")
+KINDS = ("synthetic", "synthetic_unanswerable", "synthetic_long_range", "python_stdlib", "jsonl", "text", "array_record", "tfds")
 # Every spec key and its default; `config_base.source_spec` builds specs from these.
 SPEC_DEFAULTS = {"kind": "", "paths": "", "text_key": "text", "tfds_name": "", "split": "train",
-                 "data_dir": "", "unique_tokens": 0, **bad_records.SPEC_DEFAULTS}
+                 "data_dir": "", "unique_tokens": 0, "min_tokens": 0,
+                 **bad_records.SPEC_DEFAULTS}
 SPEC_KEYS = frozenset(SPEC_DEFAULTS)
 REQUIRED_KEYS = {
     "synthetic": ("kind",),
     "synthetic_unanswerable": ("kind",),
+    "synthetic_long_range": ("kind",),
     "python_stdlib": ("kind",),
     "jsonl": ("kind", "paths", "text_key"),
     "text": ("kind", "paths"),
@@ -63,7 +68,8 @@ REQUIRED_KEYS = {
 }
 SPLITS = ("train", "eval")
 SYNTHETIC_KINDS = {"synthetic": synthetic.exercise,
-                   "synthetic_unanswerable": synthetic.unanswerable_exercise}
+                   "synthetic_unanswerable": synthetic.unanswerable_exercise,
+                   "synthetic_long_range": synthetic.long_range_exercise}
 SYNTHETIC_SPAN = 2**40
 HOLDOUT_CHUNK = 2**22
 STDLIB_EXCLUDED_DIRS = frozenset(
@@ -101,6 +107,10 @@ def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: boo
     unique_tokens = spec.get("unique_tokens", 0)
     if isinstance(unique_tokens, bool) or not isinstance(unique_tokens, int) or unique_tokens < 0:
         raise DataConfigError(f"{where}.unique_tokens is {unique_tokens!r}; give a count >= 0 (0 = unknown)")
+    min_tokens = spec.get("min_tokens", 0)
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise DataConfigError(f"{where}.min_tokens is {min_tokens!r}; give a token count >= 0 "
+                              f"(0 keeps every document)")
     if problem := bad_records.check_policy(where, spec):
         raise DataConfigError(problem)
     if check_files and "paths" in REQUIRED_KEYS[kind]:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from phi4_jax.model import attention as attention_lib
 from phi4_jax.model import lora
+from phi4_jax.model.attention import context_parallel
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.model.kv_cache import KVCache
 from phi4_jax.model.rope import apply_rope
@@ -181,6 +183,11 @@ class Transformer(nnx.Module):
         (`losses.lm.chunked_token_log_probs`), never holding [B, T, V] at once.
         """
         cfg = self.cfg
+        shards = context_parallel.sequence_shards() if cache is None else 1
+        if shards > 1:  # each device's chunks of the row together, once, for every layer
+            order = context_parallel.load_balanced_order(tokens_BT.shape[1], shards)
+            tokens_BT, positions_BT, segment_ids_BT = (
+                x[:, order] for x in (tokens_BT, positions_BT, segment_ids_BT))
         # Gather from the whole table, as FSDP gathers every weight before use: from a sharded
         # table the partitioner cannot reach batch-sharded rows and replicates them instead.
         table_VD = constrain(self.embed_VD[...].astype(cfg.compute_dtype), (None, None))
@@ -192,7 +199,10 @@ class Transformer(nnx.Module):
         else:
             x_BTD, new_cache = self._run_blocks_cached(x_BTD, positions_BT, segment_ids_BT, cache,
                                                        adapter_ids_B)
-        return self.final_norm(x_BTD), new_cache
+        x_BTD = self.final_norm(x_BTD)
+        if shards > 1:
+            x_BTD = constrain(x_BTD[:, np.argsort(order)], ("batch", "seq", "embed"))
+        return x_BTD, new_cache
 
     def head_DV(self) -> jax.Array:
         """The output projection in the parameter dtype: the LM head, or the tied embedding."""

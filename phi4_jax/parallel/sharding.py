@@ -17,7 +17,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from phi4_jax.errors import Phi4Error
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "sequence", "tensor")
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 # A jit-cache-sensitive context: a function traced under one set of rules is traced afresh
@@ -51,7 +51,7 @@ def resolve_mesh_shape(requested: Mapping[str, int], num_devices: int) -> dict[s
 
 
 def make_mesh(requested: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices, shaped by the config."""
+    """A (data, fsdp, sequence, tensor) mesh over all devices, shaped by the config."""
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(requested, len(devices))
     # Auto axes: XLA's partitioner propagates layouts from the parameter and batch shardings

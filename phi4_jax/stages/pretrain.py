@@ -16,11 +16,11 @@ import ml_collections
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import mixture, pipeline
 from phi4_jax.data.reasoning import ReasoningFormat
-from phi4_jax.evals import verifiable
+from phi4_jax.evals import position_loss, verifiable
 from phi4_jax.losses.lm import next_token_loss_sum
 from phi4_jax.sampling.scoring import target_log_probs
 from phi4_jax.train.stage import DataShard, Stage
-from phi4_jax.train.state import Run
+from phi4_jax.train.state import Run, to_global_batch
 
 ACCURACY_BATCH = 32  # prompts decoded at once by the greedy-accuracy evaluation
 
@@ -74,7 +74,24 @@ class Pretrain(Stage):
         return False
 
     def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
-        """Greedy accuracy on held-out built-in problems, when `eval.accuracy_problems` > 0."""
+        """Loss by position bucket (`eval.position_buckets` > 0) and greedy accuracy on
+        held-out built-in problems (`eval.accuracy_problems` > 0)."""
+        return {**self._position_losses(run, params), **self._accuracy(run, params)}
+
+    def _position_losses(self, run: Run, params) -> dict[str, float]:
+        c = run.config
+        if not c.eval.position_buckets or self.name != "pretrain":
+            return {}
+        if not hasattr(self, "_held_out"):  # the same rows at every evaluation
+            shard = DataShard(c.train.global_batch // jax.process_count(), jax.process_index(),
+                              jax.process_count())
+            self._held_out = [to_global_batch(b, run.batch_sharding)
+                              for b in self.eval_batches(run, shard)]
+        return position_loss.loss_by_position(
+            params, run.graphdef, self._held_out, seq_len=c.train.seq_len,
+            buckets=c.eval.position_buckets, chunk_tokens=c.train.loss_chunk_tokens)
+
+    def _accuracy(self, run: Run, params) -> dict[str, float]:
         e = run.config.eval
         if not e.accuracy_problems:
             return {}

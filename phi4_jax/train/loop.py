@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from phi4_jax.data import bad_records
+from phi4_jax.data import bad_records, length_filter
 from phi4_jax.errors import Phi4Error
 from phi4_jax.model import lora
 from phi4_jax.parallel.sharding import logical_rules
@@ -198,6 +198,9 @@ def _summary(history: list[dict[str, float]], step: int, steps: int) -> str:
         parts.append("bad records skipped: " + ", ".join(f"{n} in data.sources.{name}"
                                                          for name, n in skipped.items())
                      + " (each is named in the log)")
+    if short := length_filter.dropped():
+        parts.append("documents under min_tokens dropped: " + ", ".join(
+            f"{d} of {r} read in data.sources.{name}" for name, (d, r) in short.items()))
     return "; ".join(parts) + "."
 
 
@@ -207,6 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
     `workdir` has checkpoints; returns the logged metrics, one dict per log or eval step."""
     workdir_lib.prepare(workdir)
     bad_records.reset()
+    length_filter.reset()
     run = build_run(config, sequences_per_row=stage.sequences_per_row(config))
     stage.check_config(config)
     load_initial = _initial_params_loader(run, stage.name)  # init_from checked before any write
@@ -302,6 +306,8 @@ class _Loop:
                 host_metrics = {}
                 logged.update({f"bad_records/{name}": float(n)
                                for name, n in bad_records.counts().items()})
+                logged.update({f"short_documents/{name}": float(d)
+                               for name, (d, _) in length_filter.dropped().items()})
                 self.writer.write(step, logged)
                 history.append({"step": step, **logged})
                 window_start, window_steps = time.perf_counter(), 0

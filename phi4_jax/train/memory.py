@@ -30,7 +30,8 @@ for them). The assumptions, per device:
   layer's cast weights. `full` remat keeps only each layer's input; `save_dots` its input
   and the projection outputs (q/k/v, output, gate, up, down); `save_qkv_proj` its input
   and q/k/v. Head and MLP widths are divided by the tensor axis; the D-wide residual
-  stream is not. On the CPU test configs this lands within about a third of XLA's own
+  stream is not. Positions are divided by the sequence axis (context parallelism), whose
+  attention also holds the whole row's gathered K/V and their float32 gradients in flight. On the CPU test configs this lands within about a third of XLA's own
   memory analysis (tests/test_memory.py);
   The loss forms the logits in chunks of `loss_chunk_tokens` positions
   (`losses.lm.chunked_token_log_probs`): float32 [chunk, V] per row, vocab sharded over
@@ -86,12 +87,14 @@ class TrainMemoryInputs:
     fsdp: int
     tensor: int
     loss_chunk_tokens: int = 1024
+    sequence: int = 1
 
     def describe(self) -> str:
         impl = _resolved_attention(self.cfg, self.seq_len)
         return (f"{self.cfg.name}, seq {self.seq_len}, {self.per_device_batch} row(s)/device x "
                 f"{self.microbatches} microbatch(es), remat {self.cfg.remat_policy}, attention "
-                f"{impl}, mesh data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
+                f"{impl}, mesh data={self.data} fsdp={self.fsdp} sequence={self.sequence} "
+                f"tensor={self.tensor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,17 +199,21 @@ def _activation_bytes(inputs: TrainMemoryInputs) -> tuple[float, float]:
     """Saved activations of every layer, and one layer's backward working set."""
     cfg, t = inputs.cfg, inputs.tensor
     c = _DTYPE_BYTES[cfg.compute_dtype]
-    impl = _resolved_attention(cfg, inputs.seq_len)
+    # Under context parallelism each device runs blockwise attention on its positions.
+    impl = "blockwise" if inputs.sequence > 1 else _resolved_attention(cfg, inputs.seq_len)
     layer = _layer_bytes_per_token(cfg, inputs.seq_len, t, impl)
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim / t
     saved = {"none": layer, "full": 0.0, "save_qkv_proj": c * qkv,
              "save_dots": c * (qkv + 2 * cfg.d_model + 2 * cfg.ffn_dim / t)}[cfg.remat_policy]
     saved += c * cfg.d_model  # the layer input: the scan carry
     in_flight = layer * (1.0 if cfg.remat_policy == "none" else _REMAT_IN_FLIGHT)
-    tokens = inputs.per_device_batch * inputs.seq_len
+    tokens = inputs.per_device_batch * inputs.seq_len / inputs.sequence
     saved, in_flight = tokens * cfg.num_layers * saved, tokens * in_flight
+    if inputs.sequence > 1:  # the row's K and V gathered, and their float32 gradients
+        kv_row = inputs.per_device_batch * inputs.seq_len * 2 * cfg.num_kv_heads / t * cfg.head_dim
+        in_flight += kv_row * (c + _FLOAT32)
     if impl == "blockwise":
-        block = min(cfg.attention_block_size, inputs.seq_len)
+        block = min(cfg.attention_block_size, inputs.seq_len // (2 * inputs.sequence))
         in_flight += (inputs.per_device_batch * cfg.num_heads / t * block**2 * _FLOAT32
                       * _BLOCKWISE_TILES)
     if cfg.remat_policy == "none" and cfg.param_dtype != cfg.compute_dtype:
@@ -352,8 +359,8 @@ def _more_fsdp(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
     flags = f"--config.mesh.fsdp={inputs.fsdp * growth}"
     if data != inputs.data:
         flags += f" --config.mesh.data={data}"
-    devices = data * inputs.fsdp * growth * inputs.tensor
-    same = devices == inputs.data * inputs.fsdp * inputs.tensor
+    devices = data * inputs.fsdp * growth * inputs.sequence * inputs.tensor
+    same = devices == inputs.data * inputs.fsdp * inputs.sequence * inputs.tensor
     return _Change(f"shard parameters and optimizer {growth}x further (mesh.fsdp; "
                    f"{'the same devices' if same else f'{devices} devices'})", flags,
                    dataclasses.replace(grown[growth].inputs, data=data))

@@ -29,7 +29,7 @@ from phi4_jax.model import lora
 from phi4_jax.model.attention.check import check_attention
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.model.transformer import init_model
-from phi4_jax.parallel.sharding import logical_to_spec, make_mesh, state_shardings
+from phi4_jax.parallel.sharding import MESH_AXES, logical_to_spec, make_mesh, state_shardings
 from phi4_jax.train import memory
 from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.step import TrainState, init_train_state
@@ -127,7 +127,7 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     model_cfg = validate_config(config)
     model_cfg = model_cfg.replace(attention_impl=attention_lib.resolve_impl(
         model_cfg.attention_impl, config.train.seq_len, model_cfg.attention_block_size))
-    mesh = make_mesh({axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}, devices)
+    mesh = make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}, devices)
     check_batch_layout(config, mesh)
     model_cfg = check_memory(config, model_cfg, mesh, sequences_per_row)
     logging.info("Attention %s (model.attention_impl=%s), remat %s (model.remat_policy=%s)",

@@ -22,13 +22,15 @@ import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
-from phi4_jax.data.synthetic import algebra, arithmetic, measures, number_theory, proportion
+from phi4_jax.data.synthetic import (algebra, arithmetic, long_range, measures, number_theory,
+                                     proportion)
 from phi4_jax.data.synthetic.text import REFUSAL, Exercise
 from phi4_jax.data.synthetic.unanswerable import WORD_FAMILIES, unanswerable
 from phi4_jax.data.synthetic.verifier import extract_final_answer, verify
 
 __all__ = ["FAMILIES", "REFUSAL", "Exercise", "documents", "exercise", "extract_final_answer",
-           "render_document", "unanswerable_exercise", "verify"]
+           "filler_text", "long_range_exercise", "render_document", "unanswerable_exercise",
+           "verify"]
 
 _GENERATORS: dict[str, Callable[[random.Random], Exercise]] = {
     "arithmetic": arithmetic.order_of_operations,
@@ -79,6 +81,18 @@ def unanswerable_exercise(seed: int, index: int) -> Exercise:
         return _GENERATORS[WORD_FAMILIES[rng.randrange(len(WORD_FAMILIES))]](rng)
 
     return unanswerable(rng, word_problem)
+
+
+def filler_text(rng: random.Random) -> str:
+    """One exercise of any family, rendered: the filler between a planted fact and its question."""
+    return render_document(_GENERATORS[FAMILIES[rng.randrange(len(FAMILIES))]](rng))
+
+
+def long_range_exercise(seed: int, index: int) -> Exercise:
+    """The long-range recall document at `index` of the stream `seed` (see `long_range`): a
+    fact, filler exercises, and a question only the fact answers; pure like `exercise`."""
+    seed, index = _non_negative("seed", seed), _non_negative("index", index)
+    return long_range.long_range(random.Random(f"phi4_jax.synthetic.long_range/{seed}/{index}"), filler_text)
 
 
 _HEADINGS = (("Problem", "Solution"), ("Exercise", "Worked solution"), ("Question", "Answer"),

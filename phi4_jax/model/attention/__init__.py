@@ -18,6 +18,8 @@ not 0 (padding). So no token attends across packed documents on any path.
   - `tokamax` (NVIDIA Hopper+): tokamax's Mosaic GPU kernel with a per-query first key.
   - `splash` (TPU): the Pallas splash kernel with segment ids; under a mesh it runs per
     device in a `shard_map` on the batch rows and heads the logical rules give each device.
+Under context parallelism (the rules split `seq` over a mesh axis of size > 1) self-attention
+takes `context_parallel`: all-gathered K/V, blockwise locally, whatever `impl` says.
 Softmax and its statistics are always float32. `auto` is resolved once, at start-up
 (`resolve_impl`): cudnn on NVIDIA GPUs, splash on TPUs, xla or blockwise on CPU. Fused
 kernels are checked against `xla` before training starts (`check.py`).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import jax
 
+from phi4_jax.model.attention import context_parallel
 from phi4_jax.model.attention.blockwise import blockwise_attention
 from phi4_jax.model.attention.reference import xla_attention
 
@@ -68,6 +71,9 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
         raise ValueError(f"model.attention_impl={impl!r}: choose auto or one of {IMPLS}.")
     self_attention = (q_BTNH.shape[1] == k_BSKH.shape[1] and isinstance(q_offset, int)
                       and not q_offset)
+    if self_attention and context_parallel.sequence_shards() > 1:
+        return context_parallel.context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids,
+                                                           block_size=block_size)
     if impl == "xla" or not self_attention:
         # Cached decoding (short queries against a long cache) always takes the plain path.
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, q_offset)
