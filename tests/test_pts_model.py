@@ -49,7 +49,7 @@ def test_model_rollouts_match_the_plain_sampler_in_any_batch_layout():
         return search_with(sampler, _pts()), sampler
 
     small, sampler = search(2)  # batches of 2 rows
-    mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1}, jax.devices()[:8])
+    mesh = make_mesh({"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1}, jax.devices()[:8])
     with jax.set_mesh(mesh):
         large, _ = search(16, mesh)  # 8 or 16 rows, one per device or two
     assert list(small.estimates) == list(large.estimates) and len(small.estimates) > 3

@@ -37,7 +37,8 @@ from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for
 from phi4_jax.evals.verifiable import chat_prompt
 from phi4_jax.errors import Phi4Error
 from phi4_jax.model.transformer import init_model
-from phi4_jax.parallel.sharding import logical_rules, logical_to_spec, make_mesh, state_shardings
+from phi4_jax.parallel.sharding import (MESH_AXES, logical_rules, logical_to_spec, make_mesh,
+                                        state_shardings)
 from phi4_jax.sampling import decode
 from phi4_jax.search import records
 from phi4_jax.search.estimates import RolloutPolicy, estimate_prefixes
@@ -222,8 +223,11 @@ def load_rollout_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokeniz
         raise ConfigError("init_from='': Pivotal Token Search samples a trained model; set "
                           "--config.init_from to an SFT run's workdir (or a Hugging Face "
                           "directory).")
-    mesh = make_mesh({axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")},
-                     jax.local_devices())
+    if config.mesh.sequence != 1:
+        raise ConfigError(f"mesh.sequence={config.mesh.sequence}: Pivotal Token Search decodes, "
+                          f"and decoding does not split rows over a sequence axis; set "
+                          f"--config.mesh.sequence=1.")
+    mesh = make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}, jax.local_devices())
     rules = tuple(tuple(rule) for rule in config.mesh.rules)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, config.seed)))
     shardings = nnx.to_pure_dict(state_shardings(abstract, mesh, rules))
