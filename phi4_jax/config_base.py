@@ -290,6 +290,13 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     for axis in MESH_AXES:
         _require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
                  "must be an integer size (or -1 to fill the remaining devices).")
+    samplers = [name for name, on in (("stage=grpo", config.stage == "grpo"),
+                                      ("eval.accuracy_problems", config.eval.accuracy_problems),
+                                      ("reasoning.teachable_pool", config.reasoning.teachable_pool))
+                if on]
+    _require(config.mesh.sequence == 1 or not samplers, "mesh.sequence", config.mesh.sequence,
+             f"decoding does not split rows over a sequence axis, and {', '.join(samplers)} "
+             f"decodes; set --config.mesh.sequence=1 or turn those off.")
     for rule in config.mesh.rules:
         targets = (rule[1],) if isinstance(rule[1], str) or rule[1] is None else tuple(rule[1])
         _require(len(rule) == 2 and all(a is None or a in MESH_AXES for a in targets),

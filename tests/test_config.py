@@ -91,3 +91,21 @@ def test_mix_naming_a_source_without_spec_is_refused():
     c.data.mix = {"webz": 1.0}
     with pytest.raises(ValueError, match="webz"):
         pipeline.validate_data_config(c.data)
+
+
+@pytest.mark.parametrize("config_file, key, value", [
+    ("configs/grpo.py", None, None),
+    ("configs/sft.py", "eval.accuracy_problems", 4),
+    ("configs/reasoning_sft.py", "reasoning.teachable_pool", 4),
+])
+def test_decoding_on_a_sequence_split_mesh_is_refused(config_file, key, value):
+    config = config_base.load_config(config_file, "tiny")
+    config.eval.accuracy_problems = 0
+    if key:
+        section, name = key.split(".")
+        config[section][name] = value
+    config.mesh.update(sequence=2, fsdp=1)
+    with pytest.raises(config_base.ConfigError, match=r"mesh\.sequence=2.*set --config\.mesh\.sequence=1"):
+        config_base.validate_config(config)
+    config.mesh.sequence = 1
+    config_base.validate_config(config)
