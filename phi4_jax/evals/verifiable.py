@@ -41,14 +41,25 @@ def greedy_responses(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
     sampling = decode.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                                      stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id),
                                      pad_id=tokenizer.pad_id)
+    return sampled_responses(params, graphdef, cfg, prompts, tokenizer, sampling=sampling,
+                             batch_size=batch_size)
+
+
+def sampled_responses(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
+                      prompts: Sequence[Sequence[int]], tokenizer: Phi4Tokenizer, *,
+                      sampling: decode.SamplingParams, batch_size: int, seed: int = 0,
+                      row_ids: Sequence[int] | None = None) -> list[str]:
+    """Each prompt's completion as `sampling` says, decoded up to its stop token; row i draws
+    with the key of (`seed`, `row_ids[i]`), by default its index."""
+    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     generate = decode.compiled_generate(graphdef, cfg, sampling)
     length = max(len(p) for p in prompts)
     responses = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
+        chunk = list(range(start, min(start + batch_size, len(prompts))))
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape for every batch
-        out = generate(params, decode.left_pad(rows, length, tokenizer.pad_id),
-                       decode.row_keys(0, range(len(rows))))
+        out = generate(params, decode.left_pad([prompts[i] for i in rows], length, tokenizer.pad_id),
+                       decode.row_keys(seed, [row_ids[i] for i in rows]))
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
         for row in range(len(chunk)):
             ids = [t for t, m in zip(tokens[row], mask[row]) if m and t not in sampling.stop_ids]

@@ -24,7 +24,7 @@ from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, mixture, sources, synthetic
 from phi4_jax.data.reasoning import ReasoningFormat
 from phi4_jax.data.tokenizer import Phi4Tokenizer
-from phi4_jax.evals.verifiable import chat_prompt
+from phi4_jax.evals.verifiable import chat_prompt, sampled_responses
 from phi4_jax.parallel.sharding import logical_rules
 from phi4_jax.sampling import decode
 from phi4_jax.train.state import Run
@@ -39,22 +39,14 @@ def success_rates(run: Run, params: Any, problems: list[synthetic.Exercise],
     if not problems:
         return np.zeros(0)
     prompts = [chat_prompt(ex.question, tokenizer, fmt) for ex in problems]
-    rows = [(i, j) for i in range(len(problems)) for j in range(samples)]
-    length = max(len(p) for p in prompts)
-    generate = decode.compiled_generate(run.graphdef, run.model_cfg, sampling)
-    solved, batch = np.zeros(len(problems)), min(SAMPLE_BATCH, len(rows))
+    asked = [i for i in range(len(problems)) for _ in range(samples)]  # problem of each row
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
-        for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
-            padded = chunk + [chunk[-1]] * (batch - len(chunk))  # one shape for every batch
-            out = jax.device_get(generate(
-                params, decode.left_pad([prompts[i] for i, _ in padded], length, tokenizer.pad_id),
-                decode.row_keys(seed, [i * samples + j for i, j in padded])))
-            for row, (i, _) in enumerate(chunk):
-                ids = [t for t, m in zip(out.tokens[row], out.mask[row])
-                       if m and t not in sampling.stop_ids]
-                answer, _ = fmt.split(tokenizer.decode(ids))
-                solved[i] += synthetic.verify(problems[i], answer)
+        responses = sampled_responses(
+            params, run.graphdef, run.model_cfg, [prompts[i] for i in asked], tokenizer,
+            sampling=sampling, batch_size=min(SAMPLE_BATCH, len(asked)), seed=seed)
+    solved = np.zeros(len(problems))
+    for i, response in zip(asked, responses):
+        solved[i] += synthetic.verify(problems[i], fmt.split(response)[0])
     return solved / samples
 
 
