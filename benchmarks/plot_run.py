@@ -1,7 +1,10 @@
-r"""A run's loss and eval-loss curves, read from its TensorBoard event files, as a PNG.
+r"""A run's loss and eval-loss curves (or any logged metrics, one panel each), read from its
+TensorBoard event files, as a PNG.
 
   pip install -e ".[plot]"   # matplotlib
   python benchmarks/plot_run.py /tmp/phi4 --out docs/tiny_run.png
+  python benchmarks/plot_run.py /tmp/phi4-grpo --out grpo.png \
+      --metrics reward,sample_accuracy,accuracy,kl,response_tokens
 
 Every event file of `<workdir>/tensorboard` is read (a resumed run writes one per start);
 a later file's value wins for a step logged twice.
@@ -57,13 +60,47 @@ def plot(scalars: dict[str, dict[int, float]], out: str | Path, title: str) -> N
     plt.close(fig)
 
 
+def plot_panels(scalars: dict[str, dict[int, float]], tags: list[str], out: str | Path,
+                title: str) -> None:
+    """One panel per tag, sharing the step axis; a tag logged only at evaluations is drawn
+    with markers."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, axes = plt.subplots(len(tags), 1, figsize=(6.4, 1.9 * len(tags)), dpi=100, sharex=True,
+                             squeeze=False)
+    for ax, tag in zip(axes[:, 0], tags):
+        points = sorted(scalars[tag].items())
+        ax.plot(*zip(*points), "o-" if len(points) < 12 else "-", markersize=4)
+        ax.set_ylabel(tag)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", help="the run's --workdir")
     parser.add_argument("--out", default="run.png", help="the PNG to write")
     parser.add_argument("--title", default="", help="plot title (default: the workdir)")
+    parser.add_argument("--metrics", default="",
+                        help="comma-separated logged metrics, one panel each (default: loss)")
     args = parser.parse_args()
     scalars = read_scalars(args.workdir)
+    if args.metrics:
+        tags = args.metrics.split(",")
+        missing = [tag for tag in tags if tag not in scalars]
+        if missing:
+            raise SystemExit(f"error: no {missing} scalars under {args.workdir}/tensorboard; "
+                             f"logged: {sorted(scalars)}")
+        plot_panels(scalars, tags, args.out, args.title or str(args.workdir))
+        print(f"wrote {args.out}: " + ", ".join(f"{len(scalars[t])} {t}" for t in tags))
+        return
     if "loss" not in scalars:
         raise SystemExit(f"error: no 'loss' scalars under {args.workdir}/tensorboard; was the run "
                          "started with --config.log.tensorboard=False?")

@@ -37,10 +37,21 @@ _QUESTIONS = flags.DEFINE_integer("questions", 64, "Questions searched per seed.
 _ROLLOUTS = flags.DEFINE_integer("rollouts", 16, "Most rollouts per prefix.")
 _DPO_STEPS = flags.DEFINE_integer("dpo_steps", 40, "DPO steps of each method.")
 _PROBLEMS = flags.DEFINE_integer("accuracy_problems", 128, "Held-out problems for accuracy.")
+_TEMPLATE = flags.DEFINE_enum("template", "chat", ["chat", "reasoning"],
+                              "The SFT model's template (sft.template) for search, DPO and eval.")
+_FAMILIES = flags.DEFINE_string("families", "", "Exercise families searched and evaluated "
+                                "(pts.families, eval.accuracy_families); '' = all.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "Response budget of search and eval.")
 _WRITE = flags.DEFINE_string("write", "", "Append the results to this markdown file.")
 _PLOT = flags.DEFINE_string("plot", "", "Save a bar chart here (needs matplotlib).")
 
 COMMON = {"log.progress_bar": False, "log.tensorboard": False}
+
+
+def _model_keys() -> dict:
+    """The keys every run shares: how the SFT model is asked, and on which problems."""
+    return {"sft.template": _TEMPLATE.value, "eval.accuracy_families": _FAMILIES.value,
+            "eval.max_new_tokens": _MAX_NEW.value}
 
 
 def _command(spec: str, workdir: str, overrides: dict) -> str:
@@ -53,7 +64,7 @@ def _run(spec: str, workdir: str, overrides: dict, log: list[str]) -> list[dict]
     """Runs a config with dotted overrides in this process, recording the equivalent command."""
     file, arg = spec.split(":")
     config = load_config(file, arg)
-    overrides = {**COMMON, **overrides}
+    overrides = {**COMMON, **_model_keys(), **overrides}
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         target = config
@@ -132,7 +143,8 @@ def main(argv):
         t = time.perf_counter()
         totals = _run("configs/pts_search.py:tiny", str(search_dir),
                       {"init_from": _SFT.value, "seed": seed, "pts.questions": _QUESTIONS.value,
-                       "pts.rollouts": _ROLLOUTS.value}, log)[0]
+                       "pts.rollouts": _ROLLOUTS.value, "pts.families": _FAMILIES.value,
+                       "pts.max_new_tokens": _MAX_NEW.value}, log)[0]
         search_s = time.perf_counter() - t
         pts = _dpo("configs/dpo.py:tiny,pts", search_dir / "pts" / "pairs-*.jsonl",
                    str(root / f"dpo-pts-s{seed}"), seed, log)
@@ -168,7 +180,9 @@ def _report(rows: list[dict], sft: float, log: list[str], seconds: float) -> Non
                 f"- command: `python benchmarks/pts_vs_dpo.py --sft {_SFT.value} --workdir "
                 f"{_WORKDIR.value} --seeds {','.join(_SEEDS.value)} --questions "
                 f"{_QUESTIONS.value} --rollouts {_ROLLOUTS.value} --dpo_steps "
-                f"{_DPO_STEPS.value} --accuracy_problems {_PROBLEMS.value}`\n"
+                f"{_DPO_STEPS.value} --accuracy_problems {_PROBLEMS.value} --template "
+                f"{_TEMPLATE.value} --families '{_FAMILIES.value}' --max_new_tokens "
+                f"{_MAX_NEW.value}`\n"
                 f"- SFT start: greedy accuracy {sft:.3f} on the same held-out problems\n\n"
                 + "\n".join(table) + "\n\nThe runs, as commands:\n\n```\n" + "\n".join(log)
                 + "\n```\n")

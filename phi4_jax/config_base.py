@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ml_collections
 
-from phi4_jax.data import reasoning
+from phi4_jax.data import reasoning, synthetic
 from phi4_jax.data.chat import TRUNCATION
 from phi4_jax.data.preference import PAIR_FORMATS
 from phi4_jax.data.sources import SPEC_DEFAULTS
@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.at_start = False  # also evaluate the starting model (before the first step)
     # Greedy accuracy on held-out built-in problems (0 = off); see phi4_jax.evals.verifiable.
     c.eval.accuracy_problems = 0
+    c.eval.accuracy_families = ""  # comma-separated synthetic families to draw them from; '' = all
     c.eval.max_new_tokens = 128
     # Held-out loss in this many equal position buckets of the row (0 = off), as metrics
     # `loss_pos<lo>-<hi>`: does the loss keep falling late in long rows? (pretrain stage)
@@ -192,6 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pts = ml_collections.ConfigDict()
     c.pts.task = "synthetic"  # or 'coding' (Python functions graded by unit tests, sandboxed)
     c.pts.first_question = 0  # questions [first, first + questions) of the training stream
+    c.pts.families = ""  # task 'synthetic': comma-separated exercise families; '' = all
     c.pts.questions = 1000
     c.pts.responses_per_question = 1  # sampled responses searched per kept question
     c.pts.p_gap = 0.2
@@ -333,6 +335,10 @@ def _validate_post_training(config: ml_collections.ConfigDict) -> None:
     for key in ("accuracy_problems", "max_new_tokens", "position_buckets"):
         _require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
                  "must be an integer >= 0.")
+    try:
+        synthetic.parse_families(e.accuracy_families, "eval.accuracy_families")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     _require(config.sft.truncation in TRUNCATION, "sft.truncation", config.sft.truncation,
              f"choose one of {TRUNCATION}.")
     _require(d.variant in VARIANTS, "dpo.variant", d.variant, f"choose one of {VARIANTS}.")
@@ -424,6 +430,12 @@ def _suggest(config: ml_collections.ConfigDict, dotted: str, section: str) -> st
 
 def _validate_pts(p: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
     _require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
+    try:
+        synthetic.parse_families(p.families, "pts.families")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    _require(not p.families or p.task == "synthetic", "pts.families", p.families,
+             "only task 'synthetic' draws from exercise families; remove the key.")
     _require(p.split in SPLIT_RULES, "pts.split", p.split, f"choose one of {SPLIT_RULES}.")
     for key in ("first_question", "response_pairs", "top_k", "rollouts_per_round"):
         _require(isinstance(p[key], int) and p[key] >= 0, f"pts.{key}", p[key],

@@ -3,12 +3,15 @@
 import ast
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from phi4_jax import config_base, stages
-from phi4_jax.data import pipeline
+from phi4_jax.data import pipeline, synthetic
+from phi4_jax.evals import verifiable
+from phi4_jax.stages.sft import SFT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +52,8 @@ def test_unknown_variant_names_the_choices():
     ("train.seq_len", 8192, "model.max_positions"),
     ("model.size", "7b", "model.size"),
     ("data.max_segments_per_row", 0, "data.max_segments_per_row"),
+    ("eval.accuracy_families", "modular,trigonometry", r"eval.accuracy_families names unknown "
+                                                       r"exercise families \['trigonometry'\]"),
 ])
 def test_validation_names_key_and_fix(key, value, message):
     c = _load("tiny")
@@ -109,3 +114,17 @@ def test_decoding_on_a_sequence_split_mesh_is_refused(config_file, key, value):
         config_base.validate_config(config)
     config.mesh.sequence = 1
     config_base.validate_config(config)
+
+
+def test_accuracy_is_measured_on_the_named_families(monkeypatch):
+    asked = {}
+    monkeypatch.setattr(verifiable, "greedy_accuracy",
+                        lambda *a, **kw: asked.update(kw) or {"accuracy": 0.0})
+    config = config_base.load_config("configs/reasoning_sft.py", "tiny")
+    config.eval.accuracy_families = "rate, modular"
+    run = types.SimpleNamespace(config=config, graphdef=None, model_cfg=None, tokenizer=None)
+    SFT()._accuracy(run, None)
+    assert asked["families"] == ("rate", "modular") and asked["fmt"] is not None
+    config.eval.accuracy_families = ""
+    SFT()._accuracy(run, None)
+    assert asked["families"] == synthetic.FAMILIES

@@ -138,6 +138,25 @@ def test_synthetic_train_and_eval_use_disjoint_index_spans():
     assert [train[i] for i in range(5)] != [opened("train", seed=4)[i] for i in range(5)]
 
 
+def test_synthetic_families_draw_only_the_named_families(monkeypatch):
+    called = []
+    monkeypatch.setattr(synthetic, "_GENERATORS", {  # record which generator makes each one
+        name: (lambda rng, name=name, make=make: called.append(name) or make(rng))
+        for name, make in synthetic._GENERATORS.items()})
+    spec = {"kind": "synthetic", "families": " modular, rate "}
+    for split, start in (("train", 0), ("eval", sources.SYNTHETIC_SPAN)):
+        records = sources.open_records("s", spec, seed=3, split=split, eval_holdout=0.01)
+        called.clear()
+        exercises = [records[i] for i in range(40)]
+        assert set(called) == {"modular", "rate"}
+        assert exercises[5] == synthetic.exercise(3, start + 5, ("modular", "rate"))
+    everything = sources.open_records("s", {"kind": "synthetic", "families": ""}, seed=3,
+                                      split="train", eval_holdout=0.01)
+    called.clear()
+    assert [everything[i] for i in range(40)][7] == synthetic.exercise(3, 7)
+    assert len(set(called)) > 2
+
+
 def test_held_out_mask_is_a_stable_fraction_of_indices():
     mask = sources.held_out_mask(np.arange(200_000), 0.01)
     assert abs(mask.mean() - 0.01) < 0.001
@@ -190,6 +209,10 @@ SYNTH = {"kind": "synthetic"}
         ({"kind": "synthetic", "bad_records": "ignore"}, "data.sources.s.bad_records is 'ignore'"),
         ({"kind": "synthetic", "max_bad_records": -1}, "data.sources.s.max_bad_records is -1"),
         ({"kind": "synthetic", "max_bad_fraction": 2.0}, "data.sources.s.max_bad_fraction is 2.0"),
+        ({"kind": "synthetic", "families": "modular,calculus"},
+         "data.sources.s.families names unknown exercise families ['calculus']"),
+        ({"kind": "synthetic_unanswerable", "families": "modular"},
+         "data.sources.s.families is 'modular', but only kind 'synthetic'"),
     ],
 )
 def test_bad_source_spec_is_refused_before_training(spec, message):

@@ -59,6 +59,32 @@ def test_whole_responses_are_decoded_without_the_question_or_stop_tokens():
                                  stop_ids=(tokenizer.im_end_id,), workers=1) == [True, False]
 
 
+def test_a_reasoning_model_is_asked_and_checked_in_its_format():
+    """sft.template='reasoning': the prompt carries the system message, only the text after
+    the think block counts, the whole-response pairs keep that prompt, and the questions
+    come from pts.families."""
+    tokenizer = load_tokenizer("phi4")
+    config = config_base.load_config("configs/pts_search.py", "tiny")
+    config.sft.template, config.pts.families = "reasoning", "modular"
+    model = type("Model", (), {"sampling": type("S", (), {"stop_ids": (tokenizer.im_end_id,)})})
+    search_one = job._ModelSearch(config, model, tokenizer)
+    fmt = search_one.fmt
+    ex = synthetic.exercise(config.data.seed, 5, ("modular",))
+    problem = verifiers.problem("synthetic", config.data.seed, 5, families=search_one.families,
+                                fmt=fmt)
+    assert problem.question == ex.question
+    assert problem.check(f"<think>\nwork\n</think>\nFinal answer: {ex.answer}")
+    assert not problem.check(f"<think>\nFinal answer: {ex.answer}\n</think>\nunsure")
+    assert not problem.check(f"Final answer: {ex.answer}")  # no think block: no answer part
+    search = search_question(_scripted, p_gap=0.2, success_range=(0.2, 0.8), responses=1)
+    (whole, *_) = records.response_pair_records(5, fmt.messages(ex.question), search,
+                                                tokenizer, (), limit=1)
+    pair = preference.pair_from_record(json.loads(json.dumps(whole)), tokenizer,
+                                       pair_format="sequence", judged=False)
+    asked = tokenizer.encode_chat(fmt.messages(ex.question), add_generation_prompt=True).ids
+    assert pair.prompt == tuple(asked) and fmt.system in tokenizer.decode(asked)
+
+
 def _fake_search(question_id):
     summary = {"question_id": question_id, "kept": question_id % 2 == 0,
                "pivots": question_id, "pairs": question_id, "rollouts": 10}
@@ -111,7 +137,8 @@ def test_questions_split_over_processes_and_layouts_do_not_mix(tmp_path):
 @pytest.mark.parametrize("key,value,message", [
     ("p_gap", 0.0, "pts.p_gap=0.0"), ("task", "essay", "pts.task='essay'"),
     ("rollouts_per_round", 40, "pts.rollouts_per_round=40"), ("split", "middle", "pts.split"),
-    ("max_new_tokens", 4096, "pts.max_new_tokens=4096"), ("temperature", 0.0, "temperature")])
+    ("max_new_tokens", 4096, "pts.max_new_tokens=4096"), ("temperature", 0.0, "temperature"),
+    ("families", "modular,geometry", r"pts.families names unknown exercise families \['geometry'\]")])
 def test_bad_pts_keys_are_refused_by_name(key, value, message):
     config = config_base.load_config("configs/pts_search.py", "tiny")
     config.pts[key] = value

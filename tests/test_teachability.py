@@ -2,6 +2,7 @@
 counts (hand-worked), the stored rates reused on restart, bad input, and a reasoning SFT run
 that samples, filters and trains."""
 
+import contextlib
 import json
 import types
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from phi4_jax import config_base, stages
-from phi4_jax.data import pipeline, sources
+from phi4_jax.data import pipeline, sources, synthetic
+from phi4_jax.data.reasoning import ReasoningFormat
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.stages import teachability
 from phi4_jax.stages.grpo import problem_of, sampling_params
@@ -119,3 +121,39 @@ def test_reasoning_sft_samples_filters_and_trains(tmp_path):
             assert stored["indices"].tolist() == [0, 1, 2]
             assert set(stored["rates"].tolist()) <= {0.0, 0.5, 1.0}  # 2 samples each
     assert sampling_params(c, load_tokenizer("phi4")).max_new_tokens == 4
+
+
+def test_success_rates_count_each_problems_accepted_samples(monkeypatch):
+    """Planted responses: problem i's sample j answers correctly after the think block when
+    j < solved[i]; the others answer wrongly, or correctly but only inside the block (which
+    the reward reads as no answer). The rates are solved[i] / samples, worked by hand."""
+    fmt, tokenizer = ReasoningFormat(), load_tokenizer("phi4")
+    problems = [synthetic.exercise(0, i, ("modular",)) for i in range(5)]
+    solved, samples = [0, 3, 1, 4, 2], 4
+    prompt_of = {tuple(teachability.chat_prompt(ex.question, tokenizer, fmt)): i
+                 for i, ex in enumerate(problems)}
+    assert len(prompt_of) == len(problems)
+    seen = []
+
+    def planted(params, graphdef, cfg, prompts, tok, *, sampling, batch_size, seed):
+        seen.append((len(prompts), batch_size, seed))
+        responses, drawn = [], {}
+        for prompt in prompts:
+            i = prompt_of[tuple(prompt)]
+            j = drawn[i] = drawn.get(i, -1) + 1
+            answer = problems[i].answer
+            responses.append(
+                f"<think>\nsteps\n</think>\nFinal answer: {answer}" if j < solved[i] else
+                f"<think>\nFinal answer: {answer}\n</think>\nno answer here" if j % 2 else
+                f"<think>\nsteps\n</think>\nFinal answer: {answer}1")
+        return responses
+
+    monkeypatch.setattr(teachability, "sampled_responses", planted)
+    monkeypatch.setattr(teachability.jax, "set_mesh", lambda mesh: contextlib.nullcontext())
+    run = types.SimpleNamespace(mesh=None, rules=(), graphdef=None, model_cfg=None)
+    rates = teachability.success_rates(run, None, problems, tokenizer, fmt, samples=samples,
+                                       sampling=None, seed=7)
+    np.testing.assert_array_equal(rates, [0.0, 0.75, 0.25, 1.0, 0.5])
+    assert seen == [(20, 20, 7)]  # every sample in one call, with the run's seed
+    assert teachability.success_rates(run, None, [], tokenizer, fmt, samples=samples,
+                                      sampling=None, seed=7).shape == (0,)

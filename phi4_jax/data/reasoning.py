@@ -52,6 +52,15 @@ class ReasoningFormat:
         return (answer if found else ""), well_formed
 
 
+def format_for(config) -> ReasoningFormat | None:
+    """The format a run's model speaks: think-then-answer (`reasoning.*`) for GRPO and for
+    `sft.template='reasoning'` (SFT, and DPO or PTS from such a model), else None (plain chat)."""
+    if config.stage == "grpo" or config.sft.template == "reasoning":
+        r = config.reasoning
+        return ReasoningFormat(r.system, r.think_open, r.think_close)
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardRules:
     correct: float = 1.0

@@ -10,6 +10,8 @@ pretraining reads documents (`open_documents`), a record's text. Kinds and what 
   question only the fact answers, `long_range_exercise`), random access by index over a finite span of
   `SYNTHETIC_SPAN` (2**40) indices, so it behaves like any other MapDataset (shardable, repeatable)
   and is endless in practice. The eval split reads the next span, `[SYNTHETIC_SPAN, 2 * SYNTHETIC_SPAN)`.
+  A `synthetic` spec's `families` (comma-separated names of `synthetic.FAMILIES`, '' = all)
+  draws its exercises from those families only: a one-family run, or a mix ablation.
 - `python_stdlib`: one `.py` file of the running interpreter's standard library (test and
   site-packages folders left out), in sorted path order.
 - `text`: one whole file per document (a book, a paper), files in sorted path order.
@@ -53,7 +55,7 @@ from phi4_jax.errors import Phi4Error
 KINDS = ("synthetic", "synthetic_unanswerable", "synthetic_long_range", "python_stdlib", "jsonl", "text", "array_record", "tfds")
 # Every spec key and its default; `config_base.source_spec` builds specs from these.
 SPEC_DEFAULTS = {"kind": "", "paths": "", "text_key": "text", "tfds_name": "", "split": "train",
-                 "data_dir": "", "unique_tokens": 0, "min_tokens": 0,
+                 "data_dir": "", "unique_tokens": 0, "min_tokens": 0, "families": "",
                  **bad_records.SPEC_DEFAULTS}
 SPEC_KEYS = frozenset(SPEC_DEFAULTS)
 REQUIRED_KEYS = {
@@ -111,6 +113,14 @@ def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: boo
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
         raise DataConfigError(f"{where}.min_tokens is {min_tokens!r}; give a token count >= 0 "
                               f"(0 keeps every document)")
+    families = spec.get("families", "")
+    if families and kind != "synthetic":
+        raise DataConfigError(f"{where}.families is {families!r}, but only kind 'synthetic' draws "
+                              f"from exercise families; remove the key")
+    try:
+        synthetic.parse_families(families, f"{where}.families")
+    except ValueError as e:
+        raise DataConfigError(str(e)) from None
     if problem := bad_records.check_policy(where, spec):
         raise DataConfigError(problem)
     if check_files and "paths" in REQUIRED_KEYS[kind]:
@@ -154,7 +164,11 @@ def open_records(
     if spec["kind"] in SYNTHETIC_KINDS:
         start = 0 if split == "train" else SYNTHETIC_SPAN
         indices = grain.MapDataset.range(start, start + SYNTHETIC_SPAN)
-        return indices.map(functools.partial(SYNTHETIC_KINDS[spec["kind"]], seed))
+        make = SYNTHETIC_KINDS[spec["kind"]]
+        if spec.get("families"):
+            make = functools.partial(
+                make, families=synthetic.parse_families(spec["families"], f"data.sources.{name}.families"))
+        return indices.map(functools.partial(make, seed))
     records = _open_records(name, spec)
     held_out = held_out_indices(len(records), eval_holdout)
     count = len(held_out) if split == "eval" else len(records) - len(held_out)

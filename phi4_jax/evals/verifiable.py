@@ -20,11 +20,13 @@ from phi4_jax.model.config import ModelConfig
 from phi4_jax.sampling import decode
 
 
-def held_out_problems(seed: int, count: int, *, unanswerable: bool = False
-                      ) -> list[synthetic.Exercise]:
-    """The first `count` exercises of the synthetic eval span (or its unanswerable variants)."""
-    make = synthetic.unanswerable_exercise if unanswerable else synthetic.exercise
-    return [make(seed, SYNTHETIC_SPAN + i) for i in range(count)]
+def held_out_problems(seed: int, count: int, *, unanswerable: bool = False,
+                      families: Sequence[str] = synthetic.FAMILIES) -> list[synthetic.Exercise]:
+    """The first `count` exercises of the synthetic eval span drawn from `families` (or the
+    unanswerable variants, which have their own word-problem families)."""
+    if unanswerable:
+        return [synthetic.unanswerable_exercise(seed, SYNTHETIC_SPAN + i) for i in range(count)]
+    return [synthetic.exercise(seed, SYNTHETIC_SPAN + i, families) for i in range(count)]
 
 
 def chat_prompt(question: str, tokenizer: Phi4Tokenizer,
@@ -69,14 +71,15 @@ def sampled_responses(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
 
 def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
                     tokenizer: Phi4Tokenizer, *, seed: int, problems: int, max_new_tokens: int,
-                    batch_size: int, fmt: ReasoningFormat | None = None) -> dict[str, float]:
-    """`accuracy` on answerable held-out problems and `refusal_accuracy` on a quarter as many
-    unanswerable ones. With a reasoning format the prompt asks for a think block and the
+                    batch_size: int, fmt: ReasoningFormat | None = None,
+                    families: Sequence[str] = synthetic.FAMILIES) -> dict[str, float]:
+    """`accuracy` on answerable held-out problems of `families` and `refusal_accuracy` on a
+    quarter as many unanswerable ones. With a reasoning format the prompt asks for a think block and the
     answer is read after it."""
     scores = {}
     for name, unanswerable, count in (("accuracy", False, problems),
                                       ("refusal_accuracy", True, max(1, problems // 4))):
-        exercises = held_out_problems(seed, count, unanswerable=unanswerable)
+        exercises = held_out_problems(seed, count, unanswerable=unanswerable, families=families)
         responses = greedy_responses(params, graphdef, cfg,
                                      [chat_prompt(ex.question, tokenizer, fmt) for ex in exercises],
                                      tokenizer, max_new_tokens=max_new_tokens,

@@ -33,6 +33,7 @@ import tqdm
 from flax import nnx
 
 from phi4_jax.config_base import ConfigError, build_model_config, validate_config
+from phi4_jax.data import reasoning, synthetic
 from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
 from phi4_jax.evals.verifiable import chat_prompt
 from phi4_jax.errors import Phi4Error
@@ -192,12 +193,15 @@ class _ModelSearch:
                  tokenizer: Phi4Tokenizer):
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.stop_ids = model.sampling.stop_ids
+        self.fmt = reasoning.format_for(config)
+        self.families = synthetic.parse_families(config.pts.families, "pts.families")
 
     def __call__(self, question_id: int) -> tuple[dict, list, list]:
         pts, start = self.config.pts, time.perf_counter()
         problem_ = problem(pts.task, self.config.data.seed, question_id,
-                           Limits(pts.code_time_limit_s, pts.code_memory_mb))
-        prompt = chat_prompt(problem_.question, self.tokenizer)
+                           Limits(pts.code_time_limit_s, pts.code_memory_mb),
+                           families=self.families, fmt=self.fmt)
+        prompt = chat_prompt(problem_.question, self.tokenizer, self.fmt)
         if len(prompt) + pts.max_new_tokens > self.model.cfg.max_positions:
             return records.question_record(question_id, None, seconds=0.0,
                                            skipped="too_long"), [], []
@@ -208,7 +212,8 @@ class _ModelSearch:
         pairs = [records.pair_record(question_id, prompt, pair, self.tokenizer)
                  for pair in search.pairs]
         responses = records.response_pair_records(
-            question_id, problem_.question, search, self.tokenizer, self.stop_ids,
+            question_id, self.fmt.messages(problem_.question) if self.fmt else problem_.question,
+            search, self.tokenizer, self.stop_ids,
             pts.response_pairs) if search.kept else []
         summary = records.question_record(question_id, search, response_pairs=len(responses),
                                           seconds=time.perf_counter() - start)

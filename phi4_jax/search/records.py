@@ -57,11 +57,13 @@ def whole_responses(search: QuestionSearch) -> list[tuple[tuple[int, ...], bool]
     return list(seen.items())
 
 
-def response_pair_records(question_id: int, question: str, search: QuestionSearch,
+def response_pair_records(question_id: int, question: str | list[dict[str, str]],
+                          search: QuestionSearch,
                           tokenizer: Phi4Tokenizer, stop_ids: Sequence[int], limit: int
                           ) -> list[dict]:
     """Up to `limit` (correct, incorrect) whole-response pairs: the i-th correct response
-    against the i-th incorrect one."""
+    against the i-th incorrect one. `question` is the prompt as the pair data takes it: the
+    question text (plain chat) or the prompt's messages (the reasoning template)."""
     responses = whole_responses(search)
     correct = [ids for ids, ok in responses if ok]
     wrong = [ids for ids, ok in responses if not ok]

@@ -3,11 +3,13 @@
 A `Problem` pairs the question a model is asked with a check of a response. The question is
 never consulted when checking, so an answer that appears only in the prompt does not count.
 Tasks (`pts.task`):
-- `synthetic`: the built-in exercises; the last 'Final answer:' line compared as an exact
-  number (`phi4_jax.data.synthetic.verify`).
+- `synthetic`: the built-in exercises (of `pts.families`); the last 'Final answer:' line
+  compared as an exact number (`phi4_jax.data.synthetic.verify`).
 - `coding`: the built-in coding exercises; the response's code (its last ```python block,
   or the whole response when it has none) must pass the exercise's asserts in the sandbox
   (`search.sandbox`), where a timeout, crash or infinite loop is a failure.
+A model trained in the think-then-answer format (`sft.template='reasoning'`) is asked in it,
+and only the text after its think block is checked.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from phi4_jax.data import synthetic
+from phi4_jax.data.reasoning import ReasoningFormat
 from phi4_jax.data.synthetic.coding import coding_exercise
 from phi4_jax.search.sandbox import Limits, run_tests
 
@@ -37,16 +40,28 @@ class Problem:
     slow: bool = False  # checks run a process: check many responses in parallel
 
 
-def problem(task: str, seed: int, index: int, limits: Limits = Limits()) -> Problem:
-    """Problem `index` of the built-in stream `seed` of `task`."""
+def problem(task: str, seed: int, index: int, limits: Limits = Limits(), *,
+            families: Sequence[str] = synthetic.FAMILIES,
+            fmt: ReasoningFormat | None = None) -> Problem:
+    """Problem `index` of the built-in stream `seed` of `task` (`synthetic`: drawn from
+    `families`). With a reasoning format only the text after the think block is checked."""
     if task == "synthetic":
-        ex = synthetic.exercise(seed, index)
-        return Problem(ex.question, ex.answer, functools.partial(synthetic.verify, ex))
-    if task == "coding":
+        ex = synthetic.exercise(seed, index, families)
+        check = functools.partial(synthetic.verify, ex)
+        question, answer = ex.question, ex.answer
+    elif task == "coding":
         ex = coding_exercise(seed, index)
-        return Problem(ex.question, ex.solution,
-                       functools.partial(passes_tests, tests=ex.tests, limits=limits), slow=True)
-    raise ValueError(f"task {task!r}: choose one of {TASKS}.")
+        check = functools.partial(passes_tests, tests=ex.tests, limits=limits)
+        question, answer = ex.question, ex.solution
+    else:
+        raise ValueError(f"task {task!r}: choose one of {TASKS}.")
+    if fmt is not None:
+        check = functools.partial(_after_think, check=check, fmt=fmt)
+    return Problem(question, answer, check, slow=task == "coding")
+
+
+def _after_think(response: str, *, check: Callable[[str], bool], fmt: ReasoningFormat) -> bool:
+    return check(fmt.split(response)[0])
 
 
 def extract_code(response: str) -> str:

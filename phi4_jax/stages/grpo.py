@@ -8,6 +8,9 @@ group-relative advantages and trains on [P, G, T] rows: the prompt (left-padded 
 same slots as when it was sampled. The loss is the clipped-ratio objective with a KL term to
 the frozen starting model (`losses.policy_gradient`). Sampling keys derive from the seed, the
 step and the problem, so a resumed run samples exactly what the uninterrupted one did.
+Logged each step: `reward`, `sample_accuracy` and `well_formed` (shares of the sampled
+responses), `response_tokens`, `kl` to the reference, and `sample_time_s` apart from the
+step time; each evaluation: held-out greedy `accuracy` (`eval.accuracy_problems`).
 """
 
 from __future__ import annotations
@@ -109,14 +112,14 @@ class GRPO(Pretrain):
         reference = None if run.model_cfg.lora else initial_params()
         start = initial_params if reference is None else (lambda: reference)
         self.subsets, self.teachable = teachability.kept_subsets(
-            run, problem_of, run.tokenizer, self.reasoning_format(run.config),
+            run, problem_of, run.tokenizer, reasoning.format_for(run.config),
             sampling_params(run.config, run.tokenizer), start, workdir)
         return reference
 
     def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
         prompt_len = run.config.train.seq_len + 1 - run.config.grpo.max_new_tokens
         example = functools.partial(problem_row, tokenizer=run.tokenizer,
-                                    fmt=self.reasoning_format(run.config), prompt_len=prompt_len,
+                                    fmt=reasoning.format_for(run.config), prompt_len=prompt_len,
                                     counts=self.counts)
         return functools.partial(_problem_rows, example=example)
 
@@ -139,7 +142,7 @@ class GRPO(Pretrain):
         rows = {key: value.reshape(p, g.group_size, *value.shape[1:]) for key, value in
                 rows.items()}
         metrics = {"reward": float(rewards["total"].mean()),
-                   "accuracy": float(rewards["correct"].mean()),
+                   "sample_accuracy": float(rewards["correct"].mean()),
                    "well_formed": float(rewards["well_formed"].mean()),
                    "response_tokens": float(out.lengths.mean()),
                    "sample_time_s": time.perf_counter() - start}
@@ -147,7 +150,7 @@ class GRPO(Pretrain):
 
     def rewards(self, run: Run, batch, out, tokenizer) -> dict[str, np.ndarray]:
         g = run.config.grpo
-        fmt = self.reasoning_format(run.config)
+        fmt = reasoning.format_for(run.config)
         rules = reasoning.RewardRules(g.reward_correct, g.reward_wrong, g.format_penalty,
                                       g.overlong_penalty)
         table = {"total": [], "correct": [], "well_formed": []}

@@ -14,8 +14,7 @@ import jax
 import ml_collections
 
 from phi4_jax.config_base import ConfigError
-from phi4_jax.data import mixture, pipeline
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data import mixture, pipeline, reasoning, synthetic
 from phi4_jax.evals import position_loss, verifiable
 from phi4_jax.losses.lm import next_token_loss_sum
 from phi4_jax.sampling.scoring import target_log_probs
@@ -103,11 +102,5 @@ class Pretrain(Stage):
             params, run.graphdef, run.model_cfg, run.tokenizer, seed=run.config.data.seed,
             problems=e.accuracy_problems, max_new_tokens=e.max_new_tokens,
             batch_size=min(ACCURACY_BATCH, e.accuracy_problems),
-            fmt=self.reasoning_format(run.config))
-
-    def reasoning_format(self, config: ml_collections.ConfigDict) -> ReasoningFormat | None:
-        """The think-then-answer format the model is trained in, or None for plain chat."""
-        if config.stage == "grpo" or config.sft.template == "reasoning":
-            r = config.reasoning
-            return ReasoningFormat(r.system, r.think_open, r.think_close)
-        return None
+            fmt=reasoning.format_for(run.config),
+            families=synthetic.parse_families(e.accuracy_families, "eval.accuracy_families"))

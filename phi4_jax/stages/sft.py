@@ -13,7 +13,7 @@ import functools
 import grain
 
 from phi4_jax.config_base import ConfigError
-from phi4_jax.data import bad_records, chat, pipeline
+from phi4_jax.data import bad_records, chat, pipeline, reasoning
 from phi4_jax.stages import teachability
 from phi4_jax.stages.grpo import problem_of, sampling_params
 from phi4_jax.stages.pretrain import Pretrain
@@ -29,7 +29,7 @@ class SFT(Pretrain):
 
     def check_config(self, config) -> None:
         super().check_config(config)
-        if config.reasoning.teachable_pool and self.reasoning_format(config) is None:
+        if config.reasoning.teachable_pool and reasoning.format_for(config) is None:
             raise ConfigError(f"reasoning.teachable_pool={config.reasoning.teachable_pool} needs "
                               f"--config.sft.template=reasoning: the filter samples "
                               f"think-then-answer responses (or set it to 0).")
@@ -37,7 +37,7 @@ class SFT(Pretrain):
     def frozen(self, run: Run, initial_params, workdir: str) -> None:
         """Nothing frozen; the teachability filter, when on, picks the problems to train on."""
         self.subsets, self.teachable = teachability.kept_subsets(
-            run, problem_of, run.tokenizer, self.reasoning_format(run.config),
+            run, problem_of, run.tokenizer, reasoning.format_for(run.config),
             sampling_params(run.config, run.tokenizer), initial_params, workdir)
         return None
 
@@ -45,7 +45,7 @@ class SFT(Pretrain):
         return functools.partial(_conversation_rows, tokenizer=run.tokenizer,
                                  seq_len=run.config.train.seq_len,
                                  truncation=run.config.sft.truncation, counts=self.counts,
-                                 reasoning_format=self.reasoning_format(run.config))
+                                 reasoning_format=reasoning.format_for(run.config))
 
     def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
         return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("sft"),

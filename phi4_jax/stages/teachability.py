@@ -7,7 +7,7 @@ answered `reasoning.teachable_samples` times by the starting model (the KV-cache
 problems whose success rate lies in [`teachable_low`, `teachable_high`] are kept, and
 training then reads only those (`pipeline.make_iterator(subsets=...)`). Records without a
 checkable answer are handled by the source's bad-record policy. The rates are stored in
-`<workdir>/teachability/<source>.npy` (temporary name, then renamed) and reused on restart;
+`<workdir>/teachability/<source>.npz` (temporary name, then renamed) and reused on restart;
 the counts (pool, kept, too easy, too hard) are logged and reported with the eval metrics.
 """
 

@@ -29,8 +29,8 @@ from phi4_jax.data.synthetic.unanswerable import WORD_FAMILIES, unanswerable
 from phi4_jax.data.synthetic.verifier import extract_final_answer, verify
 
 __all__ = ["FAMILIES", "REFUSAL", "Exercise", "documents", "exercise", "extract_final_answer",
-           "filler_text", "long_range_exercise", "render_document", "unanswerable_exercise",
-           "verify"]
+           "filler_text", "long_range_exercise", "parse_families", "render_document",
+           "unanswerable_exercise", "verify"]
 
 _GENERATORS: dict[str, Callable[[random.Random], Exercise]] = {
     "arithmetic": arithmetic.order_of_operations,
@@ -53,6 +53,22 @@ def _non_negative(name: str, value: int) -> int:
     if value < 0:
         raise ValueError(f"{name} must be non-negative, got {value}")
     return value
+
+
+def parse_families(names: str, key: str) -> tuple[str, ...]:
+    """The families a config value names: comma-separated family names, '' for all of them.
+
+    `key` names the config key in the error, which lists the known families.
+    """
+    if not isinstance(names, str):
+        raise ValueError(f"{key} is {names!r}; give comma-separated family names from "
+                         f"{','.join(FAMILIES)} ('' = all)")
+    chosen = tuple(name.strip() for name in names.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in _GENERATORS]
+    if unknown:
+        raise ValueError(f"{key} names unknown exercise families {unknown}; choose from "
+                         f"{','.join(FAMILIES)} ('' = all)")
+    return chosen or FAMILIES
 
 
 def exercise(seed: int, index: int, families: Sequence[str] = FAMILIES) -> Exercise:
