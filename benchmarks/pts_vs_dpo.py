@@ -7,10 +7,12 @@ both built from one Pivotal Token Search run per seed (the same rollouts, the sa
 
 Per seed: `configs/pts_search.py:tiny` with `--config.seed=<seed>` searches `--questions`
 training-stream questions; then `configs/dpo.py:tiny,pts` trains on `pairs-*.jsonl` and
-`configs/dpo.py:tiny` on `responses-*.jsonl`, each for `--dpo_steps` steps from the SFT
-checkpoint with the same seed, batch and learning rate; accuracy is greedy on the first
-`--accuracy_problems` held-out problems (the eval span, never searched). Each run is the
-`python -m phi4_jax.main` command printed beside it, run in this process (stages.run).
+`configs/dpo.py:tiny` on `responses-*.jsonl` (and nothing else: no refusal share), each for
+`--dpo_steps` steps from the SFT checkpoint with the same seed, batch and learning rate;
+accuracy is greedy on the first `--accuracy_problems` held-out problems (the eval span,
+never searched). `--template reasoning --families modular` runs it on a reasoning-SFT model
+of one family. Each run is the `python -m phi4_jax.main` command printed beside it, run in
+this process (stages.run).
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def _dpo(spec: str, pairs: Path, workdir: str, seed: int, log: list[str]) -> dic
                  "eval.accuracy_problems": _PROBLEMS.value, "eval.batches": 1,
                  "checkpoint.every_steps": _DPO_STEPS.value,
                  "data.eval_holdout": _holdout(count)}
-    overrides.update({"data.sources.pairs.kind": "jsonl", "data.sources.pairs.paths": str(pairs)})
+    overrides.update({"data.sources.pairs.kind": "jsonl", "data.sources.pairs.paths": str(pairs),
+                      "data.mix.refusal": 0.0})  # each method trains on its own pairs only
     history = _run(spec, workdir, overrides, log)
     final = [h for h in history if "accuracy" in h][-1]
     return {"pairs": count, "accuracy": final["accuracy"],
