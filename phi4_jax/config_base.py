@@ -335,10 +335,7 @@ def _validate_post_training(config: ml_collections.ConfigDict) -> None:
     for key in ("accuracy_problems", "max_new_tokens", "position_buckets"):
         _require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
                  "must be an integer >= 0.")
-    try:
-        synthetic.parse_families(e.accuracy_families, "eval.accuracy_families")
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    _check_families(e.accuracy_families, "eval.accuracy_families")
     _require(config.sft.truncation in TRUNCATION, "sft.truncation", config.sft.truncation,
              f"choose one of {TRUNCATION}.")
     _require(d.variant in VARIANTS, "dpo.variant", d.variant, f"choose one of {VARIANTS}.")
@@ -428,12 +425,17 @@ def _suggest(config: ml_collections.ConfigDict, dotted: str, section: str) -> st
     return f"{section or 'the config'} declares {', '.join(sorted(node))}."
 
 
-def _validate_pts(p: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
-    _require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
+def _check_families(value: str, key: str) -> None:
+    """Refuses a families key that names no known exercise family, in one line."""
     try:
-        synthetic.parse_families(p.families, "pts.families")
+        synthetic.parse_families(value, key)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _validate_pts(p: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+    _require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
+    _check_families(p.families, "pts.families")
     _require(not p.families or p.task == "synthetic", "pts.families", p.families,
              "only task 'synthetic' draws from exercise families; remove the key.")
     _require(p.split in SPLIT_RULES, "pts.split", p.split, f"choose one of {SPLIT_RULES}.")

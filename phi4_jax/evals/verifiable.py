@@ -74,8 +74,8 @@ def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
                     batch_size: int, fmt: ReasoningFormat | None = None,
                     families: Sequence[str] = synthetic.FAMILIES) -> dict[str, float]:
     """`accuracy` on answerable held-out problems of `families` and `refusal_accuracy` on a
-    quarter as many unanswerable ones. With a reasoning format the prompt asks for a think block and the
-    answer is read after it."""
+    quarter as many unanswerable ones. With a reasoning format the prompt asks for a think
+    block and the answer is read after it."""
     scores = {}
     for name, unanswerable, count in (("accuracy", False, problems),
                                       ("refusal_accuracy", True, max(1, problems // 4))):
