@@ -4,7 +4,7 @@ TensorBoard event files, as a PNG.
   pip install -e ".[plot]"   # matplotlib
   python benchmarks/plot_run.py /tmp/phi4 --out docs/tiny_run.png
   python benchmarks/plot_run.py /tmp/phi4-grpo --out grpo.png \
-      --metrics reward,sample_accuracy,accuracy,kl,response_tokens
+      --metrics reward,sample_accuracy,accuracy,kl,response_tokens --table 10
 
 Every event file of `<workdir>/tensorboard` is read (a resumed run writes one per start);
 a later file's value wins for a step logged twice.
@@ -83,6 +83,17 @@ def plot_panels(scalars: dict[str, dict[int, float]], tags: list[str], out: str 
     plt.close(fig)
 
 
+def markdown_table(scalars: dict[str, dict[int, float]], tags: list[str], every: int) -> str:
+    """The tags' values at every `every`-th step and the last one (blank where not logged)."""
+    steps = sorted({step for tag in tags for step in scalars[tag]})
+    shown = [step for step in steps if step % every == 0 or step == steps[-1]]
+    lines = ["| step | " + " | ".join(tags) + " |", "|---:|" + "---:|" * len(tags)]
+    for step in shown:
+        cells = [f"{scalars[tag][step]:.4g}" if step in scalars[tag] else "" for tag in tags]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", help="the run's --workdir")
@@ -90,6 +101,8 @@ def main() -> None:
     parser.add_argument("--title", default="", help="plot title (default: the workdir)")
     parser.add_argument("--metrics", default="",
                         help="comma-separated logged metrics, one panel each (default: loss)")
+    parser.add_argument("--table", type=int, default=0, metavar="EVERY",
+                        help="also print the --metrics as a Markdown table, every EVERY steps")
     args = parser.parse_args()
     scalars = read_scalars(args.workdir)
     if args.metrics:
@@ -100,6 +113,8 @@ def main() -> None:
                              f"logged: {sorted(scalars)}")
         plot_panels(scalars, tags, args.out, args.title or str(args.workdir))
         print(f"wrote {args.out}: " + ", ".join(f"{len(scalars[t])} {t}" for t in tags))
+        if args.table:
+            print(markdown_table(scalars, tags, args.table))
         return
     if "loss" not in scalars:
         raise SystemExit(f"error: no 'loss' scalars under {args.workdir}/tensorboard; was the run "

@@ -77,3 +77,38 @@ def test_bad_sampling_settings_are_refused():
         decode.SamplingParams(max_new_tokens=4, top_p=0.0)
     with pytest.raises(ValueError, match="at most 2"):
         decode.left_pad([[1, 2, 3]], length=2)
+
+
+# probabilities 0.05, 0.4, 0.0001, 0.3, 0.2, 0.0499; the hand-worked kept sets:
+# top-k 4 keeps {1, 3, 4, 0} (mass .95); top-p .7 keeps {1, 3} (the mass before 4 is .7);
+# top-p .75 keeps {1, 3, 4}; after top-k 4 the shares are /.95, so top-p .75 still keeps
+# {1, 3, 4} (.737 before 4) and top-p .7 keeps {1, 3} (.421 before 3, .737 before 4);
+# top-k 2 keeps {1, 3} at .571 and .429, so top-p .5 then keeps {1} alone (not so if the
+# top-p mass were not renormalized after top-k: .4 before 3).
+FILTER_CASES = [
+    (2, 0.5, {1: 0.4}),
+    (4, 1.0, {0: 0.05, 1: 0.4, 3: 0.3, 4: 0.2}),
+    (0, 0.7, {1: 0.4, 3: 0.3}),
+    (0, 0.75, {1: 0.4, 3: 0.3, 4: 0.2}),
+    (4, 0.75, {1: 0.4, 3: 0.3, 4: 0.2}),
+    (4, 0.7, {1: 0.4, 3: 0.3}),
+    (0, 1.0, {0: 0.05, 1: 0.4, 2: 0.0001, 3: 0.3, 4: 0.2, 5: 0.0499}),
+]
+
+
+@pytest.mark.parametrize("draw", decode.DRAWS)
+@pytest.mark.parametrize("top_k,top_p,kept", FILTER_CASES)
+def test_draws_follow_the_hand_worked_filtered_distribution(draw, top_k, top_p, kept):
+    probs = np.asarray([0.05, 0.4, 0.0001, 0.3, 0.2, 0.0499])
+    rows = 20_000
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)) * 2, (rows, 6))
+    sampling = decode.SamplingParams(max_new_tokens=1, temperature=2.0, top_k=top_k,
+                                     top_p=top_p, draw=draw)
+    drawn = np.asarray(decode.next_tokens(logits, decode.row_keys(3, range(rows)), sampling))
+    want = np.zeros(6)
+    want[list(kept)] = list(kept.values())
+    want /= want.sum()
+    counts = np.bincount(drawn, minlength=6)
+    assert all(counts[i] == 0 for i in range(6) if want[i] == 0), counts
+    sigma = np.sqrt(rows * want * (1 - want))
+    assert np.all(np.abs(counts - rows * want) <= 4 * sigma + 1), (counts, rows * want)
