@@ -44,6 +44,9 @@ _TEMPLATE = flags.DEFINE_enum("template", "chat", ["chat", "reasoning"],
 _FAMILIES = flags.DEFINE_string("families", "", "Exercise families searched and evaluated "
                                 "(pts.families, eval.accuracy_families); '' = all.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "Response budget of search and eval.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "The search's sampling temperature "
+                                  "(pts.temperature): below 1 a weak model's success rates spread "
+                                  "into the kept range.")
 _WRITE = flags.DEFINE_string("write", "", "Append the results to this markdown file.")
 _PLOT = flags.DEFINE_string("plot", "", "Save a bar chart here (needs matplotlib).")
 
@@ -147,7 +150,8 @@ def main(argv):
         totals = _run("configs/pts_search.py:tiny", str(search_dir),
                       {"init_from": _SFT.value, "seed": seed, "pts.questions": _QUESTIONS.value,
                        "pts.rollouts": _ROLLOUTS.value, "pts.families": _FAMILIES.value,
-                       "pts.max_new_tokens": _MAX_NEW.value}, log)[0]
+                       "pts.max_new_tokens": _MAX_NEW.value,
+                       "pts.temperature": _TEMPERATURE.value}, log)[0]
         search_s = time.perf_counter() - t
         pts = _dpo("configs/dpo.py:tiny,pts", search_dir / "pts" / "pairs-*.jsonl",
                    str(root / f"dpo-pts-s{seed}"), seed, log)
@@ -185,7 +189,7 @@ def _report(rows: list[dict], sft: float, log: list[str], seconds: float) -> Non
                 f"{_QUESTIONS.value} --rollouts {_ROLLOUTS.value} --dpo_steps "
                 f"{_DPO_STEPS.value} --accuracy_problems {_PROBLEMS.value} --template "
                 f"{_TEMPLATE.value} --families '{_FAMILIES.value}' --max_new_tokens "
-                f"{_MAX_NEW.value}`\n"
+                f"{_MAX_NEW.value} --temperature {_TEMPERATURE.value}`\n"
                 f"- SFT start: greedy accuracy {sft:.3f} on the same held-out problems\n\n"
                 + "\n".join(table) + "\n\nThe runs, as commands:\n\n```\n" + "\n".join(log)
                 + "\n```\n")
