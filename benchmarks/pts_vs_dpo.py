@@ -38,6 +38,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Search and DPO seeds.")
 _QUESTIONS = flags.DEFINE_integer("questions", 64, "Questions searched per seed.")
 _ROLLOUTS = flags.DEFINE_integer("rollouts", 16, "Most rollouts per prefix.")
 _DPO_STEPS = flags.DEFINE_integer("dpo_steps", 40, "DPO steps of each method.")
+_DPO_LR = flags.DEFINE_float("dpo_lr", 0.0, "DPO learning rate of each method (0: the tiny "
+                             "config's); its runs go to dpo-*-lr<value> folders, so one "
+                             "workdir holds several rates beside the searches they share.")
 _PROBLEMS = flags.DEFINE_integer("accuracy_problems", 128, "Held-out problems for accuracy.")
 _TEMPLATE = flags.DEFINE_enum("template", "chat", ["chat", "reasoning"],
                               "The SFT model's template (sft.template) for search, DPO and eval.")
@@ -103,12 +106,18 @@ def _dpo(spec: str, pairs: Path, workdir: str, seed: int, log: list[str]) -> dic
                  "eval.accuracy_problems": _PROBLEMS.value, "eval.batches": 1,
                  "checkpoint.every_steps": _DPO_STEPS.value,
                  "data.eval_holdout": _holdout(count)}
+    if _DPO_LR.value:
+        overrides["train.lr"] = _DPO_LR.value
     overrides.update({"data.sources.pairs.kind": "jsonl", "data.sources.pairs.paths": str(pairs),
                       "data.mix.refusal": 0.0})  # each method trains on its own pairs only
     history = _run(spec, workdir, overrides, log)
     final = [h for h in history if "accuracy" in h][-1]
     return {"pairs": count, "accuracy": final["accuracy"],
             "reward_accuracy": final.get("eval_reward_accuracy", float("nan"))}
+
+
+def _lr_suffix() -> str:
+    return f"-lr{_DPO_LR.value:g}" if _DPO_LR.value else ""
 
 
 def _sft_accuracy(workdir: str, log: list[str]) -> float:
@@ -154,9 +163,9 @@ def main(argv):
                        "pts.temperature": _TEMPERATURE.value}, log)[0]
         search_s = time.perf_counter() - t
         pts = _dpo("configs/dpo.py:tiny,pts", search_dir / "pts" / "pairs-*.jsonl",
-                   str(root / f"dpo-pts-s{seed}"), seed, log)
+                   str(root / f"dpo-pts-s{seed}{_lr_suffix()}"), seed, log)
         dpo = _dpo("configs/dpo.py:tiny", search_dir / "pts" / "responses-*.jsonl",
-                   str(root / f"dpo-whole-s{seed}"), seed, log)
+                   str(root / f"dpo-whole-s{seed}{_lr_suffix()}"), seed, log)
         rows.append({"seed": seed, "search": totals, "search_s": search_s, "pts": pts,
                      "dpo": dpo})
         print(json.dumps(rows[-1]), flush=True)
@@ -187,7 +196,7 @@ def _report(rows: list[dict], sft: float, log: list[str], seconds: float) -> Non
                 f"- command: `python benchmarks/pts_vs_dpo.py --sft {_SFT.value} --workdir "
                 f"{_WORKDIR.value} --seeds {','.join(_SEEDS.value)} --questions "
                 f"{_QUESTIONS.value} --rollouts {_ROLLOUTS.value} --dpo_steps "
-                f"{_DPO_STEPS.value} --accuracy_problems {_PROBLEMS.value} --template "
+                f"{_DPO_STEPS.value} --dpo_lr {_DPO_LR.value:g} --accuracy_problems {_PROBLEMS.value} --template "
                 f"{_TEMPLATE.value} --families '{_FAMILIES.value}' --max_new_tokens "
                 f"{_MAX_NEW.value} --temperature {_TEMPERATURE.value}`\n"
                 f"- SFT start: greedy accuracy {sft:.3f} on the same held-out problems\n\n"
