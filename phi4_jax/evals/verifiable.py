@@ -5,6 +5,7 @@ response alone. Unanswerable variants score a refusal ("I don't know") as correc
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,7 +76,12 @@ def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
                     families: Sequence[str] = synthetic.FAMILIES) -> dict[str, float]:
     """`accuracy` on answerable held-out problems of `families` and `refusal_accuracy` on a
     quarter as many unanswerable ones. With a reasoning format the prompt asks for a think
-    block and the answer is read after it."""
+    block and the answer is read after it.
+
+    Beside `accuracy`: `accuracy_baseline`, what always giving the problems' most common
+    answer would score, and `answer_mode_share`, the share of responses giving the model's
+    own most common final answer. A tiny model that learns one answer shows accuracy equal
+    to the baseline and a share near 1: a prior, not a skill."""
     scores = {}
     for name, unanswerable, count in (("accuracy", False, problems),
                                       ("refusal_accuracy", True, max(1, problems // 4))):
@@ -87,4 +93,14 @@ def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
         answers = [fmt.split(r)[0] if fmt else r for r in responses]
         scores[name] = float(np.mean([synthetic.verify(ex, a) for ex, a in zip(exercises,
                                                                                 answers)]))
+        if not unanswerable:
+            scores["accuracy_baseline"] = mode_share([ex.answer for ex in exercises])
+            scores["answer_mode_share"] = mode_share([synthetic.extract_final_answer(a)
+                                                      for a in answers])
     return scores
+
+
+def mode_share(values: Sequence[str | None]) -> float:
+    """The share of `values` equal to the most common one; None (no answer) never counts."""
+    counts = collections.Counter(v for v in values if v is not None)
+    return counts.most_common(1)[0][1] / len(values) if counts else 0.0
