@@ -7,3 +7,7 @@ would add nothing for the user, so `main` shows it only when asked (`--verbose`)
 
 class Phi4Error(Exception):
     """A mistake in the run's configuration, data or environment that the user can fix."""
+
+
+class ConfigError(Phi4Error, ValueError):
+    """A run configuration that cannot work; the message names the key and the fix."""

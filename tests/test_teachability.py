@@ -13,9 +13,9 @@ from phi4_jax import config_base, stages
 from phi4_jax.data import pipeline, sources, synthetic
 from phi4_jax.data.reasoning import ReasoningFormat
 from phi4_jax.data.tokenizer import load_tokenizer
-from phi4_jax.stages import teachability
-from phi4_jax.stages.grpo import problem_of, sampling_params
-from phi4_jax.stages.sft import SFT
+from phi4_jax.data.problems import problem_of
+from phi4_jax.stages import sft, teachability
+from phi4_jax.stages.teachability import sampling_params
 
 
 def _value_rows(name, records, cfg, *, indexed):
@@ -98,10 +98,10 @@ def test_off_by_default_and_refused_without_the_reasoning_template():
     c = config_base.load_config("configs/sft.py", "tiny")
     c.reasoning.teachable_pool = 4
     with pytest.raises(config_base.ConfigError, match="sft.template=reasoning"):
-        SFT().check_config(c)
+        sft.check(c)
     c.reasoning.update(teachable_low=0.8, teachable_high=0.2)
     with pytest.raises(config_base.ConfigError, match="teachable_low/high"):
-        config_base.validate_config(c)
+        teachability.check(c)
 
 
 def test_reasoning_sft_samples_filters_and_trains(tmp_path):

@@ -110,12 +110,3 @@ def _stacked(rows: list, size: int, like: Mapping[str, np.ndarray]) -> dict[str,
     rows = rows + [like] * (size - len(rows))
     return {key: np.stack([r[key] for r in rows]) for key in like}
 
-
-def attach(table: np.ndarray, example: Callable, indexed: tuple[int, Any]
-           ) -> dict[str, np.ndarray] | None:
-    """A record's rows with its stored reference log-probs (grain map over (index, record))."""
-    index, record = indexed
-    rows = example(record)
-    if rows is None:
-        return None
-    return {**rows, "reference_log_probs": table[index]}

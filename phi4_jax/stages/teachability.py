@@ -18,6 +18,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import numpy as np
 
 from phi4_jax.config_base import ConfigError
@@ -30,6 +31,42 @@ from phi4_jax.sampling import decode
 from phi4_jax.train.state import Run
 
 SAMPLE_BATCH = 64  # most responses sampled at once
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """The reasoning.* keys of the filter, and the grpo.* keys it samples with."""
+    r = config.reasoning
+    if not (isinstance(r.teachable_pool, int) and r.teachable_pool >= 0):
+        raise ConfigError(f"reasoning.teachable_pool={r.teachable_pool!r}: must be an integer "
+                          f">= 0 (0 = off).")
+    if not (isinstance(r.teachable_samples, int) and r.teachable_samples >= 1):
+        raise ConfigError(f"reasoning.teachable_samples={r.teachable_samples!r}: must be an "
+                          f"integer >= 1.")
+    if not 0 <= r.teachable_low <= r.teachable_high <= 1:
+        raise ConfigError(f"reasoning.teachable_low/high={(r.teachable_low, r.teachable_high)}: "
+                          f"need 0 <= low <= high <= 1.")
+    check_sampling(config.grpo)
+
+
+def check_sampling(g: ml_collections.ConfigDict) -> None:
+    """The grpo.* keys that say how responses are sampled (GRPO and this filter)."""
+    for key in ("max_new_tokens", "top_k"):
+        low = 1 if key == "max_new_tokens" else 0
+        if not (isinstance(g[key], int) and not isinstance(g[key], bool) and g[key] >= low):
+            raise ConfigError(f"grpo.{key}={g[key]!r}: must be an integer >= {low}.")
+    if not (g.temperature > 0 and 0 < g.top_p <= 1):
+        raise ConfigError(f"grpo.temperature/top_p={(g.temperature, g.top_p)}: temperature must "
+                          f"be > 0 and top_p in (0, 1].")
+
+
+def sampling_params(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer
+                    ) -> decode.SamplingParams:
+    """How GRPO and this filter sample responses: the grpo.* keys, stopping at the
+    tokenizer's end of turn or end of text."""
+    g = config.grpo
+    return decode.SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                                 top_k=g.top_k, top_p=g.top_p, pad_id=tokenizer.pad_id,
+                                 stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id))
 
 
 def success_rates(run: Run, params: Any, problems: list[synthetic.Exercise],
