@@ -18,7 +18,8 @@ from pathlib import Path
 
 import ml_collections
 
-from phi4_jax.data import reasoning, synthetic
+from phi4_jax.data import synthetic
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.sources import SPEC_DEFAULTS
 from phi4_jax.data.tokenizer import TOKENIZER_NAMES, vocab_size_of
 from phi4_jax.errors import ConfigError
@@ -150,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.judge_margin_scale = 5.0
     c.dpo.judge_min_weight = 0.1
 
-    # The think-then-answer format (Phi-4-reasoning); see phi4_jax.data.reasoning.
+    # The think-then-answer format (Phi-4-reasoning); see phi4_jax.data.synthetic.reasoning.
     c.reasoning = ml_collections.ConfigDict()
     c.reasoning.system = reasoning.DEFAULT_SYSTEM
     c.reasoning.think_open = "<think>"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from phi4_jax import config_base, stages
-from phi4_jax.data import reasoning, synthetic
+from phi4_jax.data import synthetic
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.sources import BadRecordError, JsonRecord
 from phi4_jax.sampling.decode import Generation
 from phi4_jax.data.problems import problem_of, response_rows

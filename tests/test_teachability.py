@@ -11,7 +11,7 @@ import pytest
 
 from phi4_jax import config_base, stages
 from phi4_jax.data import pipeline, sources, synthetic
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.data.problems import problem_of
 from phi4_jax.stages import sft, teachability

@@ -10,8 +10,8 @@ weights (`mixture`), rows batched to the per-process batch and prefetched on a t
 resume the exact batch sequence. The eval stream is the held-out records in a fixed order;
 sources without held-out records are left out of it, with a warning.
 
-The data config is checked once per entry point (`checked_data_config`); what it returns
-passes through the others unchecked. Records a source or the stage cannot use are handled by
+The data config is checked once per run (`checked_data_config`, at start-up); what it
+returns passes through the other entry points unchecked. Records a source or the stage cannot use are handled by
 the source's bad-record policy (`bad_records.convert`).
 """
 
@@ -26,12 +26,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax import config_base
 from phi4_jax.data import bad_records, length_filter, mixture, packing, sources
 from phi4_jax.data.sources import DataConfigError, EmptySplitError
 from phi4_jax.data.tokenizer import load_tokenizer
 
-DATA_KEYS = tuple(config_base.base_config().data)
+# The data.* keys the pipeline reads (declared, with their defaults, in config_base).
+DATA_KEYS = ("eval_holdout", "max_segments_per_row", "mix", "prefetch", "read_threads", "seed",
+             "sources")
 DOCUMENTS_BUFFERED_PER_THREAD = 4
 
 # (source name, its endless records for this process, the checked data config) -> rows.

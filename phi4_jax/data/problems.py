@@ -17,7 +17,7 @@ import numpy as np
 
 from phi4_jax.data import bad_records, synthetic
 from phi4_jax.data.chat import Counts, where
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.sampling import decode

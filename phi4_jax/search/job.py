@@ -32,7 +32,8 @@ import ml_collections
 import tqdm
 
 from phi4_jax.config_base import check_families, validate_config
-from phi4_jax.data import reasoning, synthetic
+from phi4_jax.data import synthetic
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
 from phi4_jax.evals.verifiable import chat_prompt
 from phi4_jax.errors import ConfigError, Phi4Error

@@ -9,7 +9,8 @@ import logging
 import jax
 import ml_collections
 
-from phi4_jax.data import mixture, reasoning, synthetic
+from phi4_jax.data import mixture, synthetic
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.evals import verifiable
 from phi4_jax.losses.lm import next_token_loss_sum
 from phi4_jax.sampling.scoring import target_log_probs

@@ -2,7 +2,7 @@
 
 Each step reads `train.global_batch` problems, samples `grpo.group_size` responses to each
 with the current parameters (`prepare_batch`: the compiled KV-cache sampler, on-policy, no
-stale copy), scores them with the reasoning reward (`data.reasoning`), turns rewards into
+stale copy), scores them with the reasoning reward (`data.synthetic.reasoning`), turns rewards into
 group-relative advantages and trains on [P, G, T] rows: the prompt (left-padded to
 `train.seq_len + 1 - grpo.max_new_tokens` tokens) followed by the response, laid out in the
 same slots as when it was sampled. The loss is the clipped-ratio objective with a KL term to
@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 
 from phi4_jax.config_base import ConfigError
-from phi4_jax.data import problems, reasoning, synthetic
+from phi4_jax.data import problems, synthetic
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.chat import Counts
 from phi4_jax.losses.policy_gradient import NORMALIZATIONS, group_advantages, grpo_sums
 from phi4_jax.model import lora

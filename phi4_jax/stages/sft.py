@@ -14,7 +14,8 @@ import functools
 import ml_collections
 
 from phi4_jax.config_base import ConfigError
-from phi4_jax.data import chat, problems, reasoning
+from phi4_jax.data import chat, problems
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.stages import evaluation, teachability
 from phi4_jax.train.stage import Rows, Stage, StageData

@@ -23,7 +23,7 @@ import numpy as np
 
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, mixture, sources, synthetic
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.evals.verifiable import chat_prompt, sampled_responses
 from phi4_jax.parallel.sharding import logical_rules
