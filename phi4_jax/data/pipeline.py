@@ -175,8 +175,9 @@ def checked_data_config(data_cfg: Mapping[str, Any]) -> CheckedDataConfig:
         weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
     except ValueError as error:
         raise DataConfigError(str(error)) from error
-    for name, spec in cfg["sources"].items():
-        sources.validate_source_spec(name, spec, check_files=weights.get(name, 0) > 0)
+    cfg["sources"] = {name: sources.validate_source_spec(name, spec,
+                                                         check_files=weights.get(name, 0) > 0)
+                      for name, spec in cfg["sources"].items()}
     return cfg
 
 
@@ -193,7 +194,7 @@ def shard_records(
 def _shard(name: str, cfg: CheckedDataConfig, split: str, process_index: int,
            process_count: int, indexed: bool = False,
            subset: np.ndarray | None = None) -> grain.MapDataset:
-    records = sources.open_records(
+    records = sources.open_checked_records(
         name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
     )
     if subset is not None:  # the records at `subset`, each (when indexed) with its own index

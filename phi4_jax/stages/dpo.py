@@ -148,15 +148,15 @@ def example_fn(run: Run, counts: Counts):
         seq_len=run.config.train.seq_len, counts=counts)
 
 
-def _data(run: Run, load_initial, workdir: str, *, reference: str, counts: Counts
+def _data(run: Run, data_cfg, load_initial, workdir: str, *, reference: str, counts: Counts
           ) -> StageData:
     """Pair rows; with a precomputed reference, scored once first (or read from the workdir)."""
     example = example_fn(run, counts)
     if reference != "precomputed":
         rows = Rows(functools.partial(preference.pair_rows, example=example))
         return StageData({"train": rows, "eval": rows})
-    tables = reference_scores.load_or_compute(run, example_fn(run, Counts()), scorer(run),
-                                              load_initial, workdir)
+    tables = reference_scores.load_or_compute(run, data_cfg, example_fn(run, Counts()),
+                                              scorer(run), load_initial, workdir)
     return StageData({split: Rows(functools.partial(
         preference.pair_rows, example=example,
         reference={name: table for (name, s), table in tables.items() if s == split}),

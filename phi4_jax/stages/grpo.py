@@ -101,13 +101,13 @@ def _loss(run: Run):
                              normalization=g.normalization)
 
 
-def _data(run: Run, load_initial, workdir: str, *, counts: Counts) -> StageData:
+def _data(run: Run, data_cfg, load_initial, workdir: str, *, counts: Counts) -> StageData:
     """Problem rows; the teachable ones only, when the filter is on (sampled with the
     starting model: the loaded reference when there is one)."""
     c = run.config
     fmt = reasoning.format_for(c)
     subsets, kept = teachability.kept_subsets(
-        run, problems.problem_of, run.tokenizer, fmt,
+        run, data_cfg, problems.problem_of, run.tokenizer, fmt,
         teachability.sampling_params(c, run.tokenizer), load_initial, workdir)
     example = functools.partial(problems.problem_row, tokenizer=run.tokenizer, fmt=fmt,
                                 prompt_len=c.train.seq_len + 1 - c.grpo.max_new_tokens,

@@ -27,8 +27,8 @@ def build(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> Stage:
                  describe=evaluation.mixture_description(config, tokens))
 
 
-def _data(run: Run, load_initial, workdir: str) -> StageData:
-    del load_initial, workdir
+def _data(run: Run, data_cfg, load_initial, workdir: str) -> StageData:
+    del data_cfg, load_initial, workdir
     rows = Rows(functools.partial(pipeline.packed_document_rows, seq_len=run.config.train.seq_len,
                                   tokenizer_name=run.tokenizer_name))
     return StageData({"train": rows, "eval": rows})

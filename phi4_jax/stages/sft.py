@@ -48,12 +48,13 @@ def build(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> Stage:
                  describe=evaluation.mixture_description(config, tokens))
 
 
-def _data(run: Run, load_initial, workdir: str, *, counts: chat.Counts) -> StageData:
+def _data(run: Run, data_cfg, load_initial, workdir: str, *, counts: chat.Counts
+          ) -> StageData:
     """Packed conversations; the teachable problems only, when the filter is on."""
     c = run.config
     fmt = reasoning.format_for(c)
     subsets, kept = teachability.kept_subsets(
-        run, problems.problem_of, run.tokenizer, fmt,
+        run, data_cfg, problems.problem_of, run.tokenizer, fmt,
         teachability.sampling_params(c, run.tokenizer), load_initial, workdir)
     make = functools.partial(chat.conversation_rows, tokenizer=run.tokenizer,
                              seq_len=c.train.seq_len, truncation=c.sft.truncation, counts=counts,

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -87,19 +88,21 @@ def success_rates(run: Run, params: Any, problems: list[synthetic.Exercise],
     return solved / samples
 
 
-def kept_subsets(run: Run, problem_of: Callable[[Any], synthetic.Exercise],
+def kept_subsets(run: Run, data_cfg: Mapping[str, Any],
+                 problem_of: Callable[[Any], synthetic.Exercise],
                  tokenizer: Phi4Tokenizer, fmt: ReasoningFormat,
                  sampling: decode.SamplingParams, initial_params: Callable[[], Any],
                  workdir: str) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
     """Per positive-weight source, the indices (in its train split) of the teachable problems,
-    and the counts; (None, {}) when `reasoning.teachable_pool` is 0."""
-    r, data = run.config.reasoning, run.config.data
+    and the counts; (None, {}) when `reasoning.teachable_pool` is 0. `data_cfg` is the run's
+    checked data config (`pipeline.checked_data_config`)."""
+    r = run.config.reasoning
     if not r.teachable_pool:
         return None, {}
     if jax.process_count() > 1:
         raise ConfigError("reasoning.teachable_pool: the teachability filter samples on one "
                           "process for now; run it on one host, or set it to 0.")
-    weights = mixture.normalized_weights(dict(data.mix), data.sources)
+    weights = mixture.normalized_weights(data_cfg["mix"], data_cfg["sources"])
     subsets, counts, params = {}, dict.fromkeys(
         ("teachable_pool", "teachable_kept", "teachable_too_easy", "teachable_too_hard"), 0.0), None
     for name in (n for n, w in weights.items() if w > 0):
@@ -109,9 +112,10 @@ def kept_subsets(run: Run, problem_of: Callable[[Any], synthetic.Exercise],
                 indices, rates = stored["indices"], stored["rates"]
         else:
             params = params if params is not None else initial_params()
-            spec = data.sources[name].to_dict()
-            records = sources.open_records(name, spec, seed=data.seed, split="train",
-                                           eval_holdout=data.eval_holdout)
+            spec = data_cfg["sources"][name]
+            records = sources.open_checked_records(name, spec, seed=data_cfg["seed"],
+                                                   split="train",
+                                                   eval_holdout=data_cfg["eval_holdout"])
             problems = bad_records.convert(name, records, problem_of, spec)  # bad ones: None
             pool = [(i, ex) for i in range(min(r.teachable_pool, len(records)))
                     if (ex := problems[i]) is not None]

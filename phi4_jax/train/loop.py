@@ -28,7 +28,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from phi4_jax.config_base import ConfigError, validate_config
+from phi4_jax import config_base
 from phi4_jax.data import bad_records, length_filter, pipeline
 from phi4_jax.errors import Phi4Error
 from phi4_jax.model.config import ModelConfig
@@ -213,7 +213,7 @@ def checked_data(config: ml_collections.ConfigDict) -> pipeline.CheckedDataConfi
     try:
         return pipeline.checked_data_config(config.data)
     except (TypeError, ValueError, FileNotFoundError) as error:
-        raise ConfigError(str(error)) from error
+        raise config_base.ConfigError(str(error)) from error
 
 
 def _train_batches(data_cfg, rows: Rows, shard: DataShard):
@@ -238,7 +238,7 @@ def plan(config: ml_collections.ConfigDict,
          ) -> tuple[Run, Stage, pipeline.CheckedDataConfig]:
     """Every check of the config, once, then the stage and the run planned for it (nothing
     loaded or compiled; a run that cannot fit is refused here)."""
-    model_cfg = validate_config(config)
+    model_cfg = config_base.validate_config(config)
     data_cfg = checked_data(config)
     stage = build(config, model_cfg)
     run = build_run(config, model_cfg=model_cfg, sequences_per_row=stage.sequences_per_row,
@@ -270,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                           jax.process_count())
         stage_frozen = stage.frozen.load(run, load_initial)
         start = (lambda: stage_frozen) if stage.frozen.is_start else load_initial
-        data = stage.data(run, start, workdir)
+        data = stage.data(run, data_cfg, start, workdir)
         data_iter = _train_batches(data_cfg, data.rows["train"], shard)
         eval_batches = _eval_batches(run, data_cfg, data.rows.get("eval"), shard)
         state, backbone = _restore_or_init(run, checkpointer, data_iter, load_initial)

@@ -87,7 +87,8 @@ class Stage:
     """Everything the engine needs from a stage.
 
     loss: run -> the step's loss `(params, batch, frozen) -> (sum, units, metric sums)`.
-    data: (run, starting-parameter loader, workdir) -> its rows; a stage that picks its rows
+    data: (run, checked data config, starting-parameter loader, workdir) -> its rows; a stage
+      that picks its rows
       with the starting model (teachability) or scores them once (precomputed DPO) does it here.
     prepare_batch: (run, host batch, params, step) -> (batch, host metrics); on-policy stages
       sample their responses here.
@@ -96,7 +97,7 @@ class Stage:
 
     name: str
     loss: Callable[[Run], LossFn]
-    data: Callable[[Run, Loader, str], StageData]
+    data: Callable[[Run, Mapping[str, Any], Loader, str], StageData]
     tokens_per_step: int  # trained tokens per optimizer step, for throughput and MFU
     sequences_per_row: int = 1  # sequences of train.seq_len one batch row holds (2: a pair)
     frozen: Frozen = Frozen()
