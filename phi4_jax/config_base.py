@@ -324,7 +324,7 @@ def load_config(spec: str | Path, arg: str | None = None) -> ml_collections.Conf
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
-    for key in ("accuracy_problems", "max_new_tokens", "position_buckets"):
+    for key in ("accuracy_problems", "max_new_tokens"):
         _require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
                  "must be an integer >= 0.")
     check_families(e.accuracy_families, "eval.accuracy_families")

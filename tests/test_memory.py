@@ -11,8 +11,11 @@ import optax
 import pytest
 from flax import nnx
 
+from phi4_jax import config_base, stages
 from phi4_jax.losses.lm import chunked_token_log_probs
-from phi4_jax.train import memory
+from phi4_jax.parallel.sharding import MESH_AXES, make_mesh
+from phi4_jax.stages import dpo, grpo, pretrain
+from phi4_jax.train import initial_params, loop, memory, state
 from phi4_jax.model.transformer import init_model
 from phi4_jax.model.config import model_config_for
 from phi4_jax.model.lora import LoRAConfig
@@ -277,7 +280,6 @@ def test_bad_arguments_are_named(call, match):
 
 def _stage_estimate(config, build, mesh):
     """The estimate the engine makes for a stage (its rows per sequence and frozen state)."""
-    from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
     model_cfg = config_base.validate_config(config)
     stage = build(config, model_cfg)
     t = config.train
@@ -289,8 +291,6 @@ def _stage_estimate(config, build, mesh):
 
 
 def test_full_weight_dpo_adds_one_reference_copy_to_the_pretraining_estimate():
-    from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
-    from phi4_jax.stages import dpo, pretrain  # pylint: disable=g-import-not-at-top
     config = config_base.load_config("configs/dpo.py")  # phi4-14b, dpo.reference=on_the_fly
     mesh = _mesh(fsdp=64)
     with_reference, stage = _stage_estimate(config, dpo.build, mesh)
@@ -312,8 +312,6 @@ def test_full_weight_dpo_adds_one_reference_copy_to_the_pretraining_estimate():
     {"lora.rank": 8},
 ])
 def test_dpo_without_a_reference_copy_counts_and_loads_none(overrides):
-    from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
-    from phi4_jax.stages import dpo  # pylint: disable=g-import-not-at-top
     config = config_base.load_config("configs/dpo.py")
     for key, value in overrides.items():
         section, name = key.split(".")
@@ -326,8 +324,6 @@ def test_dpo_without_a_reference_copy_counts_and_loads_none(overrides):
 
 
 def test_grpo_counts_its_kl_reference_except_under_lora():
-    from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
-    from phi4_jax.stages import grpo  # pylint: disable=g-import-not-at-top
     config = config_base.load_config("configs/grpo.py")
     config.model.param_dtype = "bfloat16"
     estimate, _ = _stage_estimate(config, grpo.build, _mesh(fsdp=64))
@@ -338,10 +334,6 @@ def test_grpo_counts_its_kl_reference_except_under_lora():
 
 
 def test_a_dpo_run_whose_reference_does_not_fit_is_refused_before_loading(tmp_path, monkeypatch):
-    from phi4_jax import config_base, stages  # pylint: disable=g-import-not-at-top
-    from phi4_jax.stages import dpo  # pylint: disable=g-import-not-at-top
-    from phi4_jax.parallel.sharding import MESH_AXES, make_mesh  # pylint: disable=g-import-not-at-top
-    from phi4_jax.train import initial_params, loop, state  # pylint: disable=g-import-not-at-top
     config = config_base.load_config("configs/dpo.py", "tiny")
     config.model.remat_policy = "none"
     mesh = dict(make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}).shape)

@@ -13,7 +13,6 @@ pivotal pairs score both candidate tokens at the prompt's last position of one f
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -7,6 +7,7 @@ import functools
 import ml_collections
 
 from phi4_jax.data import pipeline
+from phi4_jax.errors import ConfigError
 from phi4_jax.evals import position_loss
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.stages import evaluation
@@ -15,8 +16,11 @@ from phi4_jax.train.state import Run
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-    """Pretraining reads only keys the engine checks (train.*, data.*, eval.*)."""
-    del config
+    """The key only pretraining reads: its loss-by-position evaluation."""
+    buckets = config.eval.position_buckets
+    if not (isinstance(buckets, int) and not isinstance(buckets, bool) and buckets >= 0):
+        raise ConfigError(f"eval.position_buckets={buckets!r}: must be an integer >= 0 "
+                          f"(0 = off).")
 
 
 def build(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> Stage:
