@@ -22,9 +22,11 @@ Builder = Callable[[ml_collections.ConfigDict, ModelConfig], Stage]
 
 STAGES: dict[str, Builder] = {"pretrain": pretrain.build, "sft": sft.build, "dpo": dpo.build,
                               "grpo": grpo.build}
-# Jobs that train nothing: name -> runner(config, workdir) -> a list of result dicts.
-JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], list[dict]]] = {
-    "pts_search": pts_job.run}
+# Jobs that train nothing: name -> (check(config, model_cfg) of its sections,
+# runner(config, workdir) -> a list of result dicts).
+JOBS: dict[str, tuple[Callable[[ml_collections.ConfigDict, ModelConfig], None],
+                      Callable[[ml_collections.ConfigDict, str], list[dict]]]] = {
+    "pts_search": (pts_job.check, pts_job.run)}
 
 
 def builder_for(config: ml_collections.ConfigDict) -> Builder:
@@ -34,10 +36,19 @@ def builder_for(config: ml_collections.ConfigDict) -> Builder:
     return STAGES[config.stage]
 
 
+def check_sections(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+    """The stage's or job's own sections checked as its start-up checks them (a stage is built,
+    which loads nothing): launchers refuse a run that cannot start before it is queued."""
+    if config.stage in JOBS:
+        JOBS[config.stage][0](config, model_cfg)
+    else:
+        builder_for(config)(config, model_cfg)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         stop_at_step: int | None = None) -> list[dict[str, float]]:
     """Runs the job `config.stage` names, or trains the stage it names (see
     `train.loop.train`; `stop_at_step` applies to training only)."""
     if config.stage in JOBS:
-        return JOBS[config.stage](config, workdir)
+        return JOBS[config.stage][1](config, workdir)
     return loop.train(config, workdir, builder_for(config), stop_at_step)
