@@ -22,7 +22,7 @@ from phi4_jax.data import synthetic
 from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.sources import SPEC_DEFAULTS
 from phi4_jax.data.tokenizer import TOKENIZER_NAMES, vocab_size_of
-from phi4_jax.errors import ConfigError
+from phi4_jax.errors import ConfigError, require
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
 from phi4_jax.model.lora import LoRAConfig
 from phi4_jax.parallel.sharding import MESH_AXES
@@ -236,66 +236,62 @@ def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         lora=adapters if a.rank else None)
 
 
-def _require(ok: bool, key: str, value, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {fix}")
-
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """Checks the whole config before anything is built; returns the model config."""
-    _require(config.model.size in SIZE_NAMES, "model.size", config.model.size,
-             f"choose one of {', '.join(SIZE_NAMES)}.")
+    require(config.model.size in SIZE_NAMES, "model.size", config.model.size,
+            f"choose one of {', '.join(SIZE_NAMES)}.")
     segments = config.data.max_segments_per_row
-    _require(isinstance(segments, int) and not isinstance(segments, bool) and segments >= 1,
-             "data.max_segments_per_row", segments,
-             "give an integer >= 1 (32 is MaxText's bound; 1 = one document per row).")
+    require(isinstance(segments, int) and not isinstance(segments, bool) and segments >= 1,
+            "data.max_segments_per_row", segments,
+            "give an integer >= 1 (32 is MaxText's bound; 1 = one document per row).")
     rank = config.lora.rank
-    _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora.rank",
-             rank, "give an integer >= 0 (0 trains the whole model, no adapters).")
+    require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora.rank",
+            rank, "give an integer >= 0 (0 trains the whole model, no adapters).")
     model_cfg = build_model_config(config)
     vocabularies = {vocab_size_of(name): name for name in TOKENIZER_NAMES}
-    _require(model_cfg.vocab_size in vocabularies, "model.size", config.model.size,
-             f"its vocabulary of {model_cfg.vocab_size} matches no tokenizer "
-             f"({vocabularies}); choose a size with one of those.")
+    require(model_cfg.vocab_size in vocabularies, "model.size", config.model.size,
+            f"its vocabulary of {model_cfg.vocab_size} matches no tokenizer "
+            f"({vocabularies}); choose a size with one of those.")
     t = config.train
     for key in ("seq_len", "global_batch", "microbatches", "steps", "loss_chunk_tokens"):
-        _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
-                 "must be a positive integer.")
-    _require(t.seq_len <= model_cfg.max_positions, "train.seq_len", t.seq_len,
-             f"exceeds model.max_positions={model_cfg.max_positions}; raise "
-             f"--config.model.max_positions or shorten the sequence.")
-    _require(t.global_batch % t.microbatches == 0, "train.microbatches", t.microbatches,
-             f"must divide train.global_batch={t.global_batch}.")
-    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be a positive number.")
-    _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
-             f"must lie in [0, train.steps={t.steps}].")
-    _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"choose one of {SCHEDULES}.")
-    _require(0.0 <= t.final_lr_fraction <= 1.0, "train.final_lr_fraction", t.final_lr_fraction,
-             "must lie in [0, 1].")
-    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0.")
-    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables).")
-    _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1).")
+        require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
+                "must be a positive integer.")
+    require(t.seq_len <= model_cfg.max_positions, "train.seq_len", t.seq_len,
+            f"exceeds model.max_positions={model_cfg.max_positions}; raise "
+            f"--config.model.max_positions or shorten the sequence.")
+    require(t.global_batch % t.microbatches == 0, "train.microbatches", t.microbatches,
+            f"must divide train.global_batch={t.global_batch}.")
+    require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be a positive number.")
+    require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
+            f"must lie in [0, train.steps={t.steps}].")
+    require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"choose one of {SCHEDULES}.")
+    require(0.0 <= t.final_lr_fraction <= 1.0, "train.final_lr_fraction", t.final_lr_fraction,
+            "must lie in [0, 1].")
+    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0.")
+    require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables).")
+    require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1).")
     for section in ("eval", "log", "checkpoint"):
         value = config[section].every_steps
-        _require(isinstance(value, int) and value > 0, f"{section}.every_steps", value,
-                 "must be a positive integer.")
-    _require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
-             "must keep at least one checkpoint.")
+        require(isinstance(value, int) and value > 0, f"{section}.every_steps", value,
+                "must be a positive integer.")
+    require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
+            "must keep at least one checkpoint.")
     _validate_eval(config.eval)
     for axis in MESH_AXES:
-        _require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
-                 "must be an integer size (or -1 to fill the remaining devices).")
+        require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
+                "must be an integer size (or -1 to fill the remaining devices).")
     samplers = [name for name, on in (("stage=grpo", config.stage == "grpo"),
                                       ("eval.accuracy_problems", config.eval.accuracy_problems),
                                       ("reasoning.teachable_pool", config.reasoning.teachable_pool))
                 if on]
-    _require(config.mesh.sequence == 1 or not samplers, "mesh.sequence", config.mesh.sequence,
-             f"decoding does not split rows over a sequence axis, and {', '.join(samplers)} "
-             f"decodes; set --config.mesh.sequence=1 or turn those off.")
+    require(config.mesh.sequence == 1 or not samplers, "mesh.sequence", config.mesh.sequence,
+            f"decoding does not split rows over a sequence axis, and {', '.join(samplers)} "
+            f"decodes; set --config.mesh.sequence=1 or turn those off.")
     for rule in config.mesh.rules:
         targets = (rule[1],) if isinstance(rule[1], str) or rule[1] is None else tuple(rule[1])
-        _require(len(rule) == 2 and all(a is None or a in MESH_AXES for a in targets),
-                 "mesh.rules", rule, f"each rule is (logical_name, mesh axis or tuple of {MESH_AXES}).")
+        require(len(rule) == 2 and all(a is None or a in MESH_AXES for a in targets),
+                "mesh.rules", rule, f"each rule is (logical_name, mesh axis or tuple of {MESH_AXES}).")
     return model_cfg
 
 
@@ -325,8 +321,8 @@ def load_config(spec: str | Path, arg: str | None = None) -> ml_collections.Conf
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
     for key in ("accuracy_problems", "max_new_tokens"):
-        _require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
-                 "must be an integer >= 0.")
+        require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
+                "must be an integer >= 0.")
     check_families(e.accuracy_families, "eval.accuracy_families")
 
 

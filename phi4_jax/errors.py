@@ -11,3 +11,9 @@ class Phi4Error(Exception):
 
 class ConfigError(Phi4Error, ValueError):
     """A run configuration that cannot work; the message names the key and the fix."""
+
+
+def require(ok: bool, key: str, value, fix: str) -> None:
+    """Raises ConfigError `key=value: fix` unless `ok`: the one shape of every key's check."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {fix}")

@@ -36,7 +36,7 @@ from phi4_jax.data import synthetic
 from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
 from phi4_jax.evals.verifiable import chat_prompt
-from phi4_jax.errors import ConfigError, Phi4Error
+from phi4_jax.errors import ConfigError, Phi4Error, require
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.parallel.sharding import MESH_AXES, logical_rules, logical_to_spec, make_mesh
 from phi4_jax.sampling import decode
@@ -223,44 +223,40 @@ class _ModelSearch:
 def check(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
     """The pts.* keys (and what the job needs of the shared ones), once at start-up."""
     p = config.pts
-    _require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
+    require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
     check_families(p.families, "pts.families")
-    _require(not p.families or p.task == "synthetic", "pts.families", p.families,
-             "only task 'synthetic' draws from exercise families; remove the key.")
-    _require(p.split in SPLIT_RULES, "pts.split", p.split, f"choose one of {SPLIT_RULES}.")
+    require(not p.families or p.task == "synthetic", "pts.families", p.families,
+            "only task 'synthetic' draws from exercise families; remove the key.")
+    require(p.split in SPLIT_RULES, "pts.split", p.split, f"choose one of {SPLIT_RULES}.")
     for key in ("first_question", "response_pairs", "top_k", "rollouts_per_round"):
-        _require(isinstance(p[key], int) and p[key] >= 0, f"pts.{key}", p[key],
-                 "must be an integer >= 0.")
+        require(isinstance(p[key], int) and p[key] >= 0, f"pts.{key}", p[key],
+                "must be an integer >= 0.")
     for key in ("questions", "responses_per_question", "rollouts", "max_new_tokens",
                 "batch_rows", "verifier_workers", "code_memory_mb"):
-        _require(isinstance(p[key], int) and p[key] > 0, f"pts.{key}", p[key],
-                 "must be a positive integer.")
-    _require(p.first_question + p.questions <= 2**32, "pts.first_question/questions",
-             (p.first_question, p.questions), "question ids must stay below 2**32.")
-    _require(0 < p.p_gap <= 1, "pts.p_gap", p.p_gap, "must lie in (0, 1].")
-    _require(0 <= p.min_success <= p.max_success <= 1, "pts.min_success/max_success",
-             (p.min_success, p.max_success), "need 0 <= min_success <= max_success <= 1.")
-    _require(p.rollouts_per_round <= p.rollouts, "pts.rollouts_per_round",
-             p.rollouts_per_round, f"must not exceed pts.rollouts={p.rollouts} (0: no rounds).")
-    _require(0 < p.confidence < 1, "pts.confidence", p.confidence, "must lie in (0, 1).")
-    _require(p.max_new_tokens < model_cfg.max_positions, "pts.max_new_tokens",
-             p.max_new_tokens, f"must leave room for the question within model.max_positions="
-             f"{model_cfg.max_positions}.")
-    _require(p.temperature > 0 and 0 < p.top_p <= 1, "pts.temperature/top_p",
-             (p.temperature, p.top_p), "rollouts sample: temperature > 0 and top_p in (0, 1].")
-    _require(p.code_time_limit_s > 0, "pts.code_time_limit_s", p.code_time_limit_s,
-             "must be positive.")
-    _require(config.mesh.sequence == 1, "mesh.sequence", config.mesh.sequence,
-             "Pivotal Token Search decodes, and decoding does not split rows over a sequence "
-             "axis; set --config.mesh.sequence=1.")
-    _require(bool(config.init_from), "init_from", config.init_from,
-             "Pivotal Token Search samples a trained model; set --config.init_from to an SFT "
-             "run's workdir (or a Hugging Face directory).")
+        require(isinstance(p[key], int) and p[key] > 0, f"pts.{key}", p[key],
+                "must be a positive integer.")
+    require(p.first_question + p.questions <= 2**32, "pts.first_question/questions",
+            (p.first_question, p.questions), "question ids must stay below 2**32.")
+    require(0 < p.p_gap <= 1, "pts.p_gap", p.p_gap, "must lie in (0, 1].")
+    require(0 <= p.min_success <= p.max_success <= 1, "pts.min_success/max_success",
+            (p.min_success, p.max_success), "need 0 <= min_success <= max_success <= 1.")
+    require(p.rollouts_per_round <= p.rollouts, "pts.rollouts_per_round",
+            p.rollouts_per_round, f"must not exceed pts.rollouts={p.rollouts} (0: no rounds).")
+    require(0 < p.confidence < 1, "pts.confidence", p.confidence, "must lie in (0, 1).")
+    require(p.max_new_tokens < model_cfg.max_positions, "pts.max_new_tokens",
+            p.max_new_tokens, f"must leave room for the question within model.max_positions="
+            f"{model_cfg.max_positions}.")
+    require(p.temperature > 0 and 0 < p.top_p <= 1, "pts.temperature/top_p",
+            (p.temperature, p.top_p), "rollouts sample: temperature > 0 and top_p in (0, 1].")
+    require(p.code_time_limit_s > 0, "pts.code_time_limit_s", p.code_time_limit_s,
+            "must be positive.")
+    require(config.mesh.sequence == 1, "mesh.sequence", config.mesh.sequence,
+            "Pivotal Token Search decodes, and decoding does not split rows over a sequence "
+            "axis; set --config.mesh.sequence=1.")
+    require(bool(config.init_from), "init_from", config.init_from,
+            "Pivotal Token Search samples a trained model; set --config.init_from to an SFT "
+            "run's workdir (or a Hugging Face directory).")
 
-
-def _require(ok: bool, key: str, value, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {fix}")
 
 
 def load_rollout_model(config: ml_collections.ConfigDict, model_cfg: ModelConfig,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from phi4_jax.config_base import ConfigError
+from phi4_jax.errors import require
 from phi4_jax.data import preference
 from phi4_jax.data.chat import Counts
 from phi4_jax.losses.lm import sequence_log_probs
@@ -73,29 +73,25 @@ def dpo_loss(params, batch, frozen, *, score, variant: str, beta: float, label_s
 def check(config: ml_collections.ConfigDict) -> None:
     """The dpo.* keys; a precomputed reference needs sources with an end."""
     d = config.dpo
-    _require(d.variant in VARIANTS, "dpo.variant", d.variant, f"choose one of {VARIANTS}.")
-    _require(d.beta > 0, "dpo.beta", d.beta, "must be positive.")
-    _require(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", d.label_smoothing,
-             "must lie in [0, 0.5).")
-    _require(d.reference in REFERENCES, "dpo.reference", d.reference,
-             f"choose one of {REFERENCES}.")
-    _require(d.pair_format in preference.PAIR_FORMATS, "dpo.pair_format", d.pair_format,
-             f"choose one of {preference.PAIR_FORMATS}.")
-    _require(d.judge_weighting in JUDGE_WEIGHTINGS, "dpo.judge_weighting", d.judge_weighting,
-             f"choose one of {JUDGE_WEIGHTINGS}.")
-    _require(d.judge_margin_scale > 0 and 0 <= d.judge_min_weight <= 1,
-             "dpo.judge_margin_scale/judge_min_weight", (d.judge_margin_scale, d.judge_min_weight),
-             "the scale must be positive and the minimum weight in [0, 1].")
-    _require(d.variant != "ipo" or d.length_normalize, "dpo.variant", d.variant,
-             "IPO compares length-normalized log-ratios with 1/(2 beta); set "
-             "--config.dpo.length_normalize=True.")
+    require(d.variant in VARIANTS, "dpo.variant", d.variant, f"choose one of {VARIANTS}.")
+    require(d.beta > 0, "dpo.beta", d.beta, "must be positive.")
+    require(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", d.label_smoothing,
+            "must lie in [0, 0.5).")
+    require(d.reference in REFERENCES, "dpo.reference", d.reference,
+            f"choose one of {REFERENCES}.")
+    require(d.pair_format in preference.PAIR_FORMATS, "dpo.pair_format", d.pair_format,
+            f"choose one of {preference.PAIR_FORMATS}.")
+    require(d.judge_weighting in JUDGE_WEIGHTINGS, "dpo.judge_weighting", d.judge_weighting,
+            f"choose one of {JUDGE_WEIGHTINGS}.")
+    require(d.judge_margin_scale > 0 and 0 <= d.judge_min_weight <= 1,
+            "dpo.judge_margin_scale/judge_min_weight", (d.judge_margin_scale, d.judge_min_weight),
+            "the scale must be positive and the minimum weight in [0, 1].")
+    require(d.variant != "ipo" or d.length_normalize, "dpo.variant", d.variant,
+            "IPO compares length-normalized log-ratios with 1/(2 beta); set "
+            "--config.dpo.length_normalize=True.")
     if reference_of(config, lora=False) == "precomputed":
         reference_scores.check_finite_sources(config.data)
 
-
-def _require(ok: bool, key: str, value, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {fix}")
 
 
 def reference_of(config: ml_collections.ConfigDict, *, lora: bool) -> str:
