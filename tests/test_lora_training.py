@@ -35,7 +35,7 @@ def test_dpo_with_the_backbone_as_reference_equals_an_explicit_reference_copy():
         adapters = jax.tree.map(lambda x: x + 0.02, adapters)  # a policy away from the backbone
         stage = dpo.build(config, run.model_cfg)
         assert stage.frozen.nbytes == 0  # no second copy: the backbone is the reference
-        assert stage.frozen.load(run, lambda: 1 / 0) is None
+        assert stage.frozen.load(lambda: 1 / 0) is None
         frozen = loop.step_frozen(run, backbone, None)
         loss_fn = loop._with_backbone(stage.loss(run))
         engine = accumulated_gradients(adapters, state_lib.to_global_batch(batch, run.batch_sharding),

@@ -318,7 +318,7 @@ def test_dpo_without_a_reference_copy_counts_and_loads_none(overrides):
         config[section][name] = value
     estimate, stage = _stage_estimate(config, dpo.build, _mesh(fsdp=64))
     assert stage.frozen.nbytes == 0
-    assert stage.frozen.load(None, lambda: 1 / 0) is None  # the starting model is not loaded
+    assert stage.frozen.load(lambda: 1 / 0) is None  # the starting model is not loaded
     backbone = PHI4_PARAMS * 4 // 64 if config.lora.rank else 0
     assert estimate.frozen == backbone
 

@@ -268,7 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             logging.info("%s", stage.describe)
         shard = DataShard(config.train.global_batch // jax.process_count(), jax.process_index(),
                           jax.process_count())
-        stage_frozen = stage.frozen.load(run, load_initial)
+        stage_frozen = stage.frozen.load(load_initial)
         start = (lambda: stage_frozen) if stage.frozen.is_start else load_initial
         data = stage.data(run, data_cfg, start, workdir)
         data_iter = _train_batches(data_cfg, data.rows["train"], shard)

@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from phi4_jax.data import pipeline
@@ -56,8 +57,8 @@ class StageData:
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _nothing_frozen(run: Run, load_initial: Loader) -> None:
-    del run, load_initial
+def _nothing_frozen(load_initial: Loader) -> None:
+    del load_initial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Frozen:
     loader. `is_start`: the loaded value is the starting parameters themselves."""
 
     nbytes: int = 0
-    load: Callable[[Run, Loader], Any] = _nothing_frozen
+    load: Callable[[Loader], Any] = _nothing_frozen
     is_start: bool = False
 
 
@@ -88,8 +89,8 @@ class Stage:
 
     loss: run -> the step's loss `(params, batch, frozen) -> (sum, units, metric sums)`.
     data: (run, checked data config, starting-parameter loader, workdir) -> its rows; a stage
-      that picks its rows
-      with the starting model (teachability) or scores them once (precomputed DPO) does it here.
+      that picks its rows with the starting model (teachability) or scores them once
+      (precomputed DPO) does it here.
     prepare_batch: (run, host batch, params, step) -> (batch, host metrics); on-policy stages
       sample their responses here.
     evaluate: (run, params, frozen, held-out global batches) -> metrics beyond the held-out loss.
@@ -109,8 +110,5 @@ class Stage:
 
 def starting_copy(model_cfg: ModelConfig) -> Frozen:
     """A frozen copy of the starting parameters (a reference model), in `model.param_dtype`."""
-    def load(run: Run, load_initial: Loader) -> Any:
-        del run
-        return load_initial()
-    return Frozen(nbytes=param_count(model_cfg) * np.dtype(model_cfg.param_dtype).itemsize,
-                  load=load, is_start=True)
+    return Frozen(nbytes=param_count(model_cfg) * jnp.dtype(model_cfg.param_dtype).itemsize,
+                  load=lambda load_initial: load_initial(), is_start=True)
