@@ -63,6 +63,15 @@ def test_validation_names_key_and_fix(key, value, message):
         config_base.validate_config(c)
 
 
+@pytest.mark.parametrize("spec", ["pretrain.py", "midtrain.py:tiny", "sft.py", "sft.py:tiny",
+                                  "dpo.py", "dpo.py:tiny", "reasoning_sft.py:tiny", "grpo.py",
+                                  "grpo.py:tiny", "pts_search.py:tiny"])
+def test_every_stage_config_passes_its_own_section_checks(spec):
+    c = config_base.load_config(spec)
+    c.init_from = c.init_from or "/runs/start"  # PTS samples a trained model
+    stages.check_sections(c, config_base.validate_config(c))
+
+
 def test_unknown_stage_names_the_stages():
     c = _load("tiny")
     c.stage = "rlhf"
