@@ -65,7 +65,7 @@ def measure(rank: int) -> dict[str, int]:
                                        sharding=run.batch_sharding)
              for key, dtype in ROW_KEYS.items()}
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
-        train_fn, _ = loop.compile_steps(run, stages.stage_for(c), frozen)
+        train_fn, _ = loop.compile_steps(run, stages.builder_for(c)(c, run.model_cfg).loss(run), frozen)
         analysis = train_fn.lower(run.abstract_state, batch, frozen).compile().memory_analysis()
     peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
             - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)

@@ -26,12 +26,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from phi4_jax.config_base import load_config  # noqa: E402
+from phi4_jax.data import pipeline  # noqa: E402
 from phi4_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from phi4_jax.evals import position_loss, retrieval  # noqa: E402
 from phi4_jax.parallel.sharding import logical_rules  # noqa: E402
-from phi4_jax.stages.pretrain import Pretrain  # noqa: E402
+from phi4_jax.stages import evaluation  # noqa: E402
 from phi4_jax.train import initial_params, loop, state as state_lib  # noqa: E402
-from phi4_jax.train.stage import DataShard  # noqa: E402
 
 BUCKETS = 8
 
@@ -59,7 +59,7 @@ def step_benchmark(size: str, seq_lens: list[int]) -> list[dict]:
                  "loss_mask": np.ones((1, seq_len), np.float32)}
         with jax.set_mesh(run.mesh), logical_rules(run.rules):
             state = state_lib.init_state(run)
-            train_fn, _ = loop.compile_steps(run, Pretrain(), None)
+            train_fn, _ = loop.compile_steps(run, evaluation.language_model_loss(run), None)
             batch = state_lib.to_global_batch(batch, run.batch_sharding)
             start = time.perf_counter()
             compiled = train_fn.lower(state, batch, None).compile()
@@ -91,9 +91,9 @@ def compare(runs: dict[str, str], lengths: list[int], depths: list[float], trial
     """Loss by position and the retrieval table of each (workdir, config) run."""
     reference = _one_device_config("configs/midtrain.py:tiny")
     reference.eval.batches = eval_batches
-    ref_run = state_lib.build_run(reference, jax.devices()[:1])
-    shard = DataShard(reference.train.global_batch, 0, 1)
-    batches = Pretrain().eval_batches(ref_run, shard)
+    batches = pipeline.make_eval_batches(reference.data, seq_len=reference.train.seq_len,
+                                         batch_size=reference.train.global_batch,
+                                         num_batches=reference.eval.batches)
     tokenizer, results = load_tokenizer("phi4"), {}
     for label, spec in runs.items():
         workdir, config_spec = spec.split(":", 1)

@@ -61,7 +61,7 @@ def _config():
 
 def _model(config, tokenizer) -> RolloutModel:
     if config.init_from:
-        return job.load_rollout_model(config, tokenizer)[0]
+        return job.load_rollout_model(config, validate_config(config), tokenizer)[0]
     cfg = validate_config(config)
     graphdef, params = nnx.split(init_model(cfg, config.seed))
     sampling = decode.SamplingParams(max_new_tokens=config.pts.max_new_tokens,

@@ -44,7 +44,7 @@ from phi4_jax import config_base
 from phi4_jax.model.attention import resolve_impl
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.parallel.sharding import logical_rules
-from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.stages import evaluation
 from phi4_jax.train import flops, loop, memory
 from phi4_jax.train import state as state_lib
 
@@ -136,7 +136,7 @@ def time_steps(config: ml_collections.ConfigDict, devices: list[jax.Device], ste
         return StepTiming(variant, skipped=str(error).splitlines()[0])
     t = config.train
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
-        train_fn, _ = loop.compile_steps(run, Pretrain(), None)
+        train_fn, _ = loop.compile_steps(run, evaluation.language_model_loss(run), None)
         state = state_lib.init_state(run)
         batch = state_lib.to_global_batch(
             random_batch(t.global_batch, t.seq_len, run.model_cfg.vocab_size), run.batch_sharding)

@@ -6,7 +6,7 @@ r"""phi4_jax's real train step against transformers' Phi3ForCausalLM, same shape
 Contenders, each at every shape, each in its own subprocess (JAX takes 90% of the GPU at
 start and torch caches what it frees, so they never share one process; an OOM or a hang
 costs one row, not the table):
-  - phi4_jax: `build_run` -> `compile_steps(run, Pretrain(), None)`, the trainer's own jitted,
+  - phi4_jax: `build_run` -> `compile_steps(run, evaluation.language_model_loss(run), None)`, the trainer's own jitted,
     donated step, with the size's `configs/pretrain.py` settings (bf16 compute over fp32
     weights, AdamW, clipping at 1.0), `model.attention_impl=auto` and `model.remat_policy=auto`
     resolved by start-up (both printed), after start-up's attention numerics check;
@@ -111,7 +111,7 @@ def run_phi4_jax(name: str) -> Result:
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from phi4_jax.parallel.sharding import logical_rules  # pylint: disable=g-import-not-at-top
-    from phi4_jax.stages.pretrain import Pretrain  # pylint: disable=g-import-not-at-top
+    from phi4_jax.stages import evaluation  # pylint: disable=g-import-not-at-top
     from phi4_jax.train import loop, memory  # pylint: disable=g-import-not-at-top
     from phi4_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
@@ -125,7 +125,7 @@ def run_phi4_jax(name: str) -> Result:
                                          tokens[:, 1:].shape).copy(),
             "loss_mask": np.ones(tokens[:, 1:].shape, np.float32)}
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
-        train_fn, _ = loop.compile_steps(run, Pretrain(), None)
+        train_fn, _ = loop.compile_steps(run, evaluation.language_model_loss(run), None)
         state = state_lib.init_state(run)
         batch = state_lib.to_global_batch(rows, run.batch_sharding)
         compiled = train_fn.lower(state, batch, None).compile()

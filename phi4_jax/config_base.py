@@ -1,8 +1,12 @@
-"""Every run-config key, declared once with its default, and its start-up validation.
+"""Every run-config key, declared once with its default, and the validation of the keys the
+engine reads.
 
 Stage configs (`configs/<stage>.py`) start from `base_config()` and change values; they
-never add keys. `validate_config` runs before anything is built, and each error names
-the key, the bad value and the fix.
+never add keys. `validate_config` checks the shared sections (model, lora, train, mesh, eval,
+log, checkpoint) before anything is built; the data config is checked by
+`data.pipeline.checked_data_config`, and each stage's or job's own section by its module
+(`stages/<stage>.py`, `search/job.py`), once per start. Each error names the key, the bad
+value and the fix.
 """
 
 from __future__ import annotations
@@ -14,20 +18,14 @@ from pathlib import Path
 
 import ml_collections
 
-from phi4_jax.data import reasoning, synthetic
-from phi4_jax.data.chat import TRUNCATION
-from phi4_jax.data.preference import PAIR_FORMATS
+from phi4_jax.data import synthetic
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.sources import SPEC_DEFAULTS
 from phi4_jax.data.tokenizer import TOKENIZER_NAMES, vocab_size_of
-from phi4_jax.errors import Phi4Error
-from phi4_jax.losses.policy_gradient import NORMALIZATIONS
-from phi4_jax.losses.preference import VARIANTS
-
+from phi4_jax.errors import ConfigError, require
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
 from phi4_jax.model.lora import LoRAConfig
 from phi4_jax.parallel.sharding import MESH_AXES
-from phi4_jax.search.pivotal_tokens import SPLIT_RULES
-from phi4_jax.search.verifiers import TASKS
 
 SCHEDULES = ("linear", "cosine")
 
@@ -49,10 +47,6 @@ BUILTIN_SOURCES = {
     "synthetic": {"kind": "synthetic"},
     "code": {"kind": "python_stdlib"},
 }
-
-
-class ConfigError(Phi4Error, ValueError):
-    """A run configuration that cannot work; the message names the key and the fix."""
 
 
 def source_spec(kind: str, **fields) -> ml_collections.ConfigDict:
@@ -157,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.judge_margin_scale = 5.0
     c.dpo.judge_min_weight = 0.1
 
-    # The think-then-answer format (Phi-4-reasoning); see phi4_jax.data.reasoning.
+    # The think-then-answer format (Phi-4-reasoning); see phi4_jax.data.synthetic.reasoning.
     c.reasoning = ml_collections.ConfigDict()
     c.reasoning.system = reasoning.DEFAULT_SYSTEM
     c.reasoning.think_open = "<think>"
@@ -242,67 +236,62 @@ def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         lora=adapters if a.rank else None)
 
 
-def _require(ok: bool, key: str, value, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {fix}")
-
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """Checks the whole config before anything is built; returns the model config."""
-    _require(config.model.size in SIZE_NAMES, "model.size", config.model.size,
-             f"choose one of {', '.join(SIZE_NAMES)}.")
+    require(config.model.size in SIZE_NAMES, "model.size", config.model.size,
+            f"choose one of {', '.join(SIZE_NAMES)}.")
     segments = config.data.max_segments_per_row
-    _require(isinstance(segments, int) and not isinstance(segments, bool) and segments >= 1,
-             "data.max_segments_per_row", segments,
-             "give an integer >= 1 (32 is MaxText's bound; 1 = one document per row).")
+    require(isinstance(segments, int) and not isinstance(segments, bool) and segments >= 1,
+            "data.max_segments_per_row", segments,
+            "give an integer >= 1 (32 is MaxText's bound; 1 = one document per row).")
     rank = config.lora.rank
-    _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora.rank",
-             rank, "give an integer >= 0 (0 trains the whole model, no adapters).")
+    require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora.rank",
+            rank, "give an integer >= 0 (0 trains the whole model, no adapters).")
     model_cfg = build_model_config(config)
     vocabularies = {vocab_size_of(name): name for name in TOKENIZER_NAMES}
-    _require(model_cfg.vocab_size in vocabularies, "model.size", config.model.size,
-             f"its vocabulary of {model_cfg.vocab_size} matches no tokenizer "
-             f"({vocabularies}); choose a size with one of those.")
+    require(model_cfg.vocab_size in vocabularies, "model.size", config.model.size,
+            f"its vocabulary of {model_cfg.vocab_size} matches no tokenizer "
+            f"({vocabularies}); choose a size with one of those.")
     t = config.train
     for key in ("seq_len", "global_batch", "microbatches", "steps", "loss_chunk_tokens"):
-        _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
-                 "must be a positive integer.")
-    _require(t.seq_len <= model_cfg.max_positions, "train.seq_len", t.seq_len,
-             f"exceeds model.max_positions={model_cfg.max_positions}; raise "
-             f"--config.model.max_positions or shorten the sequence.")
-    _require(t.global_batch % t.microbatches == 0, "train.microbatches", t.microbatches,
-             f"must divide train.global_batch={t.global_batch}.")
-    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be a positive number.")
-    _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
-             f"must lie in [0, train.steps={t.steps}].")
-    _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"choose one of {SCHEDULES}.")
-    _require(0.0 <= t.final_lr_fraction <= 1.0, "train.final_lr_fraction", t.final_lr_fraction,
-             "must lie in [0, 1].")
-    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0.")
-    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables).")
-    _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1).")
+        require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
+                "must be a positive integer.")
+    require(t.seq_len <= model_cfg.max_positions, "train.seq_len", t.seq_len,
+            f"exceeds model.max_positions={model_cfg.max_positions}; raise "
+            f"--config.model.max_positions or shorten the sequence.")
+    require(t.global_batch % t.microbatches == 0, "train.microbatches", t.microbatches,
+            f"must divide train.global_batch={t.global_batch}.")
+    require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be a positive number.")
+    require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
+            f"must lie in [0, train.steps={t.steps}].")
+    require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"choose one of {SCHEDULES}.")
+    require(0.0 <= t.final_lr_fraction <= 1.0, "train.final_lr_fraction", t.final_lr_fraction,
+            "must lie in [0, 1].")
+    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0.")
+    require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables).")
+    require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1).")
     for section in ("eval", "log", "checkpoint"):
         value = config[section].every_steps
-        _require(isinstance(value, int) and value > 0, f"{section}.every_steps", value,
-                 "must be a positive integer.")
-    _require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
-             "must keep at least one checkpoint.")
-    _validate_post_training(config)
-    _validate_pts(config.pts, model_cfg)
+        require(isinstance(value, int) and value > 0, f"{section}.every_steps", value,
+                "must be a positive integer.")
+    require(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep,
+            "must keep at least one checkpoint.")
+    _validate_eval(config.eval)
     for axis in MESH_AXES:
-        _require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
-                 "must be an integer size (or -1 to fill the remaining devices).")
+        require(isinstance(config.mesh[axis], int), f"mesh.{axis}", config.mesh[axis],
+                "must be an integer size (or -1 to fill the remaining devices).")
     samplers = [name for name, on in (("stage=grpo", config.stage == "grpo"),
                                       ("eval.accuracy_problems", config.eval.accuracy_problems),
                                       ("reasoning.teachable_pool", config.reasoning.teachable_pool))
                 if on]
-    _require(config.mesh.sequence == 1 or not samplers, "mesh.sequence", config.mesh.sequence,
-             f"decoding does not split rows over a sequence axis, and {', '.join(samplers)} "
-             f"decodes; set --config.mesh.sequence=1 or turn those off.")
+    require(config.mesh.sequence == 1 or not samplers, "mesh.sequence", config.mesh.sequence,
+            f"decoding does not split rows over a sequence axis, and {', '.join(samplers)} "
+            f"decodes; set --config.mesh.sequence=1 or turn those off.")
     for rule in config.mesh.rules:
         targets = (rule[1],) if isinstance(rule[1], str) or rule[1] is None else tuple(rule[1])
-        _require(len(rule) == 2 and all(a is None or a in MESH_AXES for a in targets),
-                 "mesh.rules", rule, f"each rule is (logical_name, mesh axis or tuple of {MESH_AXES}).")
+        require(len(rule) == 2 and all(a is None or a in MESH_AXES for a in targets),
+                "mesh.rules", rule, f"each rule is (logical_name, mesh axis or tuple of {MESH_AXES}).")
     return model_cfg
 
 
@@ -330,47 +319,11 @@ def load_config(spec: str | Path, arg: str | None = None) -> ml_collections.Conf
     return module.get_config(arg) if arg else module.get_config()
 
 
-def _validate_post_training(config: ml_collections.ConfigDict) -> None:
-    e, d = config.eval, config.dpo
-    for key in ("accuracy_problems", "max_new_tokens", "position_buckets"):
-        _require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
-                 "must be an integer >= 0.")
-    _check_families(e.accuracy_families, "eval.accuracy_families")
-    _require(config.sft.truncation in TRUNCATION, "sft.truncation", config.sft.truncation,
-             f"choose one of {TRUNCATION}.")
-    _require(d.variant in VARIANTS, "dpo.variant", d.variant, f"choose one of {VARIANTS}.")
-    _require(d.beta > 0, "dpo.beta", d.beta, "must be positive.")
-    _require(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", d.label_smoothing,
-             "must lie in [0, 0.5).")
-    _require(d.reference in ("on_the_fly", "precomputed"), "dpo.reference", d.reference,
-             "choose 'on_the_fly' or 'precomputed'.")
-    _require(d.pair_format in PAIR_FORMATS, "dpo.pair_format", d.pair_format,
-             f"choose one of {PAIR_FORMATS}.")
-    _require(d.judge_weighting in ("none", "margin"), "dpo.judge_weighting", d.judge_weighting,
-             "choose 'none' or 'margin'.")
-    _require(config.sft.template in ("chat", "reasoning"), "sft.template", config.sft.template,
-             "choose 'chat' or 'reasoning'.")
-    r = config.reasoning
-    _require(isinstance(r.teachable_pool, int) and r.teachable_pool >= 0,
-             "reasoning.teachable_pool", r.teachable_pool, "must be an integer >= 0 (0 = off).")
-    _require(isinstance(r.teachable_samples, int) and r.teachable_samples >= 1,
-             "reasoning.teachable_samples", r.teachable_samples, "must be an integer >= 1.")
-    _require(0 <= r.teachable_low <= r.teachable_high <= 1, "reasoning.teachable_low/high",
-             (r.teachable_low, r.teachable_high), "need 0 <= low <= high <= 1.")
-    g = config.grpo
-    for key in ("group_size", "max_new_tokens", "top_k"):
-        _require(isinstance(g[key], int) and g[key] >= 0, f"grpo.{key}", g[key],
-                 "must be an integer >= 0.")
-    _require(g.temperature > 0 and 0 < g.top_p <= 1, "grpo.temperature/top_p",
-             (g.temperature, g.top_p), "temperature must be > 0 and top_p in (0, 1].")
-    _require(g.normalization in NORMALIZATIONS, "grpo.normalization", g.normalization,
-             f"choose one of {NORMALIZATIONS}.")
-    _require(0 <= g.clip_low < 1 and g.clip_high >= 0 and g.kl_coef >= 0,
-             "grpo.clip_low/clip_high/kl_coef", (g.clip_low, g.clip_high, g.kl_coef),
-             "clip_low in [0, 1), clip_high >= 0 and kl_coef >= 0.")
-    _require(d.judge_margin_scale > 0 and 0 <= d.judge_min_weight <= 1,
-             "dpo.judge_margin_scale/judge_min_weight", (d.judge_margin_scale, d.judge_min_weight),
-             "the scale must be positive and the minimum weight in [0, 1].")
+def _validate_eval(e: ml_collections.ConfigDict) -> None:
+    for key in ("accuracy_problems", "max_new_tokens"):
+        require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
+                "must be an integer >= 0.")
+    check_families(e.accuracy_families, "eval.accuracy_families")
 
 
 # Names other trainers use, suggested when an override names one of them.
@@ -425,39 +378,9 @@ def _suggest(config: ml_collections.ConfigDict, dotted: str, section: str) -> st
     return f"{section or 'the config'} declares {', '.join(sorted(node))}."
 
 
-def _check_families(value: str, key: str) -> None:
+def check_families(value: str, key: str) -> None:
     """Refuses a families key that names no known exercise family, in one line."""
     try:
         synthetic.parse_families(value, key)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-
-
-def _validate_pts(p: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
-    _require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
-    _check_families(p.families, "pts.families")
-    _require(not p.families or p.task == "synthetic", "pts.families", p.families,
-             "only task 'synthetic' draws from exercise families; remove the key.")
-    _require(p.split in SPLIT_RULES, "pts.split", p.split, f"choose one of {SPLIT_RULES}.")
-    for key in ("first_question", "response_pairs", "top_k", "rollouts_per_round"):
-        _require(isinstance(p[key], int) and p[key] >= 0, f"pts.{key}", p[key],
-                 "must be an integer >= 0.")
-    for key in ("questions", "responses_per_question", "rollouts", "max_new_tokens",
-                "batch_rows", "verifier_workers", "code_memory_mb"):
-        _require(isinstance(p[key], int) and p[key] > 0, f"pts.{key}", p[key],
-                 "must be a positive integer.")
-    _require(p.first_question + p.questions <= 2**32, "pts.first_question/questions",
-             (p.first_question, p.questions), "question ids must stay below 2**32.")
-    _require(0 < p.p_gap <= 1, "pts.p_gap", p.p_gap, "must lie in (0, 1].")
-    _require(0 <= p.min_success <= p.max_success <= 1, "pts.min_success/max_success",
-             (p.min_success, p.max_success), "need 0 <= min_success <= max_success <= 1.")
-    _require(p.rollouts_per_round <= p.rollouts, "pts.rollouts_per_round",
-             p.rollouts_per_round, f"must not exceed pts.rollouts={p.rollouts} (0: no rounds).")
-    _require(0 < p.confidence < 1, "pts.confidence", p.confidence, "must lie in (0, 1).")
-    _require(p.max_new_tokens < model_cfg.max_positions, "pts.max_new_tokens",
-             p.max_new_tokens, f"must leave room for the question within model.max_positions="
-             f"{model_cfg.max_positions}.")
-    _require(p.temperature > 0 and 0 < p.top_p <= 1, "pts.temperature/top_p",
-             (p.temperature, p.top_p), "rollouts sample: temperature > 0 and top_p in (0, 1].")
-    _require(p.code_time_limit_s > 0, "pts.code_time_limit_s", p.code_time_limit_s,
-             "must be positive.")

@@ -11,7 +11,7 @@ import pytest
 from phi4_jax import config_base, stages
 from phi4_jax.data import pipeline, synthetic
 from phi4_jax.evals import verifiable
-from phi4_jax.stages.sft import SFT
+from phi4_jax.stages import evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,11 +63,20 @@ def test_validation_names_key_and_fix(key, value, message):
         config_base.validate_config(c)
 
 
+@pytest.mark.parametrize("spec", ["pretrain.py", "midtrain.py:tiny", "sft.py", "sft.py:tiny",
+                                  "dpo.py", "dpo.py:tiny", "reasoning_sft.py:tiny", "grpo.py",
+                                  "grpo.py:tiny", "pts_search.py:tiny"])
+def test_every_stage_config_passes_its_own_section_checks(spec):
+    c = config_base.load_config(spec)
+    c.init_from = c.init_from or "/runs/start"  # PTS samples a trained model
+    stages.check_sections(c, config_base.validate_config(c))
+
+
 def test_unknown_stage_names_the_stages():
     c = _load("tiny")
     c.stage = "rlhf"
     with pytest.raises(config_base.ConfigError, match="stage='rlhf'.*pretrain"):
-        stages.stage_for(c)
+        stages.builder_for(c)
 
 
 def _print_config(*overrides):
@@ -123,8 +132,8 @@ def test_accuracy_is_measured_on_the_named_families(monkeypatch):
     config = config_base.load_config("configs/reasoning_sft.py", "tiny")
     config.eval.accuracy_families = "rate, modular"
     run = types.SimpleNamespace(config=config, graphdef=None, model_cfg=None, tokenizer=None)
-    SFT()._accuracy(run, None)
+    evaluation.greedy_accuracy(run, None)
     assert asked["families"] == ("rate", "modular") and asked["fmt"] is not None
     config.eval.accuracy_families = ""
-    SFT()._accuracy(run, None)
+    evaluation.greedy_accuracy(run, None)
     assert asked["families"] == synthetic.FAMILIES

@@ -12,7 +12,7 @@ from phi4_jax import config_base
 from phi4_jax.model.attention import context_parallel
 from phi4_jax.model.attention.context_parallel import load_balanced_order
 from phi4_jax.parallel.sharding import logical_rules
-from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.stages import evaluation
 from phi4_jax.train import state as state_lib
 from phi4_jax.train.step import accumulated_gradients
 
@@ -58,7 +58,7 @@ def _loss_and_grads(config, devices, batch):
     run = state_lib.build_run(config, devices)
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
         params = state_lib.init_params(run)
-        grads_fn = jax.jit(functools.partial(accumulated_gradients, loss_fn=Pretrain().loss_fn(run),
+        grads_fn = jax.jit(functools.partial(accumulated_gradients, loss_fn=evaluation.language_model_loss(run),
                                              microbatches=1))
         loss, units, _, grads = grads_fn(params, state_lib.to_global_batch(batch, run.batch_sharding),
                                          None)

@@ -167,6 +167,21 @@ def test_inconsistent_requests_are_refused_before_submission(target, fields, ove
         launch.check_request(_request(target, **fields), config)
 
 
+@pytest.mark.parametrize("spec, key, value, message", [
+    ("dpo.py:1b", "dpo.beta", -1.0, "dpo.beta=-1.0: must be positive"),
+    ("grpo.py:1b", "grpo.group_size", 1, "grpo.group_size=1"),
+    ("pts_search.py:1b", "pts.p_gap", 0.0, "pts.p_gap=0.0"),
+])
+def test_a_stage_or_job_section_that_cannot_start_is_refused_at_launch(spec, key, value,
+                                                                        message):
+    config = config_base.load_config(spec)
+    config.init_from = "/runs/sft"
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(Phi4Error, match=re.escape(message)):
+        launch.check_request(_request("slurm", nodes=4), config)
+
+
 def test_consistent_request_resolves_the_mesh():
     config = config_base.load_config("configs/pretrain.py", "1b")
     config.mesh.tensor = 2

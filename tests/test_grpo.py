@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 from phi4_jax import config_base, stages
-from phi4_jax.data import reasoning, synthetic
+from phi4_jax.data import synthetic
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.sources import BadRecordError, JsonRecord
 from phi4_jax.sampling.decode import Generation
-from phi4_jax.stages.grpo import GRPO, problem_of, response_rows
+from phi4_jax.data.problems import problem_of, response_rows
+from phi4_jax.stages import grpo
 
 FMT = reasoning.ReasoningFormat()
 RULES = reasoning.RewardRules()
@@ -73,7 +75,7 @@ def test_group_of_one_is_refused():
     c = _config(2)
     c.grpo.group_size = 1
     with pytest.raises(config_base.ConfigError, match="grpo.group_size=1"):
-        GRPO().check_config(c)
+        grpo.check(c)
 
 
 def test_grpo_resume_equals_straight_run(tmp_path):

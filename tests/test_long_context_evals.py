@@ -8,6 +8,7 @@ import pytest
 from phi4_jax import config_base
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.evals import position_loss, retrieval
+from phi4_jax.stages import pretrain
 
 
 def test_bucket_edges_and_sums_by_hand():
@@ -32,7 +33,7 @@ def test_position_buckets_is_validated():
     c = config_base.base_config()
     c.eval.position_buckets = -1
     with pytest.raises(config_base.ConfigError, match="eval.position_buckets=-1"):
-        config_base.validate_config(c)
+        pretrain.check(c)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])

@@ -12,7 +12,8 @@ from phi4_jax.losses.preference import dpo_losses, weighted_sums
 from phi4_jax.model import lora
 from phi4_jax.model.transformer import init_model
 from phi4_jax.parallel.sharding import logical_rules
-from phi4_jax.stages.dpo import DPO, pair_log_probs
+from phi4_jax.stages import dpo
+from phi4_jax.stages.dpo import pair_log_probs
 from phi4_jax.train import checkpoint, loop
 from phi4_jax.train import state as state_lib
 from phi4_jax.train.step import accumulated_gradients
@@ -32,9 +33,11 @@ def test_dpo_with_the_backbone_as_reference_equals_an_explicit_reference_copy():
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
         adapters, backbone = lora.split(state_lib.init_params(run))
         adapters = jax.tree.map(lambda x: x + 0.02, adapters)  # a policy away from the backbone
-        assert DPO().frozen(run, lambda: 1 / 0, "") is None  # no second copy is loaded
+        stage = dpo.build(config, run.model_cfg)
+        assert stage.frozen.nbytes == 0  # no second copy: the backbone is the reference
+        assert stage.frozen.load(lambda: 1 / 0) is None
         frozen = loop.step_frozen(run, backbone, None)
-        loss_fn = loop._with_backbone(DPO().loss_fn(run))
+        loss_fn = loop._with_backbone(stage.loss(run))
         engine = accumulated_gradients(adapters, state_lib.to_global_batch(batch, run.batch_sharding),
                                        frozen, loss_fn=loss_fn, microbatches=1)
 

@@ -11,8 +11,11 @@ import optax
 import pytest
 from flax import nnx
 
+from phi4_jax import config_base, stages
 from phi4_jax.losses.lm import chunked_token_log_probs
-from phi4_jax.train import memory
+from phi4_jax.parallel.sharding import MESH_AXES, make_mesh
+from phi4_jax.stages import dpo, grpo, pretrain
+from phi4_jax.train import initial_params, loop, memory, state
 from phi4_jax.model.transformer import init_model
 from phi4_jax.model.config import model_config_for
 from phi4_jax.model.lora import LoRAConfig
@@ -273,3 +276,77 @@ def test_device_memory_from_allocator_or_host():
 def test_bad_arguments_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _stage_estimate(config, build, mesh):
+    """The estimate the engine makes for a stage (its rows per sequence and frozen state)."""
+    model_cfg = config_base.validate_config(config)
+    stage = build(config, model_cfg)
+    t = config.train
+    rows = t.global_batch // t.microbatches // (mesh["data"] * mesh["fsdp"])
+    return memory.estimate_train_memory(
+        model_cfg, seq_len=t.seq_len, per_device_batch=rows * stage.sequences_per_row,
+        mesh_shape=mesh, microbatches=t.microbatches, loss_chunk_tokens=t.loss_chunk_tokens,
+        frozen_bytes=stage.frozen.nbytes), stage
+
+
+def test_full_weight_dpo_adds_one_reference_copy_to_the_pretraining_estimate():
+    config = config_base.load_config("configs/dpo.py")  # phi4-14b, dpo.reference=on_the_fly
+    mesh = _mesh(fsdp=64)
+    with_reference, stage = _stage_estimate(config, dpo.build, mesh)
+    assert pretrain.build(config, with_reference.inputs.cfg).frozen.nbytes == 0
+    # pretraining's estimate for the same rows (a pair is two sequences of train.seq_len)
+    pretraining = memory.estimate_train_memory(
+        with_reference.inputs.cfg, seq_len=4096, per_device_batch=2 * 256 // 64,
+        mesh_shape=mesh, loss_chunk_tokens=config.train.loss_chunk_tokens)
+    assert config.model.param_dtype == "float32" and stage.sequences_per_row == 2
+    assert with_reference.total == pretraining.total + PHI4_PARAMS * 4 // 64  # one fp32 copy
+    assert "frozen" in with_reference.describe()
+    config.model.param_dtype = "bfloat16"
+    assert _stage_estimate(config, dpo.build, mesh)[0].frozen == PHI4_PARAMS * 2 // 64
+
+
+@pytest.mark.parametrize("overrides", [
+    {"dpo.variant": "reference_free"},
+    {"dpo.reference": "precomputed", "data.mix": {"pairs": 1.0}},
+    {"lora.rank": 8},
+])
+def test_dpo_without_a_reference_copy_counts_and_loads_none(overrides):
+    config = config_base.load_config("configs/dpo.py")
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    estimate, stage = _stage_estimate(config, dpo.build, _mesh(fsdp=64))
+    assert stage.frozen.nbytes == 0
+    assert stage.frozen.load(lambda: 1 / 0) is None  # the starting model is not loaded
+    backbone = PHI4_PARAMS * 4 // 64 if config.lora.rank else 0
+    assert estimate.frozen == backbone
+
+
+def test_grpo_counts_its_kl_reference_except_under_lora():
+    config = config_base.load_config("configs/grpo.py")
+    config.model.param_dtype = "bfloat16"
+    estimate, _ = _stage_estimate(config, grpo.build, _mesh(fsdp=64))
+    assert estimate.frozen == PHI4_PARAMS * 2 // 64
+    config.lora.update(rank=8, backbone_dtype="bfloat16")
+    estimate, stage = _stage_estimate(config, grpo.build, _mesh(fsdp=64))
+    assert stage.frozen.nbytes == 0 and estimate.frozen == PHI4_PARAMS * 2 // 64  # the backbone
+
+
+def test_a_dpo_run_whose_reference_does_not_fit_is_refused_before_loading(tmp_path, monkeypatch):
+    config = config_base.load_config("configs/dpo.py", "tiny")
+    config.model.remat_policy = "none"
+    mesh = dict(make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}).shape)
+    with_reference, stage = _stage_estimate(config, dpo.build, mesh)
+    without = with_reference.total - with_reference.frozen
+    assert stage.frozen.nbytes > 0
+    # room for everything but the reference copy
+    config.memory.device_bytes = int((without + with_reference.total) / 2 / memory.HEADROOM)
+    loaded = []
+    monkeypatch.setattr(initial_params, "locate", lambda *a: loaded.append("locate"))
+    monkeypatch.setattr(state, "init_params", lambda *a: loaded.append("init"))
+    with pytest.raises(memory.MemoryBudgetError, match=r"(?s)frozen.*What to change"):
+        stages.run(config, str(tmp_path / "run"))
+    assert loaded == []
+    config.dpo.variant = "reference_free"
+    loop.plan(config, dpo.build)  # the same run without a reference fits

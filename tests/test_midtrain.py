@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from phi4_jax import config_base, stages
-from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.stages import evaluation
 from phi4_jax.train import loop
 from phi4_jax.train import state as state_lib
 
@@ -146,7 +146,7 @@ def test_tiny_step_at_16k_tokens_compiles_without_a_t_by_t_matrix():
                                 ("segment_ids", np.int32), ("positions", np.int32),
                                 ("loss_mask", np.float32))}
     with jax.set_mesh(run.mesh), loop.logical_rules(run.rules):
-        train_fn, _ = loop.compile_steps(run, Pretrain(), None)
+        train_fn, _ = loop.compile_steps(run, evaluation.language_model_loss(run), None)
         compiled = train_fn.lower(run.abstract_state, batch, None).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     layer_logits = 4 * 16384 * 16384 * 4  # one layer's float32 [N, T, T] logits: 4 GiB

@@ -28,7 +28,7 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
 from phi4_jax import config_base
-from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.stages import evaluation
 from phi4_jax.train import loop
 from phi4_jax.train import state as state_lib
 from phi4_jax.data import pipeline
@@ -271,7 +271,7 @@ def test_each_process_feeds_its_own_shard_into_the_global_batch(straight):
     run = state_lib.build_run(config, jax.devices()[:GLOBAL_DEVICES])
     batch = {key: np.concatenate([b[key] for b in first_batches]) for key in first_batches[0]}
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
-        _, evaluate = loop.compile_steps(run, Pretrain(), None)
+        _, evaluate = loop.compile_steps(run, evaluation.language_model_loss(run), None)
         totals = evaluate(state_lib.init_state(run).params,
                           state_lib.to_global_batch(batch, run.batch_sharding), None)
     scalars, = tensorboard_runs(straight.workdir)

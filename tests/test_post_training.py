@@ -17,7 +17,7 @@ from phi4_jax import config_base, stages
 from phi4_jax.data import preference, synthetic
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.parallel.sharding import logical_rules
-from phi4_jax.stages.dpo import DPO
+from phi4_jax.stages import dpo
 from phi4_jax.train import initial_params, loop
 from phi4_jax.train import state as state_lib
 
@@ -48,12 +48,12 @@ def _random_pairs(b=8, t=16, seed=0):
 
 def _dpo_steps(config, devices, batches):
     run = state_lib.build_run(config, devices, sequences_per_row=2)
-    stage = DPO()
+    stage = dpo.build(config, run.model_cfg)
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
         reference = state_lib.init_params(run)
         params = jax.tree.map(lambda x: x + 0.01, reference)  # a policy away from its reference
         state = state_lib.init_state(run, params)
-        train_fn, _ = loop.compile_steps(run, stage, reference)
+        train_fn, _ = loop.compile_steps(run, stage.loss(run), reference)
         losses = []
         for batch in batches:
             state, metrics = train_fn(state, state_lib.to_global_batch(batch, run.batch_sharding),
@@ -124,7 +124,7 @@ def test_precomputed_reference_refuses_endless_sources():
     config = _dpo_config()
     config.dpo.reference = "precomputed"
     with pytest.raises(config_base.ConfigError, match="endless"):
-        DPO().check_config(config)
+        dpo.check(config)
 
 
 def test_init_from_a_missing_directory_is_refused():

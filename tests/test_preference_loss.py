@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from phi4_jax.losses.preference import VARIANTS, dpo_losses, weighted_sums
+from phi4_jax.stages import dpo
 
 
 def _log_sigmoid(x):
@@ -79,3 +80,23 @@ def test_unknown_variant_names_the_choices():
     with pytest.raises(ValueError, match="dpo.variant='kto'.*sigmoid"):
         dpo_losses(jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), beta=0.1,
                    variant="kto")
+
+
+def test_reference_free_dpo_scores_no_reference():
+    """The stage's loss without a reference equals it with one for the reference-free
+    variant, and never calls the scorer on the reference (`frozen` is None)."""
+    policy = jnp.asarray([[-3.0, -5.0], [-2.0, -1.0]])
+    batch = {"weight": jnp.asarray([1.0, 0.5])}
+    scored = []
+
+    def score(params, batch):
+        scored.append(params)
+        return params
+
+    kw = dict(score=score, variant="reference_free", beta=0.5, label_smoothing=0.0)
+    without = dpo.dpo_loss(policy, batch, None, reference="none", **kw)
+    assert len(scored) == 1
+    with_copy = dpo.dpo_loss(policy, batch, policy - 1.0, reference="frozen", **kw)
+    jax.tree.map(np.testing.assert_allclose, without, with_copy)
+    want = -(np.log(1 / (1 + np.exp(-0.5 * 2.0))) + 0.5 * np.log(1 / (1 + np.exp(0.5))))
+    np.testing.assert_allclose(float(without[0]), want, rtol=1e-6)

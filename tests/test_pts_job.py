@@ -143,7 +143,7 @@ def test_bad_pts_keys_are_refused_by_name(key, value, message):
     config = config_base.load_config("configs/pts_search.py", "tiny")
     config.pts[key] = value
     with pytest.raises(config_base.ConfigError, match=message):
-        config_base.validate_config(config)
+        job.check(config, config_base.validate_config(config))
 
 
 def test_the_stage_name_dispatches_to_the_job(tmp_path):
@@ -153,4 +153,4 @@ def test_the_stage_name_dispatches_to_the_job(tmp_path):
         stages.run(config, str(tmp_path))
     config.stage = "search"
     with pytest.raises(config_base.ConfigError, match="pts_search"):
-        stages.stage_for(config)
+        stages.builder_for(config)

@@ -11,11 +11,11 @@ import pytest
 
 from phi4_jax import config_base, stages
 from phi4_jax.data import pipeline, sources, synthetic
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.tokenizer import load_tokenizer
-from phi4_jax.stages import teachability
-from phi4_jax.stages.grpo import problem_of, sampling_params
-from phi4_jax.stages.sft import SFT
+from phi4_jax.data.problems import problem_of
+from phi4_jax.stages import sft, teachability
+from phi4_jax.stages.teachability import sampling_params
 
 
 def _value_rows(name, records, cfg, *, indexed):
@@ -67,7 +67,8 @@ def test_band_keeps_the_problems_between_the_bounds_and_reuses_stored_rates(tmp_
         return rates[:len(problems)]
 
     monkeypatch.setattr(teachability, "success_rates", fake_rates)
-    args = (run, problem_of, None, None, None, lambda: "params", str(tmp_path))
+    args = (run, pipeline.checked_data_config(config.data), problem_of, None, None, None,
+            lambda: "params", str(tmp_path))
     subsets, counts = teachability.kept_subsets(*args)
     for name in sources_on:
         assert subsets[name].tolist() == [1, 3, 4, 5]
@@ -88,20 +89,23 @@ def test_a_band_that_keeps_nothing_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(teachability, "success_rates", lambda run, p, problems, *a, **k:
                         np.zeros(len(problems)))
     run = types.SimpleNamespace(config=_grpo_config(low=0.5, high=1.0))
+    data = pipeline.checked_data_config(run.config.data)
     with pytest.raises(config_base.ConfigError, match=r"keeps none of the 6 problems"):
-        teachability.kept_subsets(run, problem_of, None, None, None, lambda: None, str(tmp_path))
+        teachability.kept_subsets(run, data, problem_of, None, None, None, lambda: None,
+                                  str(tmp_path))
 
 
 def test_off_by_default_and_refused_without_the_reasoning_template():
     run = types.SimpleNamespace(config=_grpo_config(pool=0))
-    assert teachability.kept_subsets(run, problem_of, None, None, None, None, "") == (None, {})
+    assert teachability.kept_subsets(run, None, problem_of, None, None, None, None, "") == (
+        None, {})
     c = config_base.load_config("configs/sft.py", "tiny")
     c.reasoning.teachable_pool = 4
     with pytest.raises(config_base.ConfigError, match="sft.template=reasoning"):
-        SFT().check_config(c)
+        sft.check(c)
     c.reasoning.update(teachable_low=0.8, teachable_high=0.2)
     with pytest.raises(config_base.ConfigError, match="teachable_low/high"):
-        config_base.validate_config(c)
+        teachability.check(c)
 
 
 def test_reasoning_sft_samples_filters_and_trains(tmp_path):

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from phi4_jax import config_base
 from phi4_jax.losses.lm import next_token_loss_sum, token_log_probs
 from phi4_jax.parallel.sharding import logical_rules
-from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.stages import evaluation
 from phi4_jax.train import loop
 from phi4_jax.train import state as state_lib
 from phi4_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
@@ -83,7 +83,7 @@ def _random_batch(seed=0, b=8, t=16):
 def _run_steps(config, devices, batches):
     run = state_lib.build_run(config, devices)
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
-        train_fn, _ = loop.compile_steps(run, Pretrain(), None)
+        train_fn, _ = loop.compile_steps(run, evaluation.language_model_loss(run), None)
         state = state_lib.init_state(run)
         losses = []
         for batch in batches:

@@ -19,6 +19,7 @@ example (no `messages`, no assistant turn, an empty assistant reply) raises
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,9 +27,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax.data import synthetic
+from phi4_jax.data import bad_records, synthetic
 from phi4_jax.data.packing import training_row
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.losses.lm import shift_for_next_token
@@ -125,3 +126,17 @@ def pack_examples(examples: grain.IterDataset, seq_len: int) -> grain.IterDatase
         examples, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
         num_packing_bins=PACKING_BINS, shuffle_bins=False)
     return packed.map(training_row)
+
+
+def conversation_rows(name: str, records: grain.MapDataset, cfg: Mapping[str, Any], *,
+                      tokenizer: Phi4Tokenizer, seq_len: int, truncation: str, counts: Counts,
+                      reasoning_format: ReasoningFormat | None) -> grain.IterDataset:
+    """One source's conversations packed whole into rows (a `pipeline.RowsFn`)."""
+    example = functools.partial(sft_example, tokenizer=tokenizer, seq_len=seq_len,
+                                truncation=truncation, counts=counts,
+                                reasoning_format=reasoning_format)
+    examples = bad_records.convert(name, records, example, cfg["sources"][name])
+    examples = examples.filter(lambda e: e is not None)
+    read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
+                                     prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
+    return pack_examples(examples.to_iter_dataset(read_options), seq_len)

@@ -10,8 +10,8 @@ weights (`mixture`), rows batched to the per-process batch and prefetched on a t
 resume the exact batch sequence. The eval stream is the held-out records in a fixed order;
 sources without held-out records are left out of it, with a warning.
 
-The data config is checked once per entry point (`checked_data_config`); what it returns
-passes through the others unchecked. Records a source or the stage cannot use are handled by
+The data config is checked once per run (`checked_data_config`, at start-up); what it
+returns passes through the other entry points unchecked. Records a source or the stage cannot use are handled by
 the source's bad-record policy (`bad_records.convert`).
 """
 
@@ -26,12 +26,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax import config_base
 from phi4_jax.data import bad_records, length_filter, mixture, packing, sources
 from phi4_jax.data.sources import DataConfigError, EmptySplitError
 from phi4_jax.data.tokenizer import load_tokenizer
 
-DATA_KEYS = tuple(config_base.base_config().data)
+# The data.* keys the pipeline reads (declared, with their defaults, in config_base).
+DATA_KEYS = ("eval_holdout", "max_segments_per_row", "mix", "prefetch", "read_threads", "seed",
+             "sources")
 DOCUMENTS_BUFFERED_PER_THREAD = 4
 
 # (source name, its endless records for this process, the checked data config) -> rows.
@@ -174,8 +175,9 @@ def checked_data_config(data_cfg: Mapping[str, Any]) -> CheckedDataConfig:
         weights = mixture.normalized_weights(cfg["mix"], cfg["sources"])
     except ValueError as error:
         raise DataConfigError(str(error)) from error
-    for name, spec in cfg["sources"].items():
-        sources.validate_source_spec(name, spec, check_files=weights.get(name, 0) > 0)
+    cfg["sources"] = {name: sources.validate_source_spec(name, spec,
+                                                         check_files=weights.get(name, 0) > 0)
+                      for name, spec in cfg["sources"].items()}
     return cfg
 
 
@@ -192,7 +194,7 @@ def shard_records(
 def _shard(name: str, cfg: CheckedDataConfig, split: str, process_index: int,
            process_count: int, indexed: bool = False,
            subset: np.ndarray | None = None) -> grain.MapDataset:
-    records = sources.open_records(
+    records = sources.open_checked_records(
         name, cfg["sources"][name], seed=cfg["seed"], split=split, eval_holdout=cfg["eval_holdout"]
     )
     if subset is not None:  # the records at `subset`, each (when indexed) with its own index

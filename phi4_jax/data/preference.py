@@ -25,15 +25,17 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import functools
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any
 
+import grain
 import numpy as np
 
-from phi4_jax.data import synthetic
-from phi4_jax.data.chat import prompt_messages, where
+from phi4_jax.data import bad_records, synthetic
+from phi4_jax.data.chat import Counts, prompt_messages, where
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.losses.lm import shift_for_next_token
@@ -277,3 +279,40 @@ def _padded_row(inputs: np.ndarray, targets: np.ndarray, loss_mask: np.ndarray, 
             "loss_mask": pad(loss_mask, 0.0),
             "positions": np.where(real, np.arange(seq_len), 0).astype(np.int32),
             "segment_ids": real.astype(np.int32)}
+
+
+def pair_example(record: Any, *, tokenizer: Phi4Tokenizer, pair_format: str, judged: bool,
+                 weighting: JudgeWeighting, seq_len: int, counts: Counts
+                 ) -> dict[str, np.ndarray] | None:
+    """One record's pair rows, or None when over-long (counted as dropped)."""
+    pair = pair_from_record(record, tokenizer, pair_format=pair_format, judged=judged)
+    counts.add(examples=1)
+    make_rows = pivotal_rows if pair_format == "pivotal_token" else sequence_rows
+    rows = make_rows(pair, seq_len=seq_len, pad_id=tokenizer.pad_id,
+                     weight=weighting.weight(pair, getattr(record, "where", "a record")))
+    if rows is None:
+        counts.add(dropped=1)
+    return rows
+
+
+def with_reference(table: np.ndarray, example: Callable, indexed: tuple[int, Any]
+                   ) -> dict[str, np.ndarray] | None:
+    """A record's rows with its stored reference log-probs [2] (over (index, record))."""
+    index, record = indexed
+    rows = example(record)
+    if rows is None:
+        return None
+    return {**rows, "reference_log_probs": table[index]}
+
+
+def pair_rows(name: str, records: grain.MapDataset, cfg: Mapping[str, Any], *,
+              example: Callable, reference: Mapping[str, np.ndarray] | None = None
+              ) -> grain.IterDataset:
+    """One source's pair rows (a `pipeline.RowsFn`); with precomputed reference log-probs
+    (per source), records arrive as (index, record) and each row carries its pair's."""
+    if reference is not None:
+        example = functools.partial(with_reference, reference[name], example)
+    rows = bad_records.convert(name, records, example, cfg["sources"][name])
+    read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
+                                     prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
+    return rows.filter(lambda r: r is not None).to_iter_dataset(read_options)

@@ -87,11 +87,14 @@ class EmptySplitError(DataConfigError):
     """A source with no records in the split asked for."""
 
 
-def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: bool) -> None:
-    """Refuses a source spec that could only fail later in training, naming the key and the fix.
+def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: bool
+                         ) -> dict[str, Any]:
+    """Refuses a source spec that could only fail later in training, naming the key and the fix;
+    returns it as a dict.
 
-    `check_files` also requires every glob to match files: on for the sources a run reads, off for
-    specs a config declares but does not mix.
+    `check_files` also requires every glob to match files (on for the sources a run reads, off
+    for specs a config declares but does not mix); the returned spec's `paths` are then the
+    matched files, so opening the source resolves no glob again.
     """
     where = f"data.sources.{name}"
     if not isinstance(spec, Mapping):
@@ -124,7 +127,8 @@ def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: boo
     if problem := bad_records.check_policy(where, spec):
         raise DataConfigError(problem)
     if check_files and "paths" in REQUIRED_KEYS[kind]:
-        resolve_paths(name, spec["paths"])
+        return {**spec, "paths": resolve_paths(name, spec["paths"])}
+    return dict(spec)
 
 
 def resolve_paths(name: str, paths: str | Sequence[str]) -> list[str]:
@@ -158,7 +162,15 @@ def open_records(
     name: str, spec: Mapping[str, Any], *, seed: int, split: str, eval_holdout: float
 ) -> grain.MapDataset:
     """The records of one source's train or eval split, in a fixed order."""
-    validate_source_spec(name, spec, check_files=True)
+    return open_checked_records(name, validate_source_spec(name, spec, check_files=True),
+                                seed=seed, split=split, eval_holdout=eval_holdout)
+
+
+def open_checked_records(
+    name: str, spec: Mapping[str, Any], *, seed: int, split: str, eval_holdout: float
+) -> grain.MapDataset:
+    """`open_records` for a spec `validate_source_spec` returned with `check_files` (as in
+    `pipeline.checked_data_config`)."""
     if split not in SPLITS:
         raise DataConfigError(f"split is {split!r}; choose one of {list(SPLITS)}")
     if spec["kind"] in SYNTHETIC_KINDS:
@@ -333,7 +345,7 @@ def _open_records(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
         return grain.MapDataset.source(FileDocuments(stdlib_python_files()))
     if kind == "tfds":
         return _open_tfds(name, spec)
-    paths = resolve_paths(name, spec["paths"])
+    paths = list(spec["paths"])  # the files validate_source_spec matched
     if kind == "text":
         return grain.MapDataset.source(FileDocuments(paths))
     if kind == "jsonl":

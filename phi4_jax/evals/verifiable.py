@@ -14,7 +14,7 @@ from flax import nnx
 
 from phi4_jax.data import synthetic
 from phi4_jax.data.chat import prompt_messages
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.sources import SYNTHETIC_SPAN
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.model.config import ModelConfig

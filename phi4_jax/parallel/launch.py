@@ -28,7 +28,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from phi4_jax import config_base
+from phi4_jax import config_base, stages
 from phi4_jax.errors import Phi4Error
 from phi4_jax.parallel.sharding import MESH_AXES, MeshError, resolve_mesh_shape
 
@@ -86,7 +86,7 @@ def check_request(request: Request, config: ml_collections.ConfigDict) -> dict[s
     for name in missing:
         if not getattr(request, name):
             raise LaunchError(f"--target={request.target} needs --{name}.")
-    config_base.validate_config(config)
+    stages.check_sections(config, config_base.validate_config(config))
     devices = request.nodes * request.devices_per_node
     try:
         shape = resolve_mesh_shape({axis: config.mesh[axis] for axis in MESH_AXES}, devices)

@@ -30,24 +30,24 @@ from typing import Any
 import jax
 import ml_collections
 import tqdm
-from flax import nnx
 
-from phi4_jax.config_base import ConfigError, build_model_config, validate_config
-from phi4_jax.data import reasoning, synthetic
+from phi4_jax.config_base import check_families, validate_config
+from phi4_jax.data import synthetic
+from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
 from phi4_jax.evals.verifiable import chat_prompt
-from phi4_jax.errors import Phi4Error
-from phi4_jax.model.transformer import init_model
-from phi4_jax.parallel.sharding import (MESH_AXES, logical_rules, logical_to_spec, make_mesh,
-                                        state_shardings)
+from phi4_jax.errors import ConfigError, Phi4Error, require
+from phi4_jax.model.config import ModelConfig
+from phi4_jax.parallel.sharding import MESH_AXES, logical_rules, logical_to_spec, make_mesh
 from phi4_jax.sampling import decode
 from phi4_jax.search import records
 from phi4_jax.search.estimates import RolloutPolicy, estimate_prefixes
 from phi4_jax.search.model_scorer import QuestionRollouts, RolloutModel
-from phi4_jax.search.pivotal_tokens import QuestionSearch, search_question
+from phi4_jax.search.pivotal_tokens import SPLIT_RULES, QuestionSearch, search_question
 from phi4_jax.search.sandbox import Limits
-from phi4_jax.search.verifiers import Problem, check_all, problem
+from phi4_jax.search.verifiers import TASKS, Problem, check_all, problem
 from phi4_jax.train import initial_params
+from phi4_jax.train.state import abstract_model, announce_model, resolve_attention
 
 
 class ShardFilesError(Phi4Error, RuntimeError):
@@ -220,36 +220,68 @@ class _ModelSearch:
         return summary, pairs, responses
 
 
-def load_rollout_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer):
-    """The starting checkpoint's parameters on this process's devices, and the mesh."""
-    model_cfg = validate_config(config)
-    source = initial_params.locate(config.init_from)
-    if source is None:
-        raise ConfigError("init_from='': Pivotal Token Search samples a trained model; set "
-                          "--config.init_from to an SFT run's workdir (or a Hugging Face "
-                          "directory).")
-    if config.mesh.sequence != 1:
-        raise ConfigError(f"mesh.sequence={config.mesh.sequence}: Pivotal Token Search decodes, "
-                          f"and decoding does not split rows over a sequence axis; set "
-                          f"--config.mesh.sequence=1.")
+def check(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+    """The pts.* keys (and what the job needs of the shared ones), once at start-up."""
+    p = config.pts
+    require(p.task in TASKS, "pts.task", p.task, f"choose one of {TASKS}.")
+    check_families(p.families, "pts.families")
+    require(not p.families or p.task == "synthetic", "pts.families", p.families,
+            "only task 'synthetic' draws from exercise families; remove the key.")
+    require(p.split in SPLIT_RULES, "pts.split", p.split, f"choose one of {SPLIT_RULES}.")
+    for key in ("first_question", "response_pairs", "top_k", "rollouts_per_round"):
+        require(isinstance(p[key], int) and p[key] >= 0, f"pts.{key}", p[key],
+                "must be an integer >= 0.")
+    for key in ("questions", "responses_per_question", "rollouts", "max_new_tokens",
+                "batch_rows", "verifier_workers", "code_memory_mb"):
+        require(isinstance(p[key], int) and p[key] > 0, f"pts.{key}", p[key],
+                "must be a positive integer.")
+    require(p.first_question + p.questions <= 2**32, "pts.first_question/questions",
+            (p.first_question, p.questions), "question ids must stay below 2**32.")
+    require(0 < p.p_gap <= 1, "pts.p_gap", p.p_gap, "must lie in (0, 1].")
+    require(0 <= p.min_success <= p.max_success <= 1, "pts.min_success/max_success",
+            (p.min_success, p.max_success), "need 0 <= min_success <= max_success <= 1.")
+    require(p.rollouts_per_round <= p.rollouts, "pts.rollouts_per_round",
+            p.rollouts_per_round, f"must not exceed pts.rollouts={p.rollouts} (0: no rounds).")
+    require(0 < p.confidence < 1, "pts.confidence", p.confidence, "must lie in (0, 1).")
+    require(p.max_new_tokens < model_cfg.max_positions, "pts.max_new_tokens",
+            p.max_new_tokens, f"must leave room for the question within model.max_positions="
+            f"{model_cfg.max_positions}.")
+    require(p.temperature > 0 and 0 < p.top_p <= 1, "pts.temperature/top_p",
+            (p.temperature, p.top_p), "rollouts sample: temperature > 0 and top_p in (0, 1].")
+    require(p.code_time_limit_s > 0, "pts.code_time_limit_s", p.code_time_limit_s,
+            "must be positive.")
+    require(config.mesh.sequence == 1, "mesh.sequence", config.mesh.sequence,
+            "Pivotal Token Search decodes, and decoding does not split rows over a sequence "
+            "axis; set --config.mesh.sequence=1.")
+    require(bool(config.init_from), "init_from", config.init_from,
+            "Pivotal Token Search samples a trained model; set --config.init_from to an SFT "
+            "run's workdir (or a Hugging Face directory).")
+
+
+
+def load_rollout_model(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                       tokenizer: Phi4Tokenizer):
+    """The starting checkpoint's parameters on this process's devices, and the mesh; the
+    model is planned as training plans it (`train.state.plan_model`)."""
     mesh = make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}, jax.local_devices())
-    rules = tuple(tuple(rule) for rule in config.mesh.rules)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, config.seed)))
-    shardings = nnx.to_pure_dict(state_shardings(abstract, mesh, rules))
-    target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
-        leaf.shape, leaf.dtype, sharding=sharding), nnx.to_pure_dict(abstract), shardings)
-    initial_params.check(source, target, model_cfg)
-    logging.info("pts_search samples %s checkpoint %s.", source.kind, source.path)
-    params = initial_params.load(source, target, model_cfg)
     pts = config.pts
-    sampling = decode.SamplingParams(
-        max_new_tokens=pts.max_new_tokens, temperature=pts.temperature, top_k=pts.top_k,
-        top_p=pts.top_p, stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id),
-        pad_id=tokenizer.pad_id, draw="inverse_cdf")
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if pts.batch_rows % batch_devices:
         raise ConfigError(f"pts.batch_rows={pts.batch_rows} must be a multiple of the "
                           f"{batch_devices} batch-sharded devices (mesh data*fsdp).")
+    # the longest sequence it decodes: a question and its response fill at most max_positions
+    model_cfg = resolve_attention(model_cfg, model_cfg.max_positions)
+    announce_model(config, model_cfg)
+    rules = tuple(tuple(rule) for rule in config.mesh.rules)
+    graphdef, target = abstract_model(config, model_cfg, mesh, rules)
+    source = initial_params.locate(config.init_from)
+    initial_params.check(source, target, model_cfg)
+    logging.info("pts_search samples %s checkpoint %s.", source.kind, source.path)
+    params = initial_params.load(source, target, model_cfg)
+    sampling = decode.SamplingParams(
+        max_new_tokens=pts.max_new_tokens, temperature=pts.temperature, top_k=pts.top_k,
+        top_p=pts.top_p, stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id),
+        pad_id=tokenizer.pad_id, draw="inverse_cdf")
     row_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",), rules))
     model = RolloutModel(params, graphdef, model_cfg, sampling, config.seed, pts.batch_rows,
                          row_sharding if batch_devices > 1 else None, batch_devices)
@@ -258,8 +290,10 @@ def load_rollout_model(config: ml_collections.ConfigDict, tokenizer: Phi4Tokeniz
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Searches this process's questions into `<workdir>/pts/`; returns the run's totals."""
-    tokenizer = load_tokenizer(tokenizer_for_vocab(build_model_config(config).vocab_size))
-    model, mesh, rules = load_rollout_model(config, tokenizer)
+    model_cfg = validate_config(config)
+    check(config, model_cfg)
+    tokenizer = load_tokenizer(tokenizer_for_vocab(model_cfg.vocab_size))
+    model, mesh, rules = load_rollout_model(config, model_cfg, tokenizer)
     index, count = jax.process_index(), jax.process_count()
     shard = ShardFiles(Path(workdir) / "pts", index, count)
     ids = question_ids(config.pts, index, count)

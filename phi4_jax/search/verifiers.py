@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from phi4_jax.data import synthetic
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.synthetic.coding import coding_exercise
 from phi4_jax.search.sandbox import Limits, run_tests
 

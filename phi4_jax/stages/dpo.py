@@ -6,31 +6,32 @@ frozen copy beside the policy and scores every batch with it (under LoRA the fro
 is that model: the forward with the adapters zeroed, no second copy); `'precomputed'` scores
 every pair once before training (`stages.reference_scores`), stores the log-probs in the workdir
 and attaches them to the batches, so the reference never sits in accelerator memory while
-training. Sequence pairs put chosen and rejected through one forward ([2B, T] rows);
+training. `dpo.variant='reference_free'` reads no reference: none is loaded or scored. Sequence pairs put chosen and rejected through one forward ([2B, T] rows);
 pivotal pairs score both candidate tokens at the prompt's last position of one forward.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from phi4_jax.config_base import ConfigError
-from phi4_jax.data import bad_records, pipeline, preference
+from phi4_jax.errors import require
+from phi4_jax.data import preference
 from phi4_jax.data.chat import Counts
 from phi4_jax.losses.lm import sequence_log_probs
-from phi4_jax.losses.preference import dpo_losses, weighted_sums
+from phi4_jax.losses.preference import VARIANTS, dpo_losses, weighted_sums
 from phi4_jax.model import lora
+from phi4_jax.model.config import ModelConfig
 from phi4_jax.sampling.scoring import next_token_candidate_log_probs, target_log_probs
-from phi4_jax.stages import reference_scores
-from phi4_jax.stages.pretrain import Pretrain
+from phi4_jax.stages import evaluation, reference_scores
+from phi4_jax.train.stage import Frozen, Rows, Stage, StageData, starting_copy
 from phi4_jax.train.state import Run
+
+REFERENCES = ("on_the_fly", "precomputed")
+JUDGE_WEIGHTINGS = ("none", "margin")
 
 SEQUENCE_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -53,10 +54,13 @@ def dpo_loss(params, batch, frozen, *, score, variant: str, beta: float, label_s
 
     `reference` says where the reference log-probs come from: 'frozen' (the reference
     model's parameters are `frozen`), 'precomputed' (the batch's `reference_log_probs`
-    [B, 2]) or 'backbone' (LoRA: `params` with their adapters zeroed).
+    [B, 2]), 'backbone' (LoRA: `params` with their adapters zeroed) or 'none' (the
+    reference-free variant reads none).
     """
     policy = score(params, batch)
-    if reference == "precomputed":
+    if reference == "none":
+        ref_log_probs = jnp.zeros_like(policy)
+    elif reference == "precomputed":
         ref_log_probs = batch["reference_log_probs"]
     else:
         model = frozen if reference == "frozen" else lora.as_backbone(params)
@@ -66,95 +70,94 @@ def dpo_loss(params, batch, frozen, *, score, variant: str, beta: float, label_s
     return weighted_sums(losses, metrics, batch["weight"], jnp.ones_like(batch["weight"]))
 
 
-class DPO(Pretrain):
-    name = "dpo"
-
-    def __init__(self):
-        self.counts = Counts()
-        self.reference = None  # precomputed reference log-probs, by (source, split)
-
-    def sequences_per_row(self, config: ml_collections.ConfigDict) -> int:
-        return 1 if config.dpo.pair_format == "pivotal_token" else 2
-
-    def check_config(self, config: ml_collections.ConfigDict) -> None:
-        super().check_config(config)
-        if config.dpo.reference == "precomputed":
-            reference_scores.check_finite_sources(config.data)
-        if config.dpo.variant == "ipo" and not config.dpo.length_normalize:
-            raise ConfigError("dpo.variant='ipo' compares length-normalized log-ratios with "
-                              "1/(2 beta); set --config.dpo.length_normalize=True.")
-
-    def scorer(self, run: Run):
-        """(params, batch) -> [B, 2] log-probs of chosen and rejected."""
-        d = run.config.dpo
-        return functools.partial(pair_log_probs, graphdef=run.graphdef,
-                                 chunk_tokens=run.config.train.loss_chunk_tokens,
-                                 pair_format=d.pair_format, length_normalize=d.length_normalize)
-
-    def loss_fn(self, run: Run):
-        d = run.config.dpo
-        return functools.partial(dpo_loss, score=self.scorer(run), variant=d.variant, beta=d.beta,
-                                 label_smoothing=d.label_smoothing, reference=_reference(run))
-
-    def example_fn(self, run: Run, counts: Counts):
-        """record -> the pair's rows (or None when over-long, counted in `counts`)."""
-        d = run.config.dpo
-        tokenizer = run.tokenizer
-        make_rows = preference.pivotal_rows if d.pair_format == "pivotal_token" else \
-            preference.sequence_rows
-        weighting = preference.JudgeWeighting(d.judge_weighting, d.judge_margin_scale,
-                                              d.judge_min_weight)
-        return functools.partial(
-            pair_example, tokenizer=tokenizer, pair_format=d.pair_format,
-            judged=d.judge_weighting != "none", weighting=weighting, make_rows=make_rows,
-            seq_len=run.config.train.seq_len, counts=counts)
-
-    def frozen(self, run: Run, initial_params, workdir: str) -> Any:
-        if _reference(run) == "backbone":
-            return None
-        if run.config.dpo.reference == "on_the_fly":
-            return initial_params()
-        self.reference = reference_scores.load_or_compute(
-            run, self.example_fn(run, Counts()), self.scorer(run), initial_params, workdir)
-        return None
-
-    def indexed(self, run: Run) -> bool:
-        return self.reference is not None
-
-    def rows_fn(self, run: Run, split: str) -> pipeline.RowsFn:
-        return functools.partial(_pair_rows, split=split, example=self.example_fn(run, self.counts),
-                                 reference=self.reference)
-
-    def evaluate(self, run: Run, params, frozen) -> dict[str, float]:
-        return {**super().evaluate(run, params, frozen), **self.counts.as_metrics("dpo")}
+def check(config: ml_collections.ConfigDict) -> None:
+    """The dpo.* keys; a precomputed reference needs sources with an end."""
+    d = config.dpo
+    require(d.variant in VARIANTS, "dpo.variant", d.variant, f"choose one of {VARIANTS}.")
+    require(d.beta > 0, "dpo.beta", d.beta, "must be positive.")
+    require(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", d.label_smoothing,
+            "must lie in [0, 0.5).")
+    require(d.reference in REFERENCES, "dpo.reference", d.reference,
+            f"choose one of {REFERENCES}.")
+    require(d.pair_format in preference.PAIR_FORMATS, "dpo.pair_format", d.pair_format,
+            f"choose one of {preference.PAIR_FORMATS}.")
+    require(d.judge_weighting in JUDGE_WEIGHTINGS, "dpo.judge_weighting", d.judge_weighting,
+            f"choose one of {JUDGE_WEIGHTINGS}.")
+    require(d.judge_margin_scale > 0 and 0 <= d.judge_min_weight <= 1,
+            "dpo.judge_margin_scale/judge_min_weight", (d.judge_margin_scale, d.judge_min_weight),
+            "the scale must be positive and the minimum weight in [0, 1].")
+    require(d.variant != "ipo" or d.length_normalize, "dpo.variant", d.variant,
+            "IPO compares length-normalized log-ratios with 1/(2 beta); set "
+            "--config.dpo.length_normalize=True.")
+    if reference_of(config, lora=False) == "precomputed":
+        reference_scores.check_finite_sources(config.data)
 
 
-def _reference(run: Run) -> str:
-    """'precomputed', 'backbone' (on the fly under LoRA) or 'frozen' (an on-the-fly copy)."""
-    if run.config.dpo.reference == "precomputed":
+
+def reference_of(config: ml_collections.ConfigDict, *, lora: bool) -> str:
+    """Where the loss's reference log-probs come from (see `dpo_loss`)."""
+    if config.dpo.variant == "reference_free":
+        return "none"
+    if config.dpo.reference == "precomputed":
         return "precomputed"
-    return "backbone" if run.model_cfg.lora else "frozen"
+    return "backbone" if lora else "frozen"
 
 
-def pair_example(record, *, tokenizer, pair_format, judged, weighting, make_rows, seq_len,
-                 counts: Counts) -> dict[str, np.ndarray] | None:
-    """One record's rows, or None when over-long (counted as dropped)."""
-    pair = preference.pair_from_record(record, tokenizer, pair_format=pair_format, judged=judged)
-    counts.add(examples=1)
-    rows = make_rows(pair, seq_len=seq_len, pad_id=tokenizer.pad_id,
-                     weight=weighting.weight(pair, getattr(record, "where", "a record")))
-    if rows is None:
-        counts.add(dropped=1)
-    return rows
+def build(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> Stage:
+    check(config)
+    reference = reference_of(config, lora=bool(model_cfg.lora))
+    per_row = 1 if config.dpo.pair_format == "pivotal_token" else 2
+    counts = Counts()
+    tokens = config.train.global_batch * config.train.seq_len * per_row
+    return Stage(
+        name="dpo", loss=functools.partial(_loss, reference=reference),
+        data=functools.partial(_data, reference=reference, counts=counts),
+        tokens_per_step=tokens, sequences_per_row=per_row,
+        frozen=starting_copy(model_cfg) if reference == "frozen" else Frozen(),
+        evaluate=functools.partial(_evaluate, counts=counts),
+        describe=evaluation.mixture_description(config, tokens))
 
 
-def _pair_rows(name, records: grain.MapDataset, cfg, *, split, example, reference
-               ) -> grain.IterDataset:
-    """One source's pair rows; with precomputed reference log-probs, records arrive as
-    (index, record) and each row carries its pair's `reference_log_probs`."""
-    if reference is not None:
-        example = functools.partial(reference_scores.attach, reference[name, split], example)
-    rows = bad_records.convert(name, records, example, cfg["sources"][name])
-    read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
-                                     prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
-    return rows.filter(lambda r: r is not None).to_iter_dataset(read_options)
+def scorer(run: Run):
+    """(params, batch) -> [B, 2] log-probs of chosen and rejected."""
+    d = run.config.dpo
+    return functools.partial(pair_log_probs, graphdef=run.graphdef,
+                             chunk_tokens=run.config.train.loss_chunk_tokens,
+                             pair_format=d.pair_format, length_normalize=d.length_normalize)
+
+
+def _loss(run: Run, *, reference: str):
+    d = run.config.dpo
+    return functools.partial(dpo_loss, score=scorer(run), variant=d.variant, beta=d.beta,
+                             label_smoothing=d.label_smoothing, reference=reference)
+
+
+def example_fn(run: Run, counts: Counts):
+    """record -> the pair's rows (or None when over-long, counted in `counts`)."""
+    d = run.config.dpo
+    weighting = preference.JudgeWeighting(d.judge_weighting, d.judge_margin_scale,
+                                          d.judge_min_weight)
+    return functools.partial(
+        preference.pair_example, tokenizer=run.tokenizer, pair_format=d.pair_format,
+        judged=d.judge_weighting != "none", weighting=weighting,
+        seq_len=run.config.train.seq_len, counts=counts)
+
+
+def _data(run: Run, data_cfg, load_initial, workdir: str, *, reference: str, counts: Counts
+          ) -> StageData:
+    """Pair rows; with a precomputed reference, scored once first (or read from the workdir)."""
+    example = example_fn(run, counts)
+    if reference != "precomputed":
+        rows = Rows(functools.partial(preference.pair_rows, example=example))
+        return StageData({"train": rows, "eval": rows})
+    tables = reference_scores.load_or_compute(run, data_cfg, example_fn(run, Counts()),
+                                              scorer(run), load_initial, workdir)
+    return StageData({split: Rows(functools.partial(
+        preference.pair_rows, example=example,
+        reference={name: table for (name, s), table in tables.items() if s == split}),
+        indexed=True) for split in reference_scores.SPLITS})
+
+
+def _evaluate(run: Run, params, frozen, held_out: list, *, counts: Counts) -> dict[str, float]:
+    del frozen, held_out
+    return {**evaluation.greedy_accuracy(run, params), **counts.as_metrics("dpo")}

@@ -47,13 +47,13 @@ def _path(workdir: str, name: str, split: str) -> str:
     return os.path.join(workdir, "reference_log_probs", f"{name}.{split}{suffix}.npy")
 
 
-def load_or_compute(run: Run, example: Callable, score: Callable,
+def load_or_compute(run: Run, data_cfg: Mapping[str, Any], example: Callable, score: Callable,
                     initial_params: Callable[[], Any], workdir: str
                     ) -> dict[tuple[str, str], np.ndarray]:
     """The reference log-probs of every positive-weight source and split, computed (with the
-    starting parameters, loaded only if some are missing) or loaded from the workdir."""
-    data = run.config.data
-    weights = mixture.normalized_weights(dict(data.mix), data.sources)
+    starting parameters, loaded only if some are missing) or loaded from the workdir;
+    `data_cfg` is the run's checked data config."""
+    weights = mixture.normalized_weights(data_cfg["mix"], data_cfg["sources"])
     wanted = [(name, split) for name, w in weights.items() if w > 0 for split in SPLITS]
     tables, params = {}, None
     for name, split in wanted:
@@ -64,7 +64,7 @@ def load_or_compute(run: Run, example: Callable, score: Callable,
         if params is None:
             params = initial_params()
         logging.info("Scoring data.sources.%s (%s) with the reference model.", name, split)
-        tables[name, split] = _score_source(run, name, split, example, score, params)
+        tables[name, split] = _score_source(run, data_cfg, name, split, example, score, params)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "wb") as f:
             np.save(f, tables[name, split])
@@ -72,12 +72,11 @@ def load_or_compute(run: Run, example: Callable, score: Callable,
     return tables
 
 
-def _score_source(run: Run, name: str, split: str, example: Callable, score: Callable,
-                  params: Any) -> np.ndarray:
-    data = run.config.data
-    spec = data.sources[name].to_dict()
-    records = sources.open_records(name, spec, seed=data.seed, split=split,
-                                   eval_holdout=data.eval_holdout)
+def _score_source(run: Run, data_cfg: Mapping[str, Any], name: str, split: str,
+                  example: Callable, score: Callable, params: Any) -> np.ndarray:
+    spec = data_cfg["sources"][name]
+    records = sources.open_checked_records(name, spec, seed=data_cfg["seed"], split=split,
+                                           eval_holdout=data_cfg["eval_holdout"])
     examples = bad_records.convert(name, records, example, spec)  # bad ones are None
     count, index = jax.process_count(), jax.process_index()
     local = run.config.train.global_batch // count
@@ -110,12 +109,3 @@ def _stacked(rows: list, size: int, like: Mapping[str, np.ndarray]) -> dict[str,
     rows = rows + [like] * (size - len(rows))
     return {key: np.stack([r[key] for r in rows]) for key in like}
 
-
-def attach(table: np.ndarray, example: Callable, indexed: tuple[int, Any]
-           ) -> dict[str, np.ndarray] | None:
-    """A record's rows with its stored reference log-probs (grain map over (index, record))."""
-    index, record = indexed
-    rows = example(record)
-    if rows is None:
-        return None
-    return {**rows, "reference_log_probs": table[index]}

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from phi4_jax.config_base import ConfigError
 from phi4_jax.data import bad_records, mixture, sources, synthetic
-from phi4_jax.data.reasoning import ReasoningFormat
+from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.evals.verifiable import chat_prompt, sampled_responses
 from phi4_jax.parallel.sharding import logical_rules
@@ -30,6 +32,42 @@ from phi4_jax.sampling import decode
 from phi4_jax.train.state import Run
 
 SAMPLE_BATCH = 64  # most responses sampled at once
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """The reasoning.* keys of the filter, and the grpo.* keys it samples with."""
+    r = config.reasoning
+    if not (isinstance(r.teachable_pool, int) and r.teachable_pool >= 0):
+        raise ConfigError(f"reasoning.teachable_pool={r.teachable_pool!r}: must be an integer "
+                          f">= 0 (0 = off).")
+    if not (isinstance(r.teachable_samples, int) and r.teachable_samples >= 1):
+        raise ConfigError(f"reasoning.teachable_samples={r.teachable_samples!r}: must be an "
+                          f"integer >= 1.")
+    if not 0 <= r.teachable_low <= r.teachable_high <= 1:
+        raise ConfigError(f"reasoning.teachable_low/high={(r.teachable_low, r.teachable_high)}: "
+                          f"need 0 <= low <= high <= 1.")
+    check_sampling(config.grpo)
+
+
+def check_sampling(g: ml_collections.ConfigDict) -> None:
+    """The grpo.* keys that say how responses are sampled (GRPO and this filter)."""
+    for key in ("max_new_tokens", "top_k"):
+        low = 1 if key == "max_new_tokens" else 0
+        if not (isinstance(g[key], int) and not isinstance(g[key], bool) and g[key] >= low):
+            raise ConfigError(f"grpo.{key}={g[key]!r}: must be an integer >= {low}.")
+    if not (g.temperature > 0 and 0 < g.top_p <= 1):
+        raise ConfigError(f"grpo.temperature/top_p={(g.temperature, g.top_p)}: temperature must "
+                          f"be > 0 and top_p in (0, 1].")
+
+
+def sampling_params(config: ml_collections.ConfigDict, tokenizer: Phi4Tokenizer
+                    ) -> decode.SamplingParams:
+    """How GRPO and this filter sample responses: the grpo.* keys, stopping at the
+    tokenizer's end of turn or end of text."""
+    g = config.grpo
+    return decode.SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                                 top_k=g.top_k, top_p=g.top_p, pad_id=tokenizer.pad_id,
+                                 stop_ids=(tokenizer.end_of_turn_id, tokenizer.eot_id))
 
 
 def success_rates(run: Run, params: Any, problems: list[synthetic.Exercise],
@@ -50,19 +88,21 @@ def success_rates(run: Run, params: Any, problems: list[synthetic.Exercise],
     return solved / samples
 
 
-def kept_subsets(run: Run, problem_of: Callable[[Any], synthetic.Exercise],
+def kept_subsets(run: Run, data_cfg: Mapping[str, Any],
+                 problem_of: Callable[[Any], synthetic.Exercise],
                  tokenizer: Phi4Tokenizer, fmt: ReasoningFormat,
                  sampling: decode.SamplingParams, initial_params: Callable[[], Any],
                  workdir: str) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
     """Per positive-weight source, the indices (in its train split) of the teachable problems,
-    and the counts; (None, {}) when `reasoning.teachable_pool` is 0."""
-    r, data = run.config.reasoning, run.config.data
+    and the counts; (None, {}) when `reasoning.teachable_pool` is 0. `data_cfg` is the run's
+    checked data config (`pipeline.checked_data_config`)."""
+    r = run.config.reasoning
     if not r.teachable_pool:
         return None, {}
     if jax.process_count() > 1:
         raise ConfigError("reasoning.teachable_pool: the teachability filter samples on one "
                           "process for now; run it on one host, or set it to 0.")
-    weights = mixture.normalized_weights(dict(data.mix), data.sources)
+    weights = mixture.normalized_weights(data_cfg["mix"], data_cfg["sources"])
     subsets, counts, params = {}, dict.fromkeys(
         ("teachable_pool", "teachable_kept", "teachable_too_easy", "teachable_too_hard"), 0.0), None
     for name in (n for n, w in weights.items() if w > 0):
@@ -72,9 +112,10 @@ def kept_subsets(run: Run, problem_of: Callable[[Any], synthetic.Exercise],
                 indices, rates = stored["indices"], stored["rates"]
         else:
             params = params if params is not None else initial_params()
-            spec = data.sources[name].to_dict()
-            records = sources.open_records(name, spec, seed=data.seed, split="train",
-                                           eval_holdout=data.eval_holdout)
+            spec = data_cfg["sources"][name]
+            records = sources.open_checked_records(name, spec, seed=data_cfg["seed"],
+                                                   split="train",
+                                                   eval_holdout=data_cfg["eval_holdout"])
             problems = bad_records.convert(name, records, problem_of, spec)  # bad ones: None
             pool = [(i, ex) for i in range(min(r.teachable_pool, len(records)))
                     if (ex := problems[i]) is not None]

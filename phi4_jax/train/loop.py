@@ -1,10 +1,11 @@
 """The one training loop every stage runs: the side effects (data, metrics, checkpoints,
 signals) around the pure step, with the stage's loss, batches and frozen state plugged in.
 
-Start-up, cheapest check first: workdir -> config -> mesh -> memory estimate -> the stage's
-checks -> the workdir's checkpoints checked (a finished run stops here) -> initial checkpoint
-located and checked (metadata only) -> abstract state and shardings -> frozen state and data
--> the state, restored from the newest intact checkpoint of the workdir, else from
+Start-up, cheapest check first: workdir -> config (the shared keys, the data config, then the
+stage's own sections as its builder builds it) -> mesh -> memory estimate (with the stage's
+frozen state) -> abstract state and shardings -> the workdir's checkpoints checked (a finished
+run stops here) -> initial checkpoint located and checked (metadata only) -> frozen state and
+data -> the state, restored from the newest intact checkpoint of the workdir, else from
 `init_from`'s parameters, else freshly initialized, always in its shards -> train.
 
 With LoRA the step trains the adapters alone and reads the backbone as frozen input: the
@@ -20,21 +21,24 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from phi4_jax.data import bad_records, length_filter
+from phi4_jax import config_base
+from phi4_jax.data import bad_records, length_filter, pipeline
 from phi4_jax.errors import Phi4Error
+from phi4_jax.model.config import ModelConfig
 from phi4_jax.model import lora
 from phi4_jax.parallel.sharding import logical_rules
 from phi4_jax.train import flops, initial_params, workdir as workdir_lib
 from phi4_jax.train.checkpoint import Checkpointer
 from phi4_jax.train.metrics import MetricsWriter
 from phi4_jax.train.optimizer import learning_rate_schedule
-from phi4_jax.train.stage import DataShard, Stage
+from phi4_jax.train.stage import DataShard, Rows, Stage
 from phi4_jax.train.state import (Run, build_run, init_adapters, init_params, init_state,
                                   split_trained, to_global_batch)
 from phi4_jax.train.step import TrainState, eval_step, train_step
@@ -44,11 +48,11 @@ class TrainingDivergedError(Phi4Error, RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint was left as it was."""
 
 
-def compile_steps(run: Run, stage: Stage, frozen: Any):
-    """The jitted train step (state donated) and eval step, with explicit shardings."""
+def compile_steps(run: Run, loss_fn, frozen: Any):
+    """The jitted train step (state donated) and eval step of a stage's loss, with explicit
+    shardings."""
     t = run.config.train
     replicated = NamedSharding(run.mesh, PartitionSpec())
-    loss_fn = stage.loss_fn(run)
     if run.model_cfg.lora:
         loss_fn = _with_backbone(loss_fn)
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
@@ -204,15 +208,54 @@ def _summary(history: list[dict[str, float]], step: int, steps: int) -> str:
     return "; ".join(parts) + "."
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
+def checked_data(config: ml_collections.ConfigDict) -> pipeline.CheckedDataConfig:
+    """The data config, checked once for the whole run (every stage reads it)."""
+    try:
+        return pipeline.checked_data_config(config.data)
+    except (TypeError, ValueError, FileNotFoundError) as error:
+        raise config_base.ConfigError(str(error)) from error
+
+
+def _train_batches(data_cfg, rows: Rows, shard: DataShard):
+    """An endless, checkpointable (grain) iterator of this process's batches."""
+    return pipeline.make_iterator(data_cfg, rows.make, batch_size=shard.batch_size,
+                                  process_index=shard.index, process_count=shard.count,
+                                  indexed=rows.indexed, subsets=rows.subsets)
+
+
+def _eval_batches(run: Run, data_cfg, rows: Rows | None, shard: DataShard) -> list:
+    """The fixed held-out global batches; none for a stage without a held-out loss."""
+    if rows is None:
+        return []
+    local = pipeline.first_batches(data_cfg, rows.make, batch_size=shard.batch_size,
+                                   num_batches=run.config.eval.batches, process_index=shard.index,
+                                   process_count=shard.count, indexed=rows.indexed)
+    return [to_global_batch(b, run.batch_sharding) for b in local]
+
+
+def plan(config: ml_collections.ConfigDict,
+         build: Callable[[ml_collections.ConfigDict, ModelConfig], Stage]
+         ) -> tuple[Run, Stage, pipeline.CheckedDataConfig]:
+    """Every check of the config, once, then the stage and the run planned for it (nothing
+    loaded or compiled; a run that cannot fit is refused here)."""
+    model_cfg = config_base.validate_config(config)
+    data_cfg = checked_data(config)
+    stage = build(config, model_cfg)
+    run = build_run(config, model_cfg=model_cfg, sequences_per_row=stage.sequences_per_row,
+                    frozen_bytes=stage.frozen.nbytes)
+    return run, stage, data_cfg
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          build: Callable[[ml_collections.ConfigDict, ModelConfig], Stage],
           stop_at_step: int | None = None) -> list[dict[str, float]]:
-    """Runs `stage` to `train.steps` (or to `stop_at_step`, checkpointing there), resuming if
-    `workdir` has checkpoints; returns the logged metrics, one dict per log or eval step."""
+    """Runs the stage `build` makes to `train.steps` (or to `stop_at_step`, checkpointing
+    there), resuming if `workdir` has checkpoints; returns the logged metrics, one dict per
+    log or eval step."""
     workdir_lib.prepare(workdir)
     bad_records.reset()
     length_filter.reset()
-    run = build_run(config, sequences_per_row=stage.sequences_per_row(config))
-    stage.check_config(config)
+    run, stage, data_cfg = plan(config, build)
     load_initial = _initial_params_loader(run, stage.name)  # init_from checked before any write
     checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                 every_steps=config.checkpoint.every_steps,
@@ -221,23 +264,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
     try:
         if _finished(checkpointer, workdir, config.train.steps):
             return []
-        if description := stage.describe(config):
-            logging.info("%s", description)
+        if stage.describe:
+            logging.info("%s", stage.describe)
         shard = DataShard(config.train.global_batch // jax.process_count(), jax.process_index(),
                           jax.process_count())
-        stage_frozen = stage.frozen(run, load_initial, workdir)
-        data_iter = stage.train_batches(run, shard)
-        eval_batches = [to_global_batch(b, run.batch_sharding)
-                        for b in stage.eval_batches(run, shard)]
+        stage_frozen = stage.frozen.load(load_initial)
+        start = (lambda: stage_frozen) if stage.frozen.is_start else load_initial
+        data = stage.data(run, data_cfg, start, workdir)
+        data_iter = _train_batches(data_cfg, data.rows["train"], shard)
+        eval_batches = _eval_batches(run, data_cfg, data.rows.get("eval"), shard)
         state, backbone = _restore_or_init(run, checkpointer, data_iter, load_initial)
         frozen = step_frozen(run, backbone, stage_frozen)
         writer = MetricsWriter(workdir, enabled=config.log.tensorboard,
                                progress=config.log.progress_bar, total_steps=config.train.steps)
         stop = _StopSignal()
         with jax.set_mesh(run.mesh), logical_rules(run.rules):
-            train_fn, eval_fn = compile_steps(run, stage, frozen)
-            loop = _Loop(run, stage, (frozen, stage_frozen, backbone), train_fn, eval_fn,
-                         eval_batches, checkpointer, writer, stop)
+            train_fn, eval_fn = compile_steps(run, stage.loss(run), frozen)
+            loop = _Loop(run, stage, data.metrics, (frozen, stage_frozen, backbone), train_fn,
+                         eval_fn, eval_batches, checkpointer, writer, stop)
             history = loop.steps(state, data_iter, stop_at_step or config.train.steps)
         checkpointer.wait()
         logging.info("%s", _summary(history, loop.step, config.train.steps))
@@ -256,20 +300,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
 class _Loop:
     """The step loop; metrics of step n are read while step n + 1 runs."""
 
-    def __init__(self, run, stage, frozen, train_fn, eval_fn, eval_batches, checkpointer,
-                 writer, stop):
-        self.run, self.stage = run, stage
+    def __init__(self, run, stage, data_metrics, frozen, train_fn, eval_fn, eval_batches,
+                 checkpointer, writer, stop):
+        self.run, self.stage, self.data_metrics = run, stage, data_metrics
         self.frozen, self.stage_frozen, self.backbone = frozen  # step's, stage's, LoRA backbone
         self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
         self.checkpointer, self.writer, self.stop = checkpointer, writer, stop
-        self.tokens_per_step = stage.tokens_per_step(run.config)
+        self.tokens_per_step = stage.tokens_per_step
         self.step = 0  # the last step run
 
     def evaluate(self, step: int, params) -> dict[str, float]:
         """The step's eval scores ({} when there is nothing to evaluate)."""
         scores = evaluate(self.eval_fn, params, self.frozen, self.eval_batches)
         scores.update(self.stage.evaluate(self.run, self.run.model_params(params, self.backbone),
-                                          self.stage_frozen))
+                                          self.stage_frozen, self.eval_batches))
+        scores.update(self.data_metrics)
         if not scores:
             return {}
         self.writer.write(step, scores)

@@ -10,6 +10,9 @@ for them). The assumptions, per device:
 - gradients: float32, same sharding; with microbatches > 1 a second float32 copy for the
   accumulation buffer;
 - optimizer: AdamW's two float32 moments, same sharding;
+- frozen: what the loss reads but never trains, sharded like the parameters: the stage's
+  frozen state (`frozen_bytes` over all devices, e.g. the reference model of full-weight DPO
+  and GRPO) and, with LoRA, the backbone;
 - with LoRA (`cfg.lora`) those three count the adapters alone (`lora.adapter_param_count`,
   in param_dtype, taken as sharded like the backbone), and the frozen backbone is its own
   component, `param_count(cfg)` in `lora.backbone_dtype`, with no gradient or moment; the
@@ -88,6 +91,7 @@ class TrainMemoryInputs:
     tensor: int
     loss_chunk_tokens: int = 1024
     sequence: int = 1
+    frozen_bytes: int = 0  # the stage's frozen state over all devices (a reference model)
 
     def describe(self) -> str:
         impl = _resolved_attention(self.cfg, self.seq_len)
@@ -107,7 +111,7 @@ class MemoryEstimate:
     activations: int
     backward: int
     inputs: TrainMemoryInputs
-    frozen: int = 0  # a LoRA run's backbone (params are then the adapters)
+    frozen: int = 0  # the stage's frozen state, and a LoRA run's backbone
     total: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -139,7 +143,7 @@ def _check_positive(**values: int) -> None:
 
 def estimate_train_memory(cfg: ModelConfig, *, seq_len: int, per_device_batch: int,
                           mesh_shape: Mapping[str, int], microbatches: int = 1,
-                          loss_chunk_tokens: int = 1024) -> MemoryEstimate:
+                          loss_chunk_tokens: int = 1024, frozen_bytes: int = 0) -> MemoryEstimate:
     """Bytes per device for one training step; `per_device_batch` rows are live at once."""
     _check_positive(seq_len=seq_len, per_device_batch=per_device_batch, microbatches=microbatches,
                     loss_chunk_tokens=loss_chunk_tokens)
@@ -153,7 +157,8 @@ def estimate_train_memory(cfg: ModelConfig, *, seq_len: int, per_device_batch: i
             f"mesh_shape={dict(mesh_shape)} must give a positive size for each of {MESH_AXES}; "
             f"fill a -1 first with phi4_jax.sharding.resolve_mesh_shape.")
     return _estimate(TrainMemoryInputs(cfg, seq_len, per_device_batch, microbatches, **sizes,
-                                       loss_chunk_tokens=loss_chunk_tokens))
+                                       loss_chunk_tokens=loss_chunk_tokens,
+                                       frozen_bytes=frozen_bytes))
 
 
 def resolve_remat(inputs: TrainMemoryInputs, budget_bytes: float) -> str:
@@ -170,8 +175,7 @@ def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
     cfg = inputs.cfg
     state_shards = inputs.fsdp * inputs.tensor
     trained = adapter_param_count(cfg) if cfg.lora else param_count(cfg)
-    frozen_dtype = (cfg.lora.backbone_dtype or cfg.param_dtype) if cfg.lora else None
-    frozen = param_count(cfg) * _DTYPE_BYTES[frozen_dtype] if cfg.lora else 0
+    frozen = inputs.frozen_bytes + _backbone_bytes(cfg)
     grad_copies = 2 if inputs.microbatches > 1 else 1
     saved, in_flight = _activation_bytes(inputs)
     return MemoryEstimate(
@@ -182,6 +186,13 @@ def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
         activations=math.ceil(saved),
         backward=math.ceil(max(in_flight, loss_chunk_bytes(inputs))),
         inputs=inputs)
+
+
+def _backbone_bytes(cfg: ModelConfig) -> int:
+    """A LoRA run's frozen backbone (0 without LoRA)."""
+    if not cfg.lora:
+        return 0
+    return param_count(cfg) * _DTYPE_BYTES[cfg.lora.backbone_dtype or cfg.param_dtype]
 
 
 def loss_chunk_bytes(inputs: TrainMemoryInputs) -> int:
@@ -392,7 +403,9 @@ def _smaller_size(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
     smaller = [model_config_for(name, **numerics) for name in SIZE_NAMES]
     smaller = [c for c in smaller if param_count(c) < param_count(cfg)]
     for candidate in sorted(smaller, key=param_count, reverse=True):
-        resized = dataclasses.replace(inputs, cfg=candidate)
+        resized = dataclasses.replace(  # a frozen reference shrinks with the model
+            inputs, cfg=candidate,
+            frozen_bytes=inputs.frozen_bytes * param_count(candidate) // param_count(cfg))
         if _total(resized) <= budget:
             return _Change(f"a smaller model ({param_count(candidate) / 1e9:.2f}B parameters)",
                            f"--config.model.size={candidate.name}", resized)

@@ -94,12 +94,13 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
-                 sequences_per_row: int = 1) -> ModelConfig:
+                 sequences_per_row: int = 1, frozen_bytes: int = 0) -> ModelConfig:
     """Refuses, before compiling, a run whose estimated per-device memory cannot fit; returns
     the model config with `remat_policy="auto"` resolved (the cheapest policy that fits;
     `full` when memory is not checked or the device's size is unknown).
 
-    `sequences_per_row` counts the sequences one batch row holds (2 for a preference pair).
+    `sequences_per_row` counts the sequences one batch row holds (2 for a preference pair);
+    `frozen_bytes` is the stage's frozen state over all devices (e.g. a reference model).
     """
     if not config.memory.check:
         return model_cfg.replace(remat_policy="full") if model_cfg.remat_policy == "auto" else model_cfg
@@ -107,7 +108,8 @@ def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = t.global_batch // t.microbatches // batch_devices * sequences_per_row
     shape = dict(seq_len=t.seq_len, per_device_batch=rows, mesh_shape=dict(mesh.shape),
-                 microbatches=t.microbatches, loss_chunk_tokens=t.loss_chunk_tokens)
+                 microbatches=t.microbatches, loss_chunk_tokens=t.loss_chunk_tokens,
+                 frozen_bytes=frozen_bytes)
     capacity = config.memory.device_bytes or memory.device_memory_bytes(jax.local_devices()[0])
     if model_cfg.remat_policy == "auto":
         inputs = memory.estimate_train_memory(model_cfg.replace(remat_policy="full"), **shape).inputs
@@ -122,23 +124,19 @@ def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
 
 
 def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None, *,
-              sequences_per_row: int = 1) -> Run:
-    """Validates what can be checked without allocating, then plans shardings."""
-    model_cfg = validate_config(config)
-    model_cfg = model_cfg.replace(attention_impl=attention_lib.resolve_impl(
-        model_cfg.attention_impl, config.train.seq_len, model_cfg.attention_block_size))
+              model_cfg: ModelConfig | None = None, sequences_per_row: int = 1,
+              frozen_bytes: int = 0) -> Run:
+    """Plans shardings for a config `validate_config` passed (and gave `model_cfg`; validated
+    here when not given), after checking the mesh, the batch layout and the memory estimate
+    with the stage's rows and frozen state."""
+    model_cfg = validate_config(config) if model_cfg is None else model_cfg
+    model_cfg = resolve_attention(model_cfg, config.train.seq_len)
     mesh = make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}, devices)
     check_batch_layout(config, mesh)
-    model_cfg = check_memory(config, model_cfg, mesh, sequences_per_row)
-    logging.info("Attention %s (model.attention_impl=%s), remat %s (model.remat_policy=%s)",
-                 model_cfg.attention_impl, config.model.attention_impl, model_cfg.remat_policy,
-                 config.model.remat_policy)
-    if model_cfg.attention_impl in attention_lib.FUSED_IMPLS:
-        logging.info(check_attention(model_cfg).describe())
+    model_cfg = check_memory(config, model_cfg, mesh, sequences_per_row, frozen_bytes)
+    announce_model(config, model_cfg)
     rules = tuple(tuple(rule) for rule in config.mesh.rules)
-    abstract_model = nnx.eval_shape(lambda: init_model(model_cfg, config.seed))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    model_params = _abstract_model_params(model_cfg, abstract_params, mesh, rules)
+    graphdef, model_params = abstract_model(config, model_cfg, mesh, rules)
     trained = lora.split(model_params)[0] if model_cfg.lora else model_params
     param_shardings = jax.tree.map(lambda leaf: leaf.sharding, trained)
     optimizer = make_optimizer(config.train, trained)
@@ -153,6 +151,31 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
     return Run(config, model_cfg, mesh, rules, graphdef, optimizer, shardings, abstract_state,
                batch_sharding, model_params)
+
+
+def resolve_attention(model_cfg: ModelConfig, seq_len: int) -> ModelConfig:
+    """`model.attention_impl='auto'` resolved for this backend and the longest row."""
+    return model_cfg.replace(attention_impl=attention_lib.resolve_impl(
+        model_cfg.attention_impl, seq_len, model_cfg.attention_block_size))
+
+
+def announce_model(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+    """Logs the attention and remat chosen and checks a fused kernel's numerics against the
+    reference, before any parameter is loaded: every job that runs the model does this."""
+    logging.info("Attention %s (model.attention_impl=%s), remat %s (model.remat_policy=%s)",
+                 model_cfg.attention_impl, config.model.attention_impl, model_cfg.remat_policy,
+                 config.model.remat_policy)
+    if model_cfg.attention_impl in attention_lib.FUSED_IMPLS:
+        logging.info(check_attention(model_cfg).describe())
+
+
+def abstract_model(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
+                   rules: tuple) -> tuple[nnx.GraphDef, Any]:
+    """The model's graph and the shapes, dtypes and shardings of its parameters (nothing
+    allocated)."""
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg,
+                                                                            config.seed)))
+    return graphdef, _abstract_model_params(model_cfg, abstract_params, mesh, rules)
 
 
 def _abstract_model_params(model_cfg: ModelConfig, abstract_params: nnx.State, mesh: Mesh,

@@ -11,7 +11,8 @@ Answers are integers, reduced fractions `a/b` or decimals. A question whose answ
 
 Layout: this module holds the family registry and the stream; each family is a function `rng -> Exercise` in
 `arithmetic`, `algebra`, `measures`, `proportion` or `number_theory`, written with the shared wording in
-`text` and `units`; `verifier` checks responses.
+`text` and `units`; `verifier` checks responses; `reasoning` is the think-then-answer format
+and the rule-based reward of a response. The package imports nothing above it.
 """
 
 from __future__ import annotations
