@@ -241,11 +241,22 @@ def test_tokamax_first_keys_with_causal_equal_the_reference_mask():
 
 # --- dispatch ------------------------------------------------------------------------------
 
-def test_auto_picks_cudnn_on_gpu():
-    assert attention_lib.resolve_impl("auto", 4096, 512, backend="gpu") == "cudnn"
-    assert attention_lib.resolve_impl("auto", 4096, 512, backend="cpu") == "blockwise"
-    assert attention_lib.resolve_impl("auto", 512, 512, backend="cpu") == "xla"
-    assert attention_lib.resolve_impl("tokamax", 4096, 512, backend="cpu") == "tokamax"
+def test_auto_picks_cudnn_on_gpu_for_16_bit_compute_only():
+    assert attention_lib.resolve_impl("auto", 4096, 512, "bfloat16", backend="gpu") == "cudnn"
+    assert attention_lib.resolve_impl("auto", 4096, 512, "float16", backend="gpu") == "cudnn"
+    assert attention_lib.resolve_impl("auto", 4096, 512, "float32", backend="gpu") == "xla"
+    assert attention_lib.resolve_impl("auto", 4096, 512, "float32", backend="cpu") == "blockwise"
+    assert attention_lib.resolve_impl("auto", 512, 512, "float32", backend="cpu") == "xla"
+    assert attention_lib.resolve_impl("tokamax", 4096, 512, "float32", backend="cpu") == "tokamax"
+
+
+def test_cudnn_in_float32_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, k, v = _qkv(seed=7)
+    with pytest.raises(ValueError, match="attention_impl='cudnn': cudnn takes bfloat16 or "
+                                         "float16 only, not float32; set --config.model"):
+        attention_lib.attention(q, k, v, q_segment_ids=SEGMENTS, kv_segment_ids=SEGMENTS,
+                                impl="cudnn")
 
 
 @pytest.mark.parametrize("impl", ["cudnn", "pallas_triton", "tokamax"])

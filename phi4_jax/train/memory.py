@@ -37,6 +37,16 @@ for them). The assumptions, per device:
   (`losses.lm.chunked_token_log_probs`): float32 [chunk, V] per row, vocab sharded over
   tensor, twice while a chunk's backward runs (the logits and their gradient, into which
   XLA fuses the softmax; XLA's CPU analysis agrees within a few percent).
+- workspace: cuDNN's flash-attention backward scratch, live while one layer's attention
+  backward runs (`cudnn_workspace_bytes`). cudnn-frontend's SDPA backward node
+  (`include/cudnn_frontend/node/scaled_dot_product_flash_attention.h`) allocates a float32
+  dQ accumulator [b, N, T, H], dK and dV expanded to all N query heads [b, N, T, H] in the
+  compute dtype (grouped KV heads) and float32 per-row softmax terms [b, N, T]. The packed
+  layout runs b = B x M sequences of T tokens (every segment slot is sized for the whole
+  row), the one-document path b = B. In bf16 that is 8 x B x M x N x T x (H + 1) bytes,
+  which reproduces what the packed call with M = T asked for on an H200 (GPU_NOTES, 40 heads
+  of 128): 645 GiB at T=4096, 10 TiB at T=16384. M is `max_segments_per_row`, the packer's
+  bound (1 for rows of one document).
 
 `model.remat_policy="auto"` is resolved here (`resolve_remat`): the cheapest policy in
 `REMAT_BY_COST` whose estimate fits. Cheapest means least recomputation: `none`, then
@@ -108,11 +118,12 @@ class MemoryEstimate:
     backward: int
     inputs: TrainMemoryInputs
     frozen: int = 0  # a LoRA run's backbone (params are then the adapters)
+    workspace: int = 0  # cuDNN attention's backward scratch
     total: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         parts = (self.params, self.frozen, self.grads, self.optimizer, self.activations,
-                 self.backward)
+                 self.backward, self.workspace)
         object.__setattr__(self, "total", sum(parts))
 
     def describe(self) -> str:
@@ -120,6 +131,7 @@ class MemoryEstimate:
         rows = [("params", self.params), *([("frozen", self.frozen)] if self.frozen else []),
                 ("grads", self.grads), ("optimizer", self.optimizer),
                 ("activations", self.activations), ("backward", self.backward),
+                *([("workspace", self.workspace)] if self.workspace else []),
                 ("total", self.total)]
         lines = [f"estimate for {self.inputs.describe()}:",
                  f"  {'component':<12}{'GiB/device':>12}"]
@@ -181,7 +193,27 @@ def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
         optimizer=math.ceil(_ADAM_MOMENTS * trained * _FLOAT32 / state_shards),
         activations=math.ceil(saved),
         backward=math.ceil(max(in_flight, loss_chunk_bytes(inputs))),
-        inputs=inputs)
+        workspace=_attention_workspace(inputs), inputs=inputs)
+
+
+def cudnn_workspace_bytes(*, rows: int, slots: int, heads: int, seq_len: int, head_dim: int,
+                          compute_dtype: str) -> int:
+    """cuDNN's flash-attention backward scratch for one call (module docstring): a float32
+    dQ accumulator and full-head dK/dV per element, two float32 softmax terms per row, for
+    `rows` x `slots` sequences of `seq_len` tokens."""
+    per_element = _FLOAT32 + 2 * _DTYPE_BYTES[compute_dtype]
+    return rows * slots * heads * seq_len * (per_element * head_dim + 2 * _FLOAT32)
+
+
+def _attention_workspace(inputs: TrainMemoryInputs) -> int:
+    """The cuDNN backward scratch of one layer (context parallelism runs blockwise)."""
+    cfg = inputs.cfg
+    if inputs.sequence > 1 or _resolved_attention(cfg, inputs.seq_len) != "cudnn":
+        return 0
+    return math.ceil(cudnn_workspace_bytes(
+        rows=inputs.per_device_batch, slots=cfg.max_segments_per_row,
+        heads=math.ceil(cfg.num_heads / inputs.tensor), seq_len=inputs.seq_len, head_dim=cfg.head_dim,
+        compute_dtype=cfg.compute_dtype))
 
 
 def loss_chunk_bytes(inputs: TrainMemoryInputs) -> int:
@@ -192,7 +224,8 @@ def loss_chunk_bytes(inputs: TrainMemoryInputs) -> int:
 
 
 def _resolved_attention(cfg: ModelConfig, seq_len: int) -> str:
-    return attention_lib.resolve_impl(cfg.attention_impl, seq_len, cfg.attention_block_size)
+    return attention_lib.resolve_impl(cfg.attention_impl, seq_len, cfg.attention_block_size,
+                                      cfg.compute_dtype)
 
 
 def _activation_bytes(inputs: TrainMemoryInputs) -> tuple[float, float]:
