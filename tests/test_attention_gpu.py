@@ -10,6 +10,7 @@
 - tokamax's per-query first key against the reference mask (the kernel itself needs a GPU).
 """
 
+import builtins
 import functools
 
 import jax
@@ -347,6 +348,23 @@ def test_tokamax_first_keys_with_causal_equal_the_reference_mask():
         index[None, None, :] <= index[None, :, None])
     want = np.asarray(reference.mask(SEGMENTS, SEGMENTS, jnp.arange(T), jnp.arange(T)))[:, 0, 0]
     np.testing.assert_array_equal(kernel_mask[REAL], want[REAL])
+
+
+def test_tokamax_import_failure_is_shown_as_it_is(monkeypatch):
+    """tokamax 0.0.17 installed without xprof fails inside its own import: that is the
+    message, not "install tokamax"."""
+    real_import = builtins.__import__
+
+    def without_xprof(name, *args, **kwargs):
+        if name.startswith("tokamax"):
+            raise ModuleNotFoundError("No module named 'xprof'", name="xprof")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_xprof)
+    q, k, v = _qkv(seed=5)
+    with pytest.raises(ImportError, match="importing tokamax's Mosaic GPU attention failed: "
+                                          "ModuleNotFoundError: No module named 'xprof'"):
+        tokamax_gpu.tokamax_attention(q, k, v, SEGMENTS)
 
 
 # --- dispatch ------------------------------------------------------------------------------
