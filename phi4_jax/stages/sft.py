@@ -62,4 +62,5 @@ def _conversation_rows(name, records: grain.MapDataset, cfg, *, tokenizer, seq_l
     examples = examples.filter(lambda e: e is not None)
     read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
                                      prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
-    return chat.pack_examples(examples.to_iter_dataset(read_options), seq_len)
+    return chat.pack_examples(examples.to_iter_dataset(read_options), seq_len,
+                              cfg["max_segments_per_row"])
