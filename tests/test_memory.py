@@ -254,6 +254,22 @@ def test_suggested_microbatches_fit():
     memory.check_fits(_estimate(cfg, per_device_batch=8 // micro, microbatches=micro), capacity)
 
 
+def test_cudnn_over_budget_suggests_the_largest_segment_bound_that_fits():
+    """14b-4l at 16K, batch 4, full remat, on an H200: 32 slots' workspace does not fit."""
+    cfg = model_config_for("phi4-14b-4l", compute_dtype="bfloat16", attention_impl="cudnn",
+                           remat_policy="full")
+    capacity = 141 * memory.GIB
+    with pytest.raises(memory.MemoryBudgetError) as err:
+        memory.check_fits(_estimate(cfg, seq_len=16384, per_device_batch=4), capacity)
+    bound = _suggested(str(err.value), "data.max_segments_per_row")
+    assert 1 <= bound < 32
+    memory.check_fits(_estimate(cfg.replace(max_segments_per_row=bound), seq_len=16384,
+                                per_device_batch=4), capacity)
+    with pytest.raises(memory.MemoryBudgetError):
+        memory.check_fits(_estimate(cfg.replace(max_segments_per_row=2 * bound), seq_len=16384,
+                                    per_device_batch=4), capacity)
+
+
 def test_long_xla_attention_suggests_blockwise_and_remat():
     cfg = model_config_for("125m", attention_impl="xla")
     with pytest.raises(memory.MemoryBudgetError) as err:

@@ -378,6 +378,21 @@ def _fused_attention(inputs: TrainMemoryInputs, budget: float) -> _Change | None
                    dataclasses.replace(inputs, cfg=cfg.replace(attention_impl="blockwise")))
 
 
+def _fewer_segment_slots(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
+    """The largest power-of-two bound on documents per row below the current one that fits:
+    cuDNN's backward workspace and statistics grow with the slots."""
+    cfg = inputs.cfg
+    if not _attention_workspace(inputs) or cfg.max_segments_per_row == 1:
+        return None
+    bounds = [2**i for i in range(int(math.log2(cfg.max_segments_per_row - 1)), -1, -1)]
+    changed = {m: dataclasses.replace(inputs, cfg=cfg.replace(max_segments_per_row=m))
+               for m in bounds}
+    bound = next((m for m in bounds if _total(changed[m]) <= budget), 1)
+    return _Change("pack fewer documents per row (cuDNN's backward workspace grows with "
+                   "the segment slots)", f"--config.data.max_segments_per_row={bound}",
+                   changed[bound])
+
+
 def _more_fsdp(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
     """The smallest power-of-two growth of fsdp that fits; else, if the sharded state is
     large, the one that makes it small (a tenth of the budget) to combine with other changes."""
@@ -434,4 +449,4 @@ def _smaller_size(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
 
 # Changes that keep the model, in the order they are combined; each maps
 # (inputs, budget) to a _Change, or None where it does not apply.
-_REMEDIES = (_full_remat, _fused_attention, _more_fsdp, _more_microbatches)
+_REMEDIES = (_full_remat, _fused_attention, _more_fsdp, _more_microbatches, _fewer_segment_slots)
