@@ -200,8 +200,9 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     times = _timed(step, _STEPS.value, sync)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     contender = "torch_compile" if compiled else "torch_eager"
-    return Result(contender, name, checkpointing, times, peak, notes=f"torch {torch.__version__}, transformers "
-                  f"{transformers.__version__}, {device}")
+    return Result(contender, name, checkpointing, times, peak,
+                  notes=f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                        f"{device}")
 
 
 def worker(contender: str, name: str, checkpointing: str) -> None:
@@ -277,7 +278,8 @@ def row(result: Result, earlier: list[Result], peak: float | None) -> str:
                  and (e.shape, e.checkpointing) == (r.shape, r.checkpointing)), None)
     return (f"| {r.shape} | {r.checkpointing} | {r.contender} | "
             f"{statistics.median(r.step_s):.3f} | {rate:,.0f} | "
-            f"{'n/a' if mfu is None else f'{mfu:.1%}'} | {'' if base is None else f'{rate / base:.2f}'} | "
+            f"{'n/a' if mfu is None else f'{mfu:.1%}'} | "
+            f"{'' if base is None else f'{rate / base:.2f}'} | "
             f"{'n/a' if r.peak_bytes is None else f'{r.peak_bytes / 2**30:.1f}'} | {r.notes} |")
 
 

@@ -105,9 +105,9 @@ def test_auto_on_an_h200_fits_14b_4l_at_16k_batch_4():
     chosen = memory.estimate_train_memory(cfg.replace(attention_impl=impl, remat_policy="full"),
                                           **shape)
     assert chosen.total <= H200_USABLE and impl != "cudnn"
-    assert re.match(r"not cudnn: needs ~\d+\.\d GiB with remat full, over the 126\.9 GiB usable "
-                    r"\(its backward workspace ~80\.6 GiB grows with data.max_segments_per_row=32\)",
-                    reasons[0])
+    assert re.match(r"not cudnn: needs ~\d+\.\d GiB with remat full, over the 126\.9 GiB "
+                    r"usable \(its backward workspace ~80\.6 GiB grows with "
+                    r"data.max_segments_per_row=32\)", reasons[0])
     assert reasons[-1].startswith(f"{impl}: the fastest here that takes bfloat16 and fits")
     fewer = cfg.replace(max_segments_per_row=4)  # a packer bound of 4 documents per row fits
     assert state_lib.choose_attention(fewer, shape, H200_USABLE, backend="gpu")[0] == "cudnn"
@@ -121,4 +121,5 @@ def test_startup_on_a_simulated_gpu_logs_why_float32_skips_cudnn(monkeypatch, ca
     with caplog.at_level(logging.INFO):
         cfg = state_lib.check_memory(config, config_base.validate_config(config), mesh)
     assert cfg.attention_impl == "xla"
-    assert "Attention auto -> xla:\n  not cudnn: cudnn takes bfloat16 or float16 only" in caplog.text
+    assert ("Attention auto -> xla:\n  not cudnn: cudnn takes bfloat16 or float16 only"
+            in caplog.text)

@@ -39,14 +39,15 @@ for them). The assumptions, per device:
   XLA fuses the softmax; XLA's CPU analysis agrees within a few percent).
 - workspace: cuDNN's flash-attention backward scratch, live while one layer's attention
   backward runs (`cudnn_workspace_bytes`). cudnn-frontend's SDPA backward node
-  (`include/cudnn_frontend/node/scaled_dot_product_flash_attention.h`) allocates a float32
-  dQ accumulator [b, N, T, H], dK and dV expanded to all N query heads [b, N, T, H] in the
-  compute dtype (grouped KV heads) and float32 per-row softmax terms [b, N, T]. The packed
-  layout runs b = B x M sequences of T tokens (every segment slot is sized for the whole
-  row), the one-document path b = B. In bf16 that is 8 x B x M x N x T x (H + 1) bytes,
-  which reproduces what the packed call with M = T asked for on an H200 (GPU_NOTES, 40 heads
-  of 128): 645 GiB at T=4096, 10 TiB at T=16384. M is `max_segments_per_row`, the packer's
-  bound (1 for rows of one document).
+  (`include/cudnn_frontend/node/scaled_dot_product_flash_attention.h`) names the buffers: a
+  float32 dQ accumulator [b, N, T, H], dK and dV expanded to all N query heads [b, N, T, H]
+  (grouped KV heads) and a float32 softmax sum [b, N, T]. The packed layout runs b = B x M
+  sequences of T tokens (every segment slot is sized for the whole row), the one-document
+  path b = B. Counting 4 bytes (dQ) + 2 x 2 (dK, dV in bf16) per element and 8 per row
+  (the softmax sum and one more float32; the second is inferred from the measurement, not
+  read in the source) gives 8 x B x M x N x T x (H + 1) bytes, exactly what the packed call
+  with M = T asked an H200 for (GPU_NOTES, 40 heads of 128): 645 GiB at T=4096, 10 TiB at
+  T=16384. M is `max_segments_per_row`, the packer's bound (1 for rows of one document).
 
 `model.remat_policy="auto"` is resolved here (`resolve_remat`): the cheapest policy in
 `REMAT_BY_COST` whose estimate fits. Cheapest means least recomputation: `none`, then
@@ -199,8 +200,8 @@ def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
 def cudnn_workspace_bytes(*, rows: int, slots: int, heads: int, seq_len: int, head_dim: int,
                           compute_dtype: str) -> int:
     """cuDNN's flash-attention backward scratch for one call (module docstring): a float32
-    dQ accumulator and full-head dK/dV per element, two float32 softmax terms per row, for
-    `rows` x `slots` sequences of `seq_len` tokens."""
+    dQ accumulator and full-head dK/dV per element, two float32 per row, for `rows` x
+    `slots` sequences of `seq_len` tokens."""
     per_element = _FLOAT32 + 2 * _DTYPE_BYTES[compute_dtype]
     return rows * slots * heads * seq_len * (per_element * head_dim + 2 * _FLOAT32)
 
@@ -212,8 +213,8 @@ def _attention_workspace(inputs: TrainMemoryInputs) -> int:
         return 0
     return math.ceil(cudnn_workspace_bytes(
         rows=inputs.per_device_batch, slots=cfg.max_segments_per_row,
-        heads=math.ceil(cfg.num_heads / inputs.tensor), seq_len=inputs.seq_len, head_dim=cfg.head_dim,
-        compute_dtype=cfg.compute_dtype))
+        heads=math.ceil(cfg.num_heads / inputs.tensor), seq_len=inputs.seq_len,
+        head_dim=cfg.head_dim, compute_dtype=cfg.compute_dtype))
 
 
 def loss_chunk_bytes(inputs: TrainMemoryInputs) -> int:

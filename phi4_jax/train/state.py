@@ -115,7 +115,8 @@ def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
         logging.info("Attention auto -> %s:\n  %s", impl, "\n  ".join(reasons))
         model_cfg = model_cfg.replace(attention_impl=impl)
     if not config.memory.check:
-        return model_cfg.replace(remat_policy="full") if model_cfg.remat_policy == "auto" else model_cfg
+        return (model_cfg.replace(remat_policy="full") if model_cfg.remat_policy == "auto"
+                else model_cfg)
     if model_cfg.remat_policy == "auto":
         inputs = memory.estimate_train_memory(model_cfg.replace(remat_policy="full"), **shape).inputs
         model_cfg = model_cfg.replace(remat_policy=memory.resolve_remat(
@@ -146,7 +147,7 @@ def choose_attention(model_cfg: ModelConfig, shape: dict, budget: float | None,
         runnable.append(impl)
         if budget is None:
             reasons.append(f"{impl}: the fastest here that takes {model_cfg.compute_dtype} "
-                           f"(memory not weighed: no device size)")
+                           f"(memory not weighed: memory.check off or no device size)")
             return impl, reasons
         estimate = memory.estimate_train_memory(
             model_cfg.replace(attention_impl=impl, remat_policy=remat), **shape)

@@ -7,8 +7,8 @@ geometry and compute dtype, and must match `xla_attention` (outputs on every rea
 q/k/v gradients on every token: at padding they are zero, since no real token sees it, and a
 kernel that leaves garbage there would pass it through the projections into the weights'
 gradients), keep its outputs finite at padding, and leave every other document's outputs
-as they were when one document (and the padding) is replaced. A mismatch, or a kernel that does not run here, refuses
-the run naming `model.attention_impl` and the alternatives.
+as they were when one document (and the padding) is replaced. A mismatch, or a kernel that
+does not run here, refuses the run naming `model.attention_impl` and the alternatives.
 
 The batch: row 0 holds three documents (one crossing the 128-token tile boundary) and
 padding; row 1 holds as many documents as `max_segments_per_row` allows, so the kernel's
