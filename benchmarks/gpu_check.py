@@ -12,7 +12,10 @@ r"""The attention candidates on an NVIDIA GPU: numerics, packing isolation and s
    `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)` on the same row
    with no segments (GPU_NOTES: 1.66 ms on an H200); the target is <= 1.5x that.
 Candidates: cudnn (packed layout, M=32), cudnn_single (M=1: rows of one document, public
-API; timed on a one-document row), pallas_triton, tokamax (when installed).
+API; timed on a one-document row), pallas_triton, tokamax (when installed); `--candidates`
+picks some, in the order given. Every line is printed and appended to `--results` the
+moment it is measured, so a run cut short (benchmarks/gpu_check.sh times each step out)
+keeps what it finished.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from phi4_jax.model.config import model_config_for
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Tokens in the timed row.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed forward+backward calls (median).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "CPU: small heads, T=256, Pallas interpreted.")
+_CANDIDATES = flags.DEFINE_list("candidates", ["cudnn", "cudnn_single", "tokamax", "pallas_triton"],
+                                "Candidates to check, in this order.")
+_RESULTS = flags.DEFINE_string("results", "", "File to append each result line to.")
 
 TARGET_RATIO = 1.5  # the issue's bound on packed / no-segment cuDNN time
 
@@ -47,8 +53,9 @@ class Candidate:
     max_segments: int
 
 
-CANDIDATES = (Candidate("cudnn", "cudnn", 32), Candidate("cudnn_single", "cudnn", 1),
-              Candidate("pallas_triton", "pallas_triton", 32), Candidate("tokamax", "tokamax", 32))
+CANDIDATES = {c.name: c for c in (
+    Candidate("cudnn", "cudnn", 32), Candidate("cudnn_single", "cudnn", 1),
+    Candidate("pallas_triton", "pallas_triton", 32), Candidate("tokamax", "tokamax", 32))}
 
 
 def model_cfg(candidate: Candidate):
@@ -130,21 +137,34 @@ def speed(candidate: Candidate, baseline: float | None) -> str:
             f"time ({verdict} the {TARGET_RATIO}x target)")
 
 
+def emit(line: str) -> None:
+    """Prints a result line and appends it to --results at once."""
+    print(line, flush=True)
+    if _RESULTS.value:
+        with open(_RESULTS.value, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
 def main(argv: list[str]) -> None:
     del argv
+    unknown = sorted(set(_CANDIDATES.value) - set(CANDIDATES))
+    if unknown:
+        raise app.UsageError(f"--candidates: {unknown} unknown; choose from {list(CANDIDATES)}.")
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
-          f"auto attention here: {attention_lib.resolve_impl('auto', _SEQ_LEN.value, 512)}")
+    auto = attention_lib.resolve_impl("auto", _SEQ_LEN.value, 512, "bfloat16")
+    emit(f"- device: {device.device_kind} ({device.platform}); jax {jax.__version__}; auto "
+         f"attention for bf16 here, memory not weighed: {auto}")
     baseline = None
     if device.platform == "gpu":
-        cfg = model_cfg(CANDIDATES[0])
+        cfg = model_cfg(CANDIDATES["cudnn"])
         baseline = time_fwd_bwd(baseline_fn, cfg, packed_row(_SEQ_LEN.value, 1))
-        print(f"baseline (public cuDNN, no segments): {baseline * 1e3:.2f} ms fwd+bwd at "
-              f"T={_SEQ_LEN.value} (GPU_NOTES on an H200: 1.66 ms)")
-    for candidate in CANDIDATES:
-        print(f"{candidate.name} (max_segments_per_row={candidate.max_segments}):", flush=True)
-        print(f"  numerics: {numerics(candidate)}", flush=True)
-        print(f"  speed:    {speed(candidate, baseline)}", flush=True)
+        emit(f"- baseline (public cuDNN, no segments): {baseline * 1e3:.2f} ms fwd+bwd at "
+             f"T={_SEQ_LEN.value} (GPU_NOTES on an H200: 1.66 ms)")
+    for name in _CANDIDATES.value:
+        candidate = CANDIDATES[name]
+        label = f"- {candidate.name} (max_segments_per_row={candidate.max_segments})"
+        emit(f"{label} numerics: {numerics(candidate)}")
+        emit(f"{label} speed: {speed(candidate, baseline)}")
 
 
 if __name__ == "__main__":

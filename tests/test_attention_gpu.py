@@ -10,6 +10,9 @@
 - tokamax's per-query first key against the reference mask (the kernel itself needs a GPU).
 """
 
+import builtins
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,9 +20,11 @@ import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_api
 
 from phi4_jax.model import attention as attention_lib
+from phi4_jax.model.attention import check
 from phi4_jax.model.attention import cudnn as cudnn_lib
 from phi4_jax.model.attention import reference
 from phi4_jax.model.attention import tokamax_gpu
+from phi4_jax.model.config import model_config_for
 
 B, T, N, K, H = 2, 200, 4, 2, 32
 SEGMENTS = jnp.array([[1] * 70 + [2] * 90 + [3] * 40, [1] * 150 + [0] * 50], jnp.int32)
@@ -177,6 +182,112 @@ def test_single_document_rows_take_the_public_api(monkeypatch):
     assert np.all(out[1, 150:] == 0.0) and np.all(out[1, :150] == 1.0)
 
 
+# --- padding kept out of the gradients ------------------------------------------------------
+
+@jax.custom_vjp
+def _garbage_outside(x_BTNH, covered_BT):
+    """Identity whose gradient is NaN on tokens cuDNN computes for no one (never written)."""
+    del covered_BT
+    return x_BTNH
+
+
+def _garbage_fwd(x_BTNH, covered_BT):
+    return x_BTNH, covered_BT
+
+
+def _garbage_bwd(covered_BT, g_BTNH):
+    return jnp.where(covered_BT[:, :, None, None], g_BTNH, jnp.nan), None
+
+
+_garbage_outside.defvjp(_garbage_fwd, _garbage_bwd)
+
+
+def _leaves_garbage(q, k, v, segments_BT):
+    """Attention within segments that, like cuDNN, writes neither outputs nor dQ/dK/dV on
+    tokens outside every segment: NaN there, both ways."""
+    covered_BT = segments_BT > 0
+    q, k, v = (_garbage_outside(x, covered_BT) for x in (q, k, v))
+    out = reference.xla_attention(q, k, v, segments_BT, segments_BT)
+    return jnp.where(covered_BT[:, :, None, None], out, jnp.nan)
+
+
+def _packed_with_garbage(query, key, value, q_seqlen=None, kv_seqlen=None, q_offsets=None,
+                         kv_offsets=None, *, scale, mask_type, qkv_layout):
+    """The private packed call: the tokens each slot covers, found through JAX's own
+    conversion of the [B, M+1] slots to flat element offsets, get slot-wise attention."""
+    del kv_seqlen, kv_offsets, scale, mask_type, qkv_layout
+    q_len, _, q_off, _ = cudnn_api._fix_seqlen_offsets(  # pylint: disable=protected-access
+        q_seqlen, q_seqlen, q_offsets, q_offsets, query, key)
+    b, t, n, h = query.shape
+    token = jnp.arange(b * t)[:, None]
+    length = q_len.ravel()[None, :]
+    start = q_off.ravel()[None, :length.shape[1]] // (n * h)  # the last offset is cuDNN's end
+    inside = (token >= start) & (token < start + length) & (length > 0)
+    slot = jnp.where(inside.any(1), jnp.argmax(inside, axis=1) + 1, 0)
+    return _leaves_garbage(query, key, value, slot.reshape(b, t))
+
+
+def _single_with_garbage(q, k, v, *, is_causal, query_seq_lengths, key_value_seq_lengths,
+                         implementation):
+    """The public call with per-row lengths: nothing past a row's length is written."""
+    del key_value_seq_lengths, implementation
+    assert is_causal
+    real_BT = jnp.arange(q.shape[1])[None, :] < query_seq_lengths[:, None]
+    return _leaves_garbage(q, k, v, real_BT.astype(jnp.int32))
+
+
+def _grads(fn, q, k, v, seg, cotangent):
+    out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
+    return [np.asarray(x) for x in (out, *pullback(cotangent))]
+
+
+@pytest.mark.parametrize("max_segments, seg", [
+    (1, jnp.array([[1] * 200, [1] * 150 + [0] * 50], jnp.int32)),
+    (4, SEGMENTS)])
+def test_cudnn_paths_keep_padding_out_of_the_gradients(monkeypatch, max_segments, seg):
+    """Both cuDNN paths on a stand-in that leaves NaN wherever cuDNN writes nothing: the
+    gradients at padding are exactly zero, the real ones the reference's, even with a
+    cotangent on the padding."""
+    monkeypatch.setattr(cudnn_api, "dot_product_attention", _packed_with_garbage)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _single_with_garbage)
+    monkeypatch.setattr(cudnn_lib, "needs_repeated_kv", lambda: False)
+    q, k, v = _qkv(seed=3)
+    cotangent = jax.random.normal(jax.random.key(4), q.shape)
+    path = lambda q, k, v, s: attention_lib.fused_attention(  # noqa: E731
+        "cudnn", q, k, v, s, max_segments_per_row=max_segments)
+    got = _grads(path, q, k, v, seg, cotangent)
+    real = np.asarray(seg) != 0
+    want = _grads(lambda q, k, v, s: reference.xla_attention(q, k, v, s, s), q, k, v, seg,
+                  jnp.where(jnp.asarray(real)[..., None, None], cotangent, 0))
+    for g, w in zip(got, want):
+        assert np.all(g[~real] == 0.0)
+        np.testing.assert_allclose(g[real], w[real], atol=1e-5)
+
+
+def _single_document_unzeroed_inputs(q, k, v, segments):
+    """The one-document path as it was: only the output zeroed at padding."""
+    real = segments > 0
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       query_seq_lengths=real.sum(1, dtype=jnp.int32),
+                                       key_value_seq_lengths=real.sum(1, dtype=jnp.int32),
+                                       implementation="cudnn")
+    return jnp.where(real[..., None, None], out, 0)
+
+
+def test_startup_check_passes_both_cudnn_paths_and_flags_padding_garbage(monkeypatch):
+    monkeypatch.setattr(cudnn_api, "dot_product_attention", _packed_with_garbage)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _single_with_garbage)
+    monkeypatch.setattr(cudnn_lib, "needs_repeated_kv", lambda: False)
+    cfg = model_config_for("tiny", attention_impl="cudnn")
+    for slots in (1, 4):
+        result = check.check_attention(cfg.replace(max_segments_per_row=slots),
+                                       functools.partial(attention_lib.fused_attention, "cudnn",
+                                                         max_segments_per_row=slots))
+        assert result.padding_error == 0.0 and result.gradient_error < 1e-4
+    with pytest.raises(check.AttentionCheckError, match=r"at padding inf"):
+        check.check_attention(cfg.replace(max_segments_per_row=1), _single_document_unzeroed_inputs)
+
+
 def test_packed_layout_needs_two_slots():
     q, k, v = _qkv(seed=3)
     with pytest.raises(ValueError, match="at least 2"):
@@ -239,13 +350,41 @@ def test_tokamax_first_keys_with_causal_equal_the_reference_mask():
     np.testing.assert_array_equal(kernel_mask[REAL], want[REAL])
 
 
+def test_tokamax_import_failure_is_shown_as_it_is(monkeypatch):
+    """tokamax 0.0.17 installed without xprof fails inside its own import: that is the
+    message, not "install tokamax"."""
+    real_import = builtins.__import__
+
+    def without_xprof(name, *args, **kwargs):
+        if name.startswith("tokamax"):
+            raise ModuleNotFoundError("No module named 'xprof'", name="xprof")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_xprof)
+    q, k, v = _qkv(seed=5)
+    with pytest.raises(ImportError, match="importing tokamax's Mosaic GPU attention failed: "
+                                          "ModuleNotFoundError: No module named 'xprof'"):
+        tokamax_gpu.tokamax_attention(q, k, v, SEGMENTS)
+
+
 # --- dispatch ------------------------------------------------------------------------------
 
-def test_auto_picks_cudnn_on_gpu():
-    assert attention_lib.resolve_impl("auto", 4096, 512, backend="gpu") == "cudnn"
-    assert attention_lib.resolve_impl("auto", 4096, 512, backend="cpu") == "blockwise"
-    assert attention_lib.resolve_impl("auto", 512, 512, backend="cpu") == "xla"
-    assert attention_lib.resolve_impl("tokamax", 4096, 512, backend="cpu") == "tokamax"
+def test_auto_picks_cudnn_on_gpu_for_16_bit_compute_only():
+    assert attention_lib.resolve_impl("auto", 4096, 512, "bfloat16", backend="gpu") == "cudnn"
+    assert attention_lib.resolve_impl("auto", 4096, 512, "float16", backend="gpu") == "cudnn"
+    assert attention_lib.resolve_impl("auto", 4096, 512, "float32", backend="gpu") == "xla"
+    assert attention_lib.resolve_impl("auto", 4096, 512, "float32", backend="cpu") == "blockwise"
+    assert attention_lib.resolve_impl("auto", 512, 512, "float32", backend="cpu") == "xla"
+    assert attention_lib.resolve_impl("tokamax", 4096, 512, "float32", backend="cpu") == "tokamax"
+
+
+def test_cudnn_in_float32_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, k, v = _qkv(seed=7)
+    with pytest.raises(ValueError, match="attention_impl='cudnn': cudnn takes bfloat16 or "
+                                         "float16 only, not float32; set --config.model"):
+        attention_lib.attention(q, k, v, q_segment_ids=SEGMENTS, kv_segment_ids=SEGMENTS,
+                                impl="cudnn")
 
 
 @pytest.mark.parametrize("impl", ["cudnn", "pallas_triton", "tokamax"])

@@ -109,8 +109,9 @@ def test_splash_block_rounds_to_lanes_and_refuses_unaligned_blocks():
 
 def test_auto_picks_splash_on_tpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert attention_lib.resolve_impl("auto", 4096, 512) == "splash"
-    assert attention_lib.resolve_impl("xla", 4096, 512) == "xla"
+    assert attention_lib.resolve_impl("auto", 4096, 512, "bfloat16") == "splash"
+    assert attention_lib.resolve_impl("auto", 4096, 512, "float32") == "splash"
+    assert attention_lib.resolve_impl("xla", 4096, 512, "bfloat16") == "xla"
 
 
 def test_splash_dispatch_falls_back_to_xla_for_cached_decoding():

@@ -79,7 +79,8 @@ def test_over_long_conversations_are_truncated_or_dropped_and_counted():
 
 def test_packed_conversations_keep_their_own_segments_and_masks():
     examples = [_example(synthetic.exercise(1, i), seq_len=256) for i in range(6)]
-    rows = list(chat.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(), 256))
+    rows = list(chat.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(), 256,
+                                   max_segments=32))
     for row in rows:
         segments = row["segment_ids"]
         assert row["loss_mask"][segments == 0].sum() == 0
@@ -89,3 +90,16 @@ def test_packed_conversations_keep_their_own_segments_and_masks():
                                             np.arange(len(piece))).all()
     packed_targets = sorted(int(r["loss_mask"].sum()) for r in rows)
     assert sum(packed_targets) == sum(int(e["loss_mask"].sum()) for e in examples)
+
+
+@pytest.mark.parametrize("max_segments", [1, 2, 3])
+def test_packed_rows_hold_at_most_the_segment_bound(max_segments):
+    """Short conversations would fill a row several at a time; the bound (cuDNN's compiled
+    slots) caps them, and every conversation still lands in some row."""
+    examples = [_example(synthetic.exercise(1, i), seq_len=1024) for i in range(8)]
+    assert sum(len(e["inputs"]) for e in examples[:4]) < 1024  # 4+ would fit one row
+    rows = list(chat.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(), 1024,
+                                   max_segments=max_segments))
+    assert max(int(r["segment_ids"].max()) for r in rows) == max_segments
+    assert sum(int(r["loss_mask"].sum()) for r in rows) == sum(
+        int(e["loss_mask"].sum()) for e in examples)

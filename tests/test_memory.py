@@ -181,6 +181,32 @@ def test_cudnn_packed_statistics_grow_with_segment_slots():
     assert many - few == 32 * per_slot
 
 
+@pytest.mark.parametrize("seq_len, measured_gib", [(4096, 645), (16384, 10 * 1024)])
+def test_cudnn_workspace_reproduces_the_h200_requests_with_t_slots(seq_len, measured_gib):
+    """GPU_NOTES: the packed call with M = T slots (one row, 40 heads of 128, bf16) asked an
+    H200 for 645 GiB at 4K and 10 TiB at 16K."""
+    asked = memory.cudnn_workspace_bytes(rows=1, slots=seq_len, heads=40, seq_len=seq_len,
+                                         head_dim=128, compute_dtype="bfloat16")
+    assert asked / memory.GIB == pytest.approx(measured_gib, rel=0.01)
+
+
+def test_cudnn_workspace_is_its_own_component_sized_by_the_segment_bound():
+    cfg = model_config_for("phi4-14b-4l", compute_dtype="bfloat16", attention_impl="cudnn",
+                           remat_policy="full")
+    by_slots = {m: _estimate(cfg.replace(max_segments_per_row=m), seq_len=16384,
+                             per_device_batch=4) for m in (1, 8, 32)}
+    # 8 bytes per element (float32 dQ, bf16 dK and dV over 40 heads) plus 8 per row.
+    assert by_slots[32].workspace == 4 * 32 * 40 * 16384 * (8 * 128 + 8)
+    assert by_slots[1].workspace * 32 == by_slots[32].workspace == by_slots[8].workspace * 4
+    assert by_slots[32].workspace / memory.GIB == pytest.approx(80.6, abs=0.1)  # issue 20
+    assert "workspace" in by_slots[32].describe()
+    for impl in ("blockwise", "xla"):
+        assert _estimate(cfg.replace(attention_impl=impl)).workspace == 0
+    sharded = _estimate(cfg, mesh=_mesh(tensor=4), seq_len=16384, per_device_batch=4)
+    assert sharded.workspace * 4 == by_slots[32].workspace
+    assert _estimate(cfg, mesh=_mesh(sequence=2), seq_len=16384).workspace == 0  # blockwise
+
+
 def test_fits_passes_quietly():
     est = _estimate(model_config_for("tiny"), seq_len=128, per_device_batch=4)
     memory.check_fits(est, memory.device_memory_bytes(jax.devices("cpu")[0]))
@@ -229,6 +255,22 @@ def test_suggested_microbatches_fit():
         memory.check_fits(_estimate(cfg, per_device_batch=8), capacity)
     micro = _suggested(str(err.value), "train.microbatches")
     memory.check_fits(_estimate(cfg, per_device_batch=8 // micro, microbatches=micro), capacity)
+
+
+def test_cudnn_over_budget_suggests_the_largest_segment_bound_that_fits():
+    """14b-4l at 16K, batch 4, full remat, on an H200: 32 slots' workspace does not fit."""
+    cfg = model_config_for("phi4-14b-4l", compute_dtype="bfloat16", attention_impl="cudnn",
+                           remat_policy="full")
+    capacity = 141 * memory.GIB
+    with pytest.raises(memory.MemoryBudgetError) as err:
+        memory.check_fits(_estimate(cfg, seq_len=16384, per_device_batch=4), capacity)
+    bound = _suggested(str(err.value), "data.max_segments_per_row")
+    assert 1 <= bound < 32
+    memory.check_fits(_estimate(cfg.replace(max_segments_per_row=bound), seq_len=16384,
+                                per_device_batch=4), capacity)
+    with pytest.raises(memory.MemoryBudgetError):
+        memory.check_fits(_estimate(cfg.replace(max_segments_per_row=2 * bound), seq_len=16384,
+                                    per_device_batch=4), capacity)
 
 
 def test_long_xla_attention_suggests_blockwise_and_remat():

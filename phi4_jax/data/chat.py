@@ -6,8 +6,9 @@ roles system / user / assistant), or a built-in exercise (the user asks its ques
 assistant gives its worked solution; unanswerable variants answer "I don't know"). It is
 encoded with Phi-4's ChatML (`tokenizer.encode_chat`), trained on the assistant turns'
 content and their `<|im_end|>` only, shifted once (`losses.lm.shift_for_next_token`) and
-packed first-fit into rows without splitting a conversation: each conversation is its own
-segment, so none attends to another.
+packed first-fit into rows without splitting a conversation, at most
+`data.max_segments_per_row` to a row: each conversation is its own segment, so none attends
+to another.
 
 Over-long conversations (more than `seq_len + 1` tokens) follow `truncation`: `drop` skips
 them, `truncate` keeps their first `seq_len + 1` tokens if an assistant token survives (else
@@ -119,12 +120,14 @@ def sft_example(record: Any, *, tokenizer: Phi4Tokenizer, seq_len: int, truncati
     return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
 
 
-def pack_examples(examples: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+def pack_examples(examples: grain.IterDataset, seq_len: int, max_segments: int
+                  ) -> grain.IterDataset:
     """Rows of `seq_len` holding whole examples first-fit, each its own segment
-    (`packing.ROW_KEYS`); padding is segment 0 with no loss."""
+    (`packing.ROW_KEYS`), at most `max_segments` per row (`data.max_segments_per_row`, the
+    slots cuDNN's packed attention compiles in); padding is segment 0 with no loss."""
     packed = grain.experimental.FirstFitPackIterDataset(
         examples, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
-        num_packing_bins=PACKING_BINS, shuffle_bins=False)
+        num_packing_bins=PACKING_BINS, shuffle_bins=False, max_sequences_per_bin=max_segments)
     return packed.map(training_row)
 
 
@@ -139,4 +142,5 @@ def conversation_rows(name: str, records: grain.MapDataset, cfg: Mapping[str, An
     examples = examples.filter(lambda e: e is not None)
     read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
                                      prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
-    return pack_examples(examples.to_iter_dataset(read_options), seq_len)
+    return pack_examples(examples.to_iter_dataset(read_options), seq_len,
+                         cfg["max_segments_per_row"])

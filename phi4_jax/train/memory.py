@@ -40,6 +40,17 @@ for them). The assumptions, per device:
   (`losses.lm.chunked_token_log_probs`): float32 [chunk, V] per row, vocab sharded over
   tensor, twice while a chunk's backward runs (the logits and their gradient, into which
   XLA fuses the softmax; XLA's CPU analysis agrees within a few percent).
+- workspace: cuDNN's flash-attention backward scratch, live while one layer's attention
+  backward runs (`cudnn_workspace_bytes`). cudnn-frontend's SDPA backward node
+  (`include/cudnn_frontend/node/scaled_dot_product_flash_attention.h`) names the buffers: a
+  float32 dQ accumulator [b, N, T, H], dK and dV expanded to all N query heads [b, N, T, H]
+  (grouped KV heads) and a float32 softmax sum [b, N, T]. The packed layout runs b = B x M
+  sequences of T tokens (every segment slot is sized for the whole row), the one-document
+  path b = B. Counting 4 bytes (dQ) + 2 x 2 (dK, dV in bf16) per element and 8 per row
+  (the softmax sum and one more float32; the second is inferred from the measurement, not
+  read in the source) gives 8 x B x M x N x T x (H + 1) bytes, exactly what the packed call
+  with M = T asked an H200 for (GPU_NOTES, 40 heads of 128): 645 GiB at T=4096, 10 TiB at
+  T=16384. M is `max_segments_per_row`, the packer's bound (1 for rows of one document).
 
 `model.remat_policy="auto"` is resolved here (`resolve_remat`): the cheapest policy in
 `REMAT_BY_COST` whose estimate fits. Cheapest means least recomputation: `none`, then
@@ -112,11 +123,12 @@ class MemoryEstimate:
     backward: int
     inputs: TrainMemoryInputs
     frozen: int = 0  # the stage's frozen state, and a LoRA run's backbone
+    workspace: int = 0  # cuDNN attention's backward scratch
     total: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         parts = (self.params, self.frozen, self.grads, self.optimizer, self.activations,
-                 self.backward)
+                 self.backward, self.workspace)
         object.__setattr__(self, "total", sum(parts))
 
     def describe(self) -> str:
@@ -124,6 +136,7 @@ class MemoryEstimate:
         rows = [("params", self.params), *([("frozen", self.frozen)] if self.frozen else []),
                 ("grads", self.grads), ("optimizer", self.optimizer),
                 ("activations", self.activations), ("backward", self.backward),
+                *([("workspace", self.workspace)] if self.workspace else []),
                 ("total", self.total)]
         lines = [f"estimate for {self.inputs.describe()}:",
                  f"  {'component':<12}{'GiB/device':>12}"]
@@ -185,7 +198,27 @@ def _estimate(inputs: TrainMemoryInputs) -> MemoryEstimate:
         optimizer=math.ceil(_ADAM_MOMENTS * trained * _FLOAT32 / state_shards),
         activations=math.ceil(saved),
         backward=math.ceil(max(in_flight, loss_chunk_bytes(inputs))),
-        inputs=inputs)
+        workspace=_attention_workspace(inputs), inputs=inputs)
+
+
+def cudnn_workspace_bytes(*, rows: int, slots: int, heads: int, seq_len: int, head_dim: int,
+                          compute_dtype: str) -> int:
+    """cuDNN's flash-attention backward scratch for one call (module docstring): a float32
+    dQ accumulator and full-head dK/dV per element, two float32 per row, for `rows` x
+    `slots` sequences of `seq_len` tokens."""
+    per_element = _FLOAT32 + 2 * _DTYPE_BYTES[compute_dtype]
+    return rows * slots * heads * seq_len * (per_element * head_dim + 2 * _FLOAT32)
+
+
+def _attention_workspace(inputs: TrainMemoryInputs) -> int:
+    """The cuDNN backward scratch of one layer (context parallelism runs blockwise)."""
+    cfg = inputs.cfg
+    if inputs.sequence > 1 or _resolved_attention(cfg, inputs.seq_len) != "cudnn":
+        return 0
+    return math.ceil(cudnn_workspace_bytes(
+        rows=inputs.per_device_batch, slots=cfg.max_segments_per_row,
+        heads=math.ceil(cfg.num_heads / inputs.tensor), seq_len=inputs.seq_len,
+        head_dim=cfg.head_dim, compute_dtype=cfg.compute_dtype))
 
 
 def _backbone_bytes(cfg: ModelConfig) -> int:
@@ -203,7 +236,8 @@ def loss_chunk_bytes(inputs: TrainMemoryInputs) -> int:
 
 
 def _resolved_attention(cfg: ModelConfig, seq_len: int) -> str:
-    return attention_lib.resolve_impl(cfg.attention_impl, seq_len, cfg.attention_block_size)
+    return attention_lib.resolve_impl(cfg.attention_impl, seq_len, cfg.attention_block_size,
+                                      cfg.compute_dtype)
 
 
 def _activation_bytes(inputs: TrainMemoryInputs) -> tuple[float, float]:
@@ -356,6 +390,21 @@ def _fused_attention(inputs: TrainMemoryInputs, budget: float) -> _Change | None
                    dataclasses.replace(inputs, cfg=cfg.replace(attention_impl="blockwise")))
 
 
+def _fewer_segment_slots(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
+    """The largest power-of-two bound on documents per row below the current one that fits:
+    cuDNN's backward workspace and statistics grow with the slots."""
+    cfg = inputs.cfg
+    if not _attention_workspace(inputs) or cfg.max_segments_per_row == 1:
+        return None
+    bounds = [2**i for i in range(int(math.log2(cfg.max_segments_per_row - 1)), -1, -1)]
+    changed = {m: dataclasses.replace(inputs, cfg=cfg.replace(max_segments_per_row=m))
+               for m in bounds}
+    bound = next((m for m in bounds if _total(changed[m]) <= budget), 1)
+    return _Change("pack fewer documents per row (cuDNN's backward workspace grows with "
+                   "the segment slots)", f"--config.data.max_segments_per_row={bound}",
+                   changed[bound])
+
+
 def _more_fsdp(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
     """The smallest power-of-two growth of fsdp that fits; else, if the sharded state is
     large, the one that makes it small (a tenth of the budget) to combine with other changes."""
@@ -414,4 +463,4 @@ def _smaller_size(inputs: TrainMemoryInputs, budget: float) -> _Change | None:
 
 # Changes that keep the model, in the order they are combined; each maps
 # (inputs, budget) to a _Change, or None where it does not apply.
-_REMEDIES = (_full_remat, _fused_attention, _more_fsdp, _more_microbatches)
+_REMEDIES = (_full_remat, _fused_attention, _more_fsdp, _more_microbatches, _fewer_segment_slots)

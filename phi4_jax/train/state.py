@@ -96,31 +96,76 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 def check_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
                  sequences_per_row: int = 1, frozen_bytes: int = 0) -> ModelConfig:
     """Refuses, before compiling, a run whose estimated per-device memory cannot fit; returns
-    the model config with `remat_policy="auto"` resolved (the cheapest policy that fits;
-    `full` when memory is not checked or the device's size is unknown).
+    the model config with `attention_impl="auto"` and `remat_policy="auto"` resolved (the
+    fastest attention and the cheapest remat that fit; without a known device size or with
+    the check off, the fastest attention that takes the compute dtype and `full` remat).
 
     `sequences_per_row` counts the sequences one batch row holds (2 for a preference pair);
     `frozen_bytes` is the stage's frozen state over all devices (e.g. a reference model).
     """
-    if not config.memory.check:
-        return model_cfg.replace(remat_policy="full") if model_cfg.remat_policy == "auto" else model_cfg
     t = config.train
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = t.global_batch // t.microbatches // batch_devices * sequences_per_row
     shape = dict(seq_len=t.seq_len, per_device_batch=rows, mesh_shape=dict(mesh.shape),
                  microbatches=t.microbatches, loss_chunk_tokens=t.loss_chunk_tokens,
                  frozen_bytes=frozen_bytes)
-    capacity = config.memory.device_bytes or memory.device_memory_bytes(jax.local_devices()[0])
+    capacity = config.memory.check and (
+        config.memory.device_bytes or memory.device_memory_bytes(jax.local_devices()[0]))
+    budget = capacity * memory.HEADROOM if capacity else None
+    if model_cfg.attention_impl == "auto":
+        impl, reasons = choose_attention(model_cfg, shape, budget)
+        logging.info("Attention auto -> %s:\n  %s", impl, "\n  ".join(reasons))
+        model_cfg = model_cfg.replace(attention_impl=impl)
+    if not config.memory.check:
+        return (model_cfg.replace(remat_policy="full") if model_cfg.remat_policy == "auto"
+                else model_cfg)
     if model_cfg.remat_policy == "auto":
         inputs = memory.estimate_train_memory(model_cfg.replace(remat_policy="full"), **shape).inputs
         model_cfg = model_cfg.replace(remat_policy=memory.resolve_remat(
-            inputs, capacity * memory.HEADROOM) if capacity else "full")
+            inputs, budget) if capacity else "full")
     estimate = memory.estimate_train_memory(model_cfg, **shape)
     logging.info("Estimated per-device memory:\n%s", estimate.describe())
     if capacity:
         memory.check_fits(estimate, capacity, context=f"{model_cfg.name} on {mesh.devices.size} "
                           f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}")
     return model_cfg
+
+
+def choose_attention(model_cfg: ModelConfig, shape: dict, budget: float | None,
+                     backend: str | None = None) -> tuple[str, list[str]]:
+    """What `model.attention_impl="auto"` stands for, and why: the fastest of the backend's
+    candidates that takes the compute dtype and, when `budget` (bytes) is known, whose
+    estimate fits it under the most frugal remat the config allows (`full` for `auto`).
+    When none fits, the fastest that takes the dtype (the fit check then says what to change).
+    Returns the choice and one line per candidate weighed."""
+    remat = "full" if model_cfg.remat_policy == "auto" else model_cfg.remat_policy
+    candidates = attention_lib.auto_candidates(shape["seq_len"], model_cfg.attention_block_size,
+                                               backend)
+    reasons, runnable = [], []
+    for impl in candidates:
+        if refusal := attention_lib.dtype_refusal(impl, model_cfg.compute_dtype):
+            reasons.append(f"not {impl}: {refusal}")
+            continue
+        runnable.append(impl)
+        if budget is None:
+            reasons.append(f"{impl}: the fastest here that takes {model_cfg.compute_dtype} "
+                           f"(memory not weighed: memory.check off or no device size)")
+            return impl, reasons
+        estimate = memory.estimate_train_memory(
+            model_cfg.replace(attention_impl=impl, remat_policy=remat), **shape)
+        need = estimate.total
+        if need <= budget:
+            reasons.append(f"{impl}: the fastest here that takes {model_cfg.compute_dtype} and "
+                           f"fits (~{need / memory.GIB:.1f} of {budget / memory.GIB:.1f} GiB "
+                           f"usable with remat {remat})")
+            return impl, reasons
+        workspace = (f" (its backward workspace ~{estimate.workspace / memory.GIB:.1f} GiB "
+                     f"grows with data.max_segments_per_row={model_cfg.max_segments_per_row})"
+                     if estimate.workspace else "")
+        reasons.append(f"not {impl}: needs ~{need / memory.GIB:.1f} GiB with remat {remat}, "
+                       f"over the {budget / memory.GIB:.1f} GiB usable{workspace}")
+    reasons.append(f"{runnable[0]}: none fits; the fastest that takes {model_cfg.compute_dtype}")
+    return runnable[0], reasons
 
 
 def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None, *,
@@ -130,7 +175,6 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     here when not given), after checking the mesh, the batch layout and the memory estimate
     with the stage's rows and frozen state."""
     model_cfg = validate_config(config) if model_cfg is None else model_cfg
-    model_cfg = resolve_attention(model_cfg, config.train.seq_len)
     mesh = make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}, devices)
     check_batch_layout(config, mesh)
     model_cfg = check_memory(config, model_cfg, mesh, sequences_per_row, frozen_bytes)
@@ -154,9 +198,11 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
 
 
 def resolve_attention(model_cfg: ModelConfig, seq_len: int) -> ModelConfig:
-    """`model.attention_impl='auto'` resolved for this backend and the longest row."""
+    """`model.attention_impl='auto'` resolved for this backend, the compute dtype and the
+    longest row, where no training memory is weighed (jobs that only decode)."""
     return model_cfg.replace(attention_impl=attention_lib.resolve_impl(
-        model_cfg.attention_impl, seq_len, model_cfg.attention_block_size))
+        model_cfg.attention_impl, seq_len, model_cfg.attention_block_size,
+        model_cfg.compute_dtype))
 
 
 def announce_model(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:

@@ -20,14 +20,17 @@ not 0 (padding). So no token attends across packed documents on any path.
     device in a `shard_map` on the batch rows and heads the logical rules give each device.
 Under context parallelism (the rules split `seq` over a mesh axis of size > 1) self-attention
 takes `context_parallel`: all-gathered K/V, blockwise locally, whatever `impl` says.
-Softmax and its statistics are always float32. `auto` is resolved once, at start-up
-(`resolve_impl`): cudnn on NVIDIA GPUs, splash on TPUs, xla or blockwise on CPU. Fused
-kernels are checked against `xla` before training starts (`check.py`).
+Softmax and its statistics are always float32. `auto` is resolved once, at start-up: the
+fastest of `auto_candidates` (cudnn then xla then blockwise on NVIDIA GPUs, splash first on
+TPUs, xla or blockwise on CPU) that takes the compute dtype (cuDNN: bf16/fp16 only) and whose
+memory estimate fits the device (`train.state.check_memory`, which logs every rejection).
+Fused kernels are checked against `xla` before training starts (`check.py`).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from phi4_jax.model.attention import context_parallel
 from phi4_jax.model.attention.blockwise import blockwise_attention
@@ -39,22 +42,41 @@ IMPLS = ("xla", "blockwise", "cudnn", "pallas_triton", "tokamax", "splash")
 FUSED_IMPLS = {"cudnn": "gpu", "pallas_triton": "gpu", "tokamax": "gpu", "splash": "tpu"}
 
 
-def resolve_impl(impl: str, seq_len: int, block_size: int, backend: str | None = None) -> str:
-    """The implementation `auto` stands for on a backend and sequence length.
+# Kernels that take only some compute dtypes: cuDNN's flash attention runs bf16/fp16 only.
+KERNEL_DTYPES = {"cudnn": ("bfloat16", "float16")}
+# `auto`'s choices per accelerator, fastest first (GPU_NOTES, one H200 at T=4096, forward +
+# backward: cudnn 1.66 ms, xla 13.9 ms, blockwise 24.9 ms). pallas_triton (no grouped heads,
+# deprecated upstream) and tokamax (an optional install) are chosen by name only.
+AUTO_ORDER = {"gpu": ("cudnn", "xla", "blockwise"), "tpu": ("splash", "xla", "blockwise")}
 
-    On NVIDIA GPUs, cuDNN: its kernel is the fastest measured on an H200 (GPU_NOTES: 1.66 ms
-    forward+backward at T=4096, 40/10 heads) and its packed layout costs M (not T) softmax
-    rows per segment slot. pallas_triton lacks grouped heads and a Hopper-tuned backward;
-    tokamax is an optional install. benchmarks/gpu_check.sh times all three.
-    """
+
+def auto_candidates(seq_len: int, block_size: int, backend: str | None = None
+                    ) -> tuple[str, ...]:
+    """What `auto` may stand for on a backend, fastest first; on CPU xla materializes
+    [N, T, S] logits, so rows longer than two blocks try blockwise first."""
+    backend = backend or jax.default_backend()
+    if backend in AUTO_ORDER:
+        return AUTO_ORDER[backend]
+    return ("xla", "blockwise") if seq_len <= 2 * block_size else ("blockwise", "xla")
+
+
+def dtype_refusal(impl: str, compute_dtype: str) -> str:
+    """Why `impl` cannot run in `compute_dtype`; empty when it can."""
+    allowed = KERNEL_DTYPES.get(impl, ())
+    if allowed and compute_dtype not in allowed:
+        return f"{impl} takes {' or '.join(allowed)} only, not {compute_dtype}"
+    return ""
+
+
+def resolve_impl(impl: str, seq_len: int, block_size: int, compute_dtype: str,
+                 backend: str | None = None) -> str:
+    """The implementation `auto` stands for when memory is not weighed: the fastest candidate
+    that takes the compute dtype. Start-up (`train.state.check_memory`) also drops the
+    candidates whose memory estimate does not fit."""
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
-    if backend == "gpu":
-        return "cudnn"
-    if backend == "tpu":
-        return "splash"
-    return "blockwise" if seq_len > 2 * block_size else "xla"
+    return next(c for c in auto_candidates(seq_len, block_size, backend)
+                if not dtype_refusal(c, compute_dtype))
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
@@ -66,7 +88,8 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
     `max_segments_per_row` bounds the documents any row holds (the packer guarantees it);
     the cudnn path compiles it in, and 1 selects its single-document path.
     """
-    impl = resolve_impl(impl, q_BTNH.shape[1], block_size)
+    compute_dtype = jnp.dtype(q_BTNH.dtype).name
+    impl = resolve_impl(impl, q_BTNH.shape[1], block_size, compute_dtype)
     if impl not in IMPLS:
         raise ValueError(f"model.attention_impl={impl!r}: choose auto or one of {IMPLS}.")
     self_attention = (q_BTNH.shape[1] == k_BSKH.shape[1] and isinstance(q_offset, int)
@@ -81,6 +104,9 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
         return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids,
                                    block_size=block_size)
     _check_backend(impl)
+    if refusal := dtype_refusal(impl, compute_dtype):
+        raise ValueError(f"model.attention_impl={impl!r}: {refusal}; set "
+                         f"--config.model.compute_dtype=bfloat16 or attention_impl=auto.")
     return fused_attention(impl, q_BTNH, k_BSKH, v_BSKH, q_segment_ids,
                            block_size=block_size, max_segments_per_row=max_segments_per_row)
 

@@ -3,10 +3,12 @@
 Fused kernels can be wrong silently: a packed-layout convention misread, grouped KV heads
 striding into the wrong keys, documents leaking into each other. Before training, the
 chosen kernel runs forward and backward on a small packed batch with the model's head
-geometry and compute dtype, and must match `xla_attention` (outputs and q/k/v gradients
-on every real token), and replacing one document (and the padding) must leave every other
-document's outputs as they were. A mismatch, or a kernel that does not run here, refuses
-the run naming `model.attention_impl` and the alternatives.
+geometry and compute dtype, and must match `xla_attention` (outputs on every real token,
+q/k/v gradients on every token: at padding they are zero, since no real token sees it, and a
+kernel that leaves garbage there would pass it through the projections into the weights'
+gradients), keep its outputs finite at padding, and leave every other document's outputs
+as they were when one document (and the padding) is replaced. A mismatch, or a kernel that
+does not run here, refuses the run naming `model.attention_impl` and the alternatives.
 
 The batch: row 0 holds three documents (one crossing the 128-token tile boundary) and
 padding; row 1 holds as many documents as `max_segments_per_row` allows, so the kernel's
@@ -47,13 +49,15 @@ class AttentionCheck:
     impl: str
     output_error: float
     gradient_error: float
+    padding_error: float
     isolation_change: float
     tolerance: float
 
     def describe(self) -> str:
         return (f"attention {self.impl} vs xla on a packed batch: outputs {self.output_error:.1e}, "
-                f"gradients {self.gradient_error:.1e}, other documents moved "
-                f"{self.isolation_change:.1e} when one changed (tolerance {self.tolerance:.0e})")
+                f"gradients {self.gradient_error:.1e}, at padding {self.padding_error:.1e}, "
+                f"other documents moved {self.isolation_change:.1e} when one changed "
+                f"(tolerance {self.tolerance:.0e})")
 
 
 def check_segments(max_segments: int, seq_len: int = CHECK_SEQ_LEN) -> np.ndarray:
@@ -87,7 +91,21 @@ def _values_and_grads(fn: AttentionFn, segments: jax.Array, real: jax.Array):
 
 
 def _relative(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+    """Max |got - want| over max(1, max |want|); inf where got is not finite (NaN would
+    compare false with any tolerance)."""
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.max(np.abs(got - want), initial=0.0) / max(1.0, float(np.max(np.abs(want)))))
+
+
+def _padding_error(got: list[np.ndarray], want: list[np.ndarray], padding: np.ndarray) -> float:
+    """Largest q/k/v gradient at padding (the reference's are zero) over the reference
+    gradients' scale; inf when an output or a gradient there is not finite."""
+    at_padding = [x[padding] for x in got]
+    if not all(np.all(np.isfinite(x)) for x in at_padding):
+        return float("inf")
+    scale = max(1.0, *(float(np.max(np.abs(w))) for w in want[1:]))
+    return max(float(np.max(np.abs(g), initial=0.0)) for g in at_padding[1:]) / scale
 
 
 def default_attention_fn(cfg: ModelConfig) -> AttentionFn:
@@ -123,8 +141,10 @@ def check_attention(cfg: ModelConfig, attention_fn: AttentionFn | None = None) -
         impl=cfg.attention_impl,
         output_error=_relative(got[0][mask], want[0][mask]),
         gradient_error=max(_relative(g[mask], w[mask]) for g, w in zip(got[1:], want[1:])),
+        padding_error=_padding_error(got, want, ~mask),
         isolation_change=moved, tolerance=tolerance)
-    if max(result.output_error, result.gradient_error, result.isolation_change) > tolerance:
+    if max(result.output_error, result.gradient_error, result.padding_error,
+           result.isolation_change) > tolerance:
         raise AttentionCheckError(_refusal(cfg, result.describe()))
     return result
 

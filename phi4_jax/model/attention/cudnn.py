@@ -18,6 +18,10 @@ read from JAX's source and its `test_sdpa_packed_layout` (jax 0.10-0.11):
     (`needs_repeated_kv`); without it K/V are repeated to the query heads.
 Rows known to hold one document (then padding) take the public
 `jax.nn.dot_product_attention` instead: causal with per-row lengths, grouped heads native.
+It leaves positions past a row's length the same way (cuDNN writes neither their outputs nor
+their dQ/dK/dV), so there too q, k, v and the output are zeroed outside the real tokens: the
+selects' gradients drop whatever cuDNN left there, and padding never reaches a weight's
+gradient.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def cudnn_single_document_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH
     """
     real_BT = segment_ids_BT > 0
     lengths_B = jnp.sum(real_BT, axis=1, dtype=jnp.int32)
+    q_BTNH, k_BSKH, v_BSKH = (_zero_outside(x, real_BT) for x in (q_BTNH, k_BSKH, v_BSKH))
     out_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, is_causal=True, query_seq_lengths=lengths_B,
         key_value_seq_lengths=lengths_B, implementation="cudnn")

@@ -6,9 +6,10 @@ the packer's rows (segments contiguous, padding last; padding then sees padding,
 on every path). The kernel serves grouped KV heads natively and skips key blocks wholly
 before a query block's earliest segment start, as well as those in its future.
 
-tokamax is optional (`pip install tokamax`; Python >= 3.12 for jax 0.11) and its `Mask` with
-`k_start` is not part of its public API (`tokamax._src`), so a tokamax release can move it:
-the start-up numerics check (`check.py`) is what vouches for a given install.
+tokamax is optional (`pip install tokamax`; Python >= 3.12 for jax 0.11; 0.0.17 also imports
+xprof, jaxtyping and tqdm as it loads, so a failed import is shown as it is), and its `Mask`
+with `k_start` is not part of its public API (`tokamax._src`), so a tokamax release can move
+it: the start-up numerics check (`check.py`) is what vouches for a given install.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def tokamax_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     try:
         from tokamax._src.ops.attention import base  # pylint: disable=g-import-not-at-top
         from tokamax._src.ops.attention import pallas_mosaic_gpu  # pylint: disable=g-import-not-at-top
-    except ImportError as error:
+    except ImportError as error:  # tokamax missing, or one of its own imports (e.g. xprof)
         raise ImportError(
-            "model.attention_impl='tokamax' needs the tokamax package with its Mosaic GPU "
-            "attention (pip install tokamax; Python >= 3.12); or use cudnn or pallas_triton."
+            f"model.attention_impl='tokamax': importing tokamax's Mosaic GPU attention failed: "
+            f"{type(error).__name__}: {error} (pip install tokamax, Python >= 3.12, brings its "
+            f"needs; benchmarks/gpu_wheels.sh carries them); or use cudnn or pallas_triton."
         ) from error
     k_start_B1T = segment_starts(segment_ids_BT.astype(jnp.int32))[:, None, :]
     kernel = pallas_mosaic_gpu.PallasMosaicGpuFlashAttention()
