@@ -136,7 +136,13 @@ def resolve_paths(name: str, paths: str | Sequence[str]) -> list[str]:
         )
     files: set[str] = set()
     for pattern in globs:
-        matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+        found = glob.glob(os.path.expanduser(pattern), recursive=True)
+        matched = [p for p in found if os.path.isfile(p)]
+        if not matched and found:
+            raise DataConfigError(
+                f"data.sources.{name}.paths: {pattern!r} is a directory, not files; give a glob "
+                f"of its files, e.g. {os.path.join(pattern, '*.jsonl')!r}"
+            )
         if not matched:
             raise DataConfigError(
                 f"data.sources.{name}.paths: glob {pattern!r} matches no files; "
@@ -173,16 +179,28 @@ def open_records(
     held_out = held_out_indices(len(records), eval_holdout)
     count = len(held_out) if split == "eval" else len(records) - len(held_out)
     if count == 0:
-        fix = ("its files hold no records: fix data.sources.{name}.paths" if len(records) == 0 else
+        fix = (_no_records_fix(name, spec) if len(records) == 0 else
                "give the source more records or change data.eval_holdout")
         raise EmptySplitError(
             f"data.sources.{name} has no {split} records: {len(records)} records with "
-            f"data.eval_holdout={eval_holdout}; {fix.format(name=name)}"
+            f"data.eval_holdout={eval_holdout}; {fix}"
         )
     if split == "eval":
         return grain.MapDataset.source(held_out).map(functools.partial(_record_at, records))
     gaps = held_out - np.arange(len(held_out))
     return grain.MapDataset.range(count).map(functools.partial(_train_record, records, gaps))
+
+
+def _no_records_fix(name: str, spec: Mapping[str, Any]) -> str:
+    """What to do about a source without records, naming its empty files when it has some."""
+    empty = [p for p in resolve_paths(name, spec["paths"]) if os.path.getsize(p) == 0] \
+        if "paths" in spec else []
+    if len(empty) == 1:
+        return f"its file {empty[0]} is empty (0 bytes): fill it or fix data.sources.{name}.paths"
+    if empty:
+        return (f"its files {', '.join(empty)} are empty (0 bytes): fill them or fix "
+                f"data.sources.{name}.paths")
+    return f"its files hold no records: fix data.sources.{name}.paths"
 
 
 def held_out_mask(indices: np.ndarray, eval_holdout: float) -> np.ndarray:
