@@ -255,13 +255,14 @@ def test_source_with_no_eval_records_is_named(tmp_path):
     with pytest.raises(sources.EmptySplitError, match=re.escape("data.sources.j has no eval records: 1 records")):
         sources.open_documents("j", spec, seed=0, split="eval", eval_holdout=0.01)
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(sources.EmptySplitError, match=re.escape(
-            f"no train records: 0 records with data.eval_holdout=0.01; its file "
-            f"{tmp_path / 'empty.jsonl'} is empty (0 bytes)")):
+    with pytest.raises(sources.DataConfigError, match=re.escape(
+            f"data.sources.j.paths: {tmp_path / 'empty.jsonl'} is empty (0 bytes); fill it or "
+            f"point paths at the data")):
         sources.open_documents("j", {**spec, "paths": str(tmp_path / "empty.jsonl")}, seed=0,
                                split="train", eval_holdout=0.01)
+    (tmp_path / "empty.jsonl").unlink()
     (tmp_path / "blank.jsonl").write_text("\n\n")
-    with pytest.raises(sources.EmptySplitError, match="its files hold no records"):
+    with pytest.raises(sources.EmptySplitError, match="no train records: 0 records.*hold no records"):
         sources.open_documents("j", {**spec, "paths": str(tmp_path / "blank.jsonl")}, seed=0,
                                split="train", eval_holdout=0.01)
 

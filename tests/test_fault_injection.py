@@ -560,7 +560,7 @@ def test_bad_data_paths_are_named_by_file(tmp_path, case):
     data.mkdir()
     if case == "empty file":
         (data / "web.jsonl").write_text("")
-        paths, message = str(data / "web.jsonl"), f"its file {data / 'web.jsonl'} is empty (0 bytes)"
+        paths, message = str(data / "web.jsonl"), f"{data / 'web.jsonl'} is empty (0 bytes)"
     else:
         paths, message = str(data), f"data.sources.web.paths: {str(data)!r} is a directory"
     child = _main(tmp_path / "run", "--config.data.mix={'web': 1.0}",

@@ -128,7 +128,8 @@ def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: boo
 
 
 def resolve_paths(name: str, paths: str | Sequence[str]) -> list[str]:
-    """The sorted files that a source's glob or globs match; every glob must match at least one file."""
+    """The sorted files that a source's glob or globs match; every glob must match at least one
+    file, and not all may be empty (a download or copy that failed, named here by file)."""
     globs = [paths] if isinstance(paths, str) else list(paths)
     if not globs or not all(isinstance(pattern, str) for pattern in globs):
         raise DataConfigError(
@@ -149,6 +150,12 @@ def resolve_paths(name: str, paths: str | Sequence[str]) -> list[str]:
                 "fix the path or remove the glob"
             )
         files.update(matched)
+    if all(os.path.getsize(p) == 0 for p in files):
+        named = ", ".join(sorted(files)[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataConfigError(
+            f"data.sources.{name}.paths: {named} {'is' if len(files) == 1 else 'are all'} empty "
+            f"(0 bytes); fill {'it' if len(files) == 1 else 'them'} or point paths at the data"
+        )
     return sorted(files)
 
 
@@ -179,8 +186,8 @@ def open_records(
     held_out = held_out_indices(len(records), eval_holdout)
     count = len(held_out) if split == "eval" else len(records) - len(held_out)
     if count == 0:
-        fix = (_no_records_fix(name, spec) if len(records) == 0 else
-               "give the source more records or change data.eval_holdout")
+        fix = (f"its files hold no records: fix data.sources.{name}.paths" if len(records) == 0
+               else "give the source more records or change data.eval_holdout")
         raise EmptySplitError(
             f"data.sources.{name} has no {split} records: {len(records)} records with "
             f"data.eval_holdout={eval_holdout}; {fix}"
@@ -189,18 +196,6 @@ def open_records(
         return grain.MapDataset.source(held_out).map(functools.partial(_record_at, records))
     gaps = held_out - np.arange(len(held_out))
     return grain.MapDataset.range(count).map(functools.partial(_train_record, records, gaps))
-
-
-def _no_records_fix(name: str, spec: Mapping[str, Any]) -> str:
-    """What to do about a source without records, naming its empty files when it has some."""
-    empty = [p for p in resolve_paths(name, spec["paths"]) if os.path.getsize(p) == 0] \
-        if "paths" in spec else []
-    if len(empty) == 1:
-        return f"its file {empty[0]} is empty (0 bytes): fill it or fix data.sources.{name}.paths"
-    if empty:
-        return (f"its files {', '.join(empty)} are empty (0 bytes): fill them or fix "
-                f"data.sources.{name}.paths")
-    return f"its files hold no records: fix data.sources.{name}.paths"
 
 
 def held_out_mask(indices: np.ndarray, eval_holdout: float) -> np.ndarray:
