@@ -618,3 +618,18 @@ def test_ctrl_c_on_the_command_line_is_one_line_without_traceback(tmp_path, atte
     stopped = re.search(r"Stopped at step (\d+) \(SIGINT\); checkpoint saved", stderr)
     assert stopped, stderr[-3000:]
     assert checkpoint.intact_steps(tmp_path / "run" / "checkpoints")[-1] == int(stopped.group(1))
+
+
+@pytest.mark.slow
+def test_init_from_a_damaged_checkpoint_is_refused_at_start_up(tmp_path, straight):
+    from phi4_jax.config_base import ConfigError
+    from phi4_jax.train import initial_params
+
+    step = tmp_path / "6"
+    shutil.copytree(straight["workdir"] / "checkpoints" / "6", step)
+    run = state_lib.build_run(straight["config"])
+    source = initial_params.locate(str(step))
+    initial_params.check(source, run.abstract_params, run.model_cfg)  # intact: accepted
+    _garbage(_array_files(step)[-1], 0.5)
+    with pytest.raises(ConfigError, match=rf"init_from='{step}' is a damaged checkpoint \(state/"):
+        initial_params.check(source, run.abstract_params, run.model_cfg)

@@ -28,7 +28,6 @@ When run as root, bubblewrap itself is started as the run's own user id, so both
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -81,12 +80,13 @@ sys.stdout.flush()
 '''
 
 _KILL_ALL = """
-import os
-while True:
+import os, time
+for _ in range(100):  # again while any is left (zombies not yet reaped count as left)
     try:
         os.kill(-1, 9)
     except ProcessLookupError:
         break
+    time.sleep(0.002)
 """
 _UID_BASE = 1 << 30  # run user ids: far above any system's or person's
 _uids = itertools.count()
@@ -142,12 +142,13 @@ def run_tests(code: str, tests: str, limits: Limits = Limits()) -> TestRun:
                 str(limits.output_kb << 10), str(limits.processes), str(limits.open_files),
                 str(int(not bwrap)), str(drop_to)]
         command = [sys.executable, "-I", "-S", str(work / "driver.py"), *args]
-        with open(work / "stdout.txt", "wb") as stdout, _bwrap_command(work) as wrapper:
+        with open(work / "stdout.txt", "wb") as stdout:
             if uid is not None:
                 os.chown(work / "stdout.txt", uid, uid)
             child = subprocess.Popen(
-                (wrapper if bwrap else []) + command, cwd=work, stdin=subprocess.PIPE,
-                stdout=stdout, stderr=subprocess.DEVNULL, user=as_user, group=as_user,
+                (_bwrap_command(work) if bwrap else []) + command, cwd=work,
+                stdin=subprocess.PIPE, stdout=stdout, stderr=subprocess.DEVNULL, user=as_user,
+                group=as_user,
                 extra_groups=None if as_user is None else [],
                 env={"PATH": "/usr/bin:/bin", "HOME": folder, "LANG": "C.UTF-8"},
                 start_new_session=True)
@@ -184,8 +185,7 @@ def _run_uid() -> int | None:
     return _UID_BASE + ((os.getpid() % (1 << 18)) << 12) + serial
 
 
-@contextlib.contextmanager
-def _bwrap_command(work: Path):
+def _bwrap_command(work: Path) -> list[str]:
     """bubblewrap's arguments: the system's and Python's files read-only, `work` writable,
     `_ctypes` replaced by an empty file, everything else (network included) absent. As root
     it keeps only the capabilities to change user (the driver drops to the run's user id
@@ -206,7 +206,7 @@ def _bwrap_command(work: Path):
             command += ["--ro-bind", path, path]
     for path in _ctypes_files():
         command += ["--ro-bind", os.devnull, path]
-    yield command + ["--bind", str(work), str(work), "--chdir", str(work)]
+    return command + ["--bind", str(work), str(work), "--chdir", str(work)]
 
 
 def _ctypes_files() -> list[str]:
@@ -223,23 +223,22 @@ def _starts(wrap: bool) -> bool:
         if uid is not None:
             os.chown(folder, uid, uid)
         drop = f"import os; os.setgroups([]); os.setgid({uid}); os.setuid({uid})"
-        python = [sys.executable, "-I", "-S", "-c", drop if uid is not None else "pass"]
-        with _bwrap_command(Path(folder)) as wrapper:
-            command = wrapper + python if wrap else python
-            as_user = uid if not wrap else None
-            try:
-                probe = subprocess.run(command, capture_output=True, user=as_user,
-                                       group=as_user, cwd=folder, timeout=60, check=False,
-                                       extra_groups=None if as_user is None else [])
-            except OSError:  # the interpreter is out of the run user's reach
-                return False
+        python = [sys.executable, "-I", "-S", "-c", drop if wrap and uid is not None else "pass"]
+        command = _bwrap_command(Path(folder)) + python if wrap else python
+        as_user = uid if not wrap else None
+        try:
+            probe = subprocess.run(command, capture_output=True, user=as_user, group=as_user,
+                                   cwd=folder, timeout=60, check=False,
+                                   extra_groups=None if as_user is None else [])
+        except OSError:  # the interpreter is out of the run user's reach
+            return False
     return probe.returncode == 0
 
 
 @functools.cache
 def _bwrap_works() -> bool:
-    """Whether bubblewrap can start a sandbox here: it needs user namespaces, which some
-    kernels and containers refuse."""
+    """Whether bubblewrap can start a sandbox here: it needs user namespaces (as root, the
+    right to mount instead), which some kernels and containers refuse."""
     return shutil.which("bwrap") is not None and _starts(wrap=True)
 
 
@@ -250,14 +249,14 @@ def _uid_works() -> bool:
 
 
 def _kill_all(child: subprocess.Popen, uid: int | None) -> None:
-    """Kills the child's process group and, with a run user id, every process of that id
-    (those that left the group with setsid), then reaps the child."""
+    """Kills and reaps the child with its process group and, with a run user id, every
+    process of that id (those that left the group with setsid)."""
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    child.wait()
     if uid is not None:  # kill(-1) as that user reaches exactly its processes, until none
         subprocess.run([sys.executable, "-I", "-S", "-c", _KILL_ALL], user=uid, group=uid,
                        extra_groups=[], check=False, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
-    child.wait()

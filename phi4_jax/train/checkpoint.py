@@ -41,7 +41,6 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -266,9 +265,10 @@ def crc32(path: Path) -> str:
 def damage(step_dir: Path, *, verify: bool = False) -> str | None:
     """What is wrong with a step folder, or None when it is a complete checkpoint; `verify`
     also reads every file against its checksum."""
-    problems = _problems(step_dir)
-    return next((problem for problem in problems if problem), None) or (
-        _checksum_problem(step_dir) if verify else None)
+    problem = next((problem for problem in _problems(step_dir) if problem), None)
+    if problem is None and verify:
+        problem = _checksum_problem(step_dir)
+    return problem
 
 
 def _problems(step_dir: Path):
