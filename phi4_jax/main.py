@@ -5,8 +5,9 @@ e.g. `--config.data.mix.synthetic=0.5`. `--print_mixture` prints the data-mixtur
 (weights, tokens per source over the run, unique tokens, epochs) and exits.
 
 A mistake the user can fix (a config key, a data file, the workdir, a damaged checkpoint)
-is printed as one line, `error: ...`, exit status 1; `--verbose` (or PHI4_VERBOSE=1) also
-shows its traceback and other libraries' INFO logs. Ctrl-C saves a checkpoint and exits; a
+is printed as one line, `error: ...`, exit status 1, and written with its traceback to the
+workdir's log; `--verbose` (or PHI4_VERBOSE=1) also shows the traceback and other libraries'
+INFO logs on the console. Ctrl-C saves a checkpoint and exits; a
 second Ctrl-C aborts (exit status 130).
 """
 
@@ -94,7 +95,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(1)
     try:
         parsed = flags.FLAGS(argv)
-        _CONFIG.value.get("stage")  # a file that failed to load raises its error only when read
+        if _CONFIG.value is not None:  # a file that failed to load raises only when read
+            _CONFIG.value.get("stage")
         return parsed
     except (AttributeError, KeyError, OSError, flags.Error) as error:
         print(f"error: {_flag_problem(argv, error)}", file=sys.stderr)
