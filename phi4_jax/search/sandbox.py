@@ -9,11 +9,13 @@ from stdin before the candidate started, so code that exits early with status 0 
 pass. A wall-clock timeout, a crash, a limit hit or an early exit is a failure, and the whole
 process group is killed afterwards. Then, by what the machine allows (`isolation()`):
 
-- `bubblewrap` (the `bwrap` tool, where installed and user namespaces are allowed): new user,
-  PID, network, mount, IPC and UTS namespaces; a root holding only the system's and Python's
-  files read-only and the temporary directory writable (no /etc, /home, /tmp, no caller's
-  files); no network at all; `_ctypes` hidden, so ctypes cannot load; the caller and every
-  other process are invisible, and every process left inside dies with the namespace.
+- `bubblewrap` (the `bwrap` tool, where installed and allowed): new PID, network, mount, IPC
+  and UTS namespaces (and a user namespace when not root); a root holding only the system's
+  and Python's files read-only and the temporary directory writable (no /etc, /home, /tmp,
+  no caller's files); no network at all; `_ctypes` hidden, so ctypes cannot load; the caller
+  and every other process are invisible, and every process left inside dies with the
+  namespace. Started as root, bwrap keeps only the capabilities to change user and the
+  driver drops to the run's own user id before anything else, so the process limit binds.
 - `uid` (started as root, no working bwrap): the code runs as a user id of its own (one per
   run, unused by the system), so it cannot signal the caller or write the caller's files, the
   process limit binds, and every process of that id is killed afterwards (a daemon started
@@ -23,7 +25,10 @@ process group is killed afterwards. Then, by what the machine allows (`isolation
 - `session` (neither): limits, session and process group only; this stops mistakes, not code
   written to escape (it runs as the caller). Run the search as root or install bubblewrap.
 
-When run as root, bubblewrap itself is started as the run's own user id, so both layers hold.
+Not guaranteed in any mode: limits on shared kernel resources beyond those rlimits (no
+cgroup), protection against kernel exploits, and, without bubblewrap, against reading
+world-readable files. The temporary directory must be reachable by the run's user id
+(TMPDIR under /root is not).
 """
 
 from __future__ import annotations
