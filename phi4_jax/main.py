@@ -5,8 +5,9 @@ e.g. `--config.data.mix.synthetic=0.5`. `--print_mixture` prints the data-mixtur
 (weights, tokens per source over the run, unique tokens, epochs) and exits.
 
 A mistake the user can fix (a config key, a data file, the workdir, a damaged checkpoint)
-is printed as one line, `error: ...`, exit status 1; `--verbose` (or PHI4_VERBOSE=1) also
-shows its traceback and other libraries' INFO logs. Ctrl-C saves a checkpoint and exits; a
+is printed as one line, `error: ...`, exit status 1, and written with its traceback to the
+workdir's log; `--verbose` (or PHI4_VERBOSE=1) also shows the traceback and other libraries'
+INFO logs on the console. Ctrl-C saves a checkpoint and exits; a
 second Ctrl-C aborts (exit status 130).
 """
 
@@ -44,12 +45,19 @@ def main(argv: list[str]) -> int:
     except Phi4Error as error:
         if _verbose():
             traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _report(f"error: {error}", 1)
     except KeyboardInterrupt:
-        print("error: aborted (Ctrl-C); nothing was saved since the last checkpoint. The same "
-              "command resumes from it.", file=sys.stderr)
-        return 130
+        return _report("error: aborted (Ctrl-C); nothing was saved since the last checkpoint. "
+                       "The same command resumes from it.", 130)
+
+
+def _report(line: str, status: int) -> int:
+    """Prints the final error line, and writes it (with its traceback) to the workdir's log."""
+    from phi4_jax.train import metrics  # pylint: disable=g-import-not-at-top
+
+    logging.error("%s", line, exc_info=True, extra=metrics.NOT_ON_CONSOLE)
+    print(line, file=sys.stderr)
+    return status
 
 
 def _run() -> int:
@@ -80,12 +88,38 @@ def _run() -> int:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing; a bad --config file or override is reported in one line."""
+    """absl's flag parsing; a bad --config file or override is reported in one line, before
+    any folder is created or the distributed runtime starts."""
+    if problem := _config_file_problem(_config_spec(argv)):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
     try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError, flags.Error) as error:
+        parsed = flags.FLAGS(argv)
+        if _CONFIG.value is not None:  # a file that failed to load raises only when read
+            _CONFIG.value.get("stage")
+        return parsed
+    except (AttributeError, KeyError, OSError, flags.Error) as error:
         print(f"error: {_flag_problem(argv, error)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The value of --config (`FILE[:ARG]`), or None when it is not given."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv[:-1]:
+        spec = argv[argv.index("--config") + 1]
+    return spec
+
+
+def _config_file_problem(spec: str | None) -> str | None:
+    """A --config whose file does not exist, with the stage configs to choose from."""
+    if spec is None or os.path.isfile(spec.split(":", 1)[0]):
+        return None
+    from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
+
+    choices = ", ".join(sorted(p.name for p in config_base.REPO_CONFIGS.glob("*.py")))
+    return (f"--config={spec}: no such file {spec.split(':', 1)[0]!r} (relative to "
+            f"{os.getcwd()}); the stage configs in {config_base.REPO_CONFIGS} are {choices}.")
 
 
 def _flag_problem(argv: list[str], error: BaseException) -> str:
@@ -93,9 +127,7 @@ def _flag_problem(argv: list[str], error: BaseException) -> str:
     from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
 
     last_line = ([line.strip() for line in str(error).splitlines() if line.strip()] or [""])[-1]
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None and "--config" in argv[:-1]:
-        spec = argv[argv.index("--config") + 1]
+    spec = _config_spec(argv)
     try:
         config = config_base.load_config(spec) if spec else None
     except Exception as load_error:  # pylint: disable=broad-except

@@ -255,9 +255,24 @@ def test_source_with_no_eval_records_is_named(tmp_path):
     with pytest.raises(sources.EmptySplitError, match=re.escape("data.sources.j has no eval records: 1 records")):
         sources.open_documents("j", spec, seed=0, split="eval", eval_holdout=0.01)
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(sources.EmptySplitError, match="no train records: 0 records.*hold no records"):
+    with pytest.raises(sources.DataConfigError, match=re.escape(
+            f"data.sources.j.paths: {tmp_path / 'empty.jsonl'} is empty (0 bytes); fill it or "
+            f"point paths at the data")):
         sources.open_documents("j", {**spec, "paths": str(tmp_path / "empty.jsonl")}, seed=0,
                                split="train", eval_holdout=0.01)
+    (tmp_path / "empty.jsonl").unlink()
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(sources.EmptySplitError, match="no train records: 0 records.*hold no records"):
+        sources.open_documents("j", {**spec, "paths": str(tmp_path / "blank.jsonl")}, seed=0,
+                               split="train", eval_holdout=0.01)
+
+
+def test_a_directory_given_as_paths_is_named_as_one(tmp_path):
+    spec = {"kind": "jsonl", "paths": str(tmp_path), "text_key": "text"}
+    with pytest.raises(sources.DataConfigError, match=re.escape(
+            f"data.sources.j.paths: {str(tmp_path)!r} is a directory, not files; give a glob of "
+            f"its files, e.g. {str(tmp_path / '*.jsonl')!r}")):
+        sources.open_documents("j", spec, seed=0, split="train", eval_holdout=0.01)
 
 
 def test_small_source_holds_out_at_least_one_record(tmp_path):

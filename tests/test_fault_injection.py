@@ -385,3 +385,251 @@ def test_iterator_state_read_back_from_json_resumes_the_same_batches(tmp_path):
         np.testing.assert_array_equal(next(resumed)["inputs"], want)
     for iterator in (reference, first, resumed):
         iterator.close()
+
+
+# ---------------------------------------------------------------- same-size damage (checksums)
+
+def _array_files(step_dir: Path) -> list[Path]:
+    """Every data file of a step's arrays (the OCDBT `d/` files)."""
+    return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def _garbage(path: Path, where: float, size: int = 4096) -> None:
+    """`size` random bytes written over the file at `where` (0: start, 1: end), its size kept."""
+    length = path.stat().st_size
+    size = min(size, length)
+    offset = min(int(length * where), length - size)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(size)
+        new = os.urandom(size)
+        while new == old:
+            new = os.urandom(size)
+        f.seek(offset)
+        f.write(new)
+    assert path.stat().st_size == length
+
+
+@pytest.mark.slow
+def test_same_size_garbage_anywhere_in_any_array_file_is_found(tmp_path, straight):
+    source = straight["workdir"] / "checkpoints" / "6"
+    files = _array_files(source)
+    assert len(files) >= 2, files
+    assert checkpoint.damage(source, verify=True) is None
+    for index in range(len(files)):
+        for where in (0.0, 0.5, 1.0):
+            step = tmp_path / f"{index}-{where}" / "6"
+            shutil.copytree(source, step)
+            target = _array_files(step)[index]
+            _garbage(target, where)
+            assert checkpoint.damage(step) is None  # sizes alone miss it
+            problem = checkpoint.damage(step, verify=True)
+            assert problem and problem.startswith(str(target.relative_to(step))), problem
+            assert "when saved (its content changed)" in problem
+            shutil.rmtree(step.parent)
+
+
+@pytest.mark.slow
+def test_same_size_damage_falls_back_to_the_older_step_and_resumes_identically(tmp_path, straight,
+                                                                              caplog):
+    checkpoints_up_to(straight, tmp_path, 4)
+    shutil.copytree(straight["workdir"] / "checkpoints" / "4", tmp_path / "older" / "4")
+    largest = max(_array_files(tmp_path / "checkpoints" / "4"), key=lambda p: p.stat().st_size)
+    _garbage(largest, 0.5)
+    damaged = snapshot(tmp_path / "checkpoints" / "4")
+    checkpoints = tmp_path / "checkpoints"
+    for step in (2,):
+        assert checkpoint.damage(checkpoints / str(step), verify=True) is None
+    with caplog.at_level(logging.INFO):
+        history = stages.run(straight["config"], str(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(lines) == 1 and "Checkpoint at step 4 is damaged (state/" in lines[0], lines
+    assert "has checksum" in lines[0] and "resuming from step 2" in lines[0]
+    assert "\n" not in lines[0]
+    assert losses(history) == {s: losses(straight["history"])[s] for s in range(3, STEPS + 1)}
+    assert_same_params(final_params(tmp_path, straight["config"]), straight["params"])
+    assert snapshot(tmp_path / "checkpoints.damaged" / "4") == damaged  # moved, not altered
+
+
+@pytest.mark.slow
+def test_restored_parameters_must_be_finite(tmp_path, straight, monkeypatch):
+    checkpoints_up_to(straight, tmp_path, 4)
+    restore = checkpoint.ocp.CheckpointManager.restore
+
+    def restore_with_a_nan(self, step, args=None):  # damage that no checksum saw (saved so)
+        restored = restore(self, step, args=args)
+        params = restored.state.params
+        params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(float("nan"))
+        return restored
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", restore_with_a_nan)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"the checkpoint at step 4 .* holds non-finite values \(NaN or Inf\) "
+                             r"in parameter final_norm/scale; move it aside"):
+        stages.run(straight["config"], str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_nan_message_calls_a_checkpoint_intact_only_when_verified(tmp_path, straight):
+    checkpoints_up_to(straight, tmp_path, 4)
+    folder = tmp_path / "checkpoints"
+    checkpointer = checkpoint.Checkpointer(str(folder), keep=3, every_steps=2)
+    nan = {"loss": float("nan")}
+    try:
+        with pytest.raises(loop.TrainingDivergedError,
+                           match=r"The newest checkpoint \(4\) is intact \(its checksums verified"):
+            loop._check_finite(nan, 5, checkpointer)
+        manifest = folder / "4" / checkpoint.MANIFEST
+        saved = manifest.read_text()
+        sizes = {rel: e["bytes"] for rel, e in json.loads(saved)["files"].items()}
+        manifest.write_text(json.dumps(sizes))  # as saved before checksums existed
+        with pytest.raises(loop.TrainingDivergedError, match=r"\(4\) has no checksums .* not verified"):
+            loop._check_finite(nan, 5, checkpointer)
+        manifest.write_text(saved)
+        _garbage(_array_files(folder / "4")[0], 0.5)  # damaged after the run started
+        with pytest.raises(loop.TrainingDivergedError,
+                           match=r"\(4\) is damaged \(state/.* has checksum .*\) and will be moved aside"):
+            loop._check_finite(nan, 5, checkpointer)
+    finally:
+        checkpointer.close()
+
+
+# ---------------------------------------------------------------- one line per failure (CLI)
+
+CLI_RUN = ["--config.train.steps=6", "--config.train.seq_len=32", "--config.train.global_batch=8",
+           "--config.train.warmup_steps=1", "--config.log.every_steps=1",
+           "--config.log.tensorboard=False", "--config.log.progress_bar=False",
+           "--config.eval.every_steps=6", "--config.eval.batches=0",
+           "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3"]
+
+
+def _main(workdir: Path, *args: str, config: str = "configs/pretrain.py:tiny", **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "phi4_jax.main", f"--config={config}",
+                             f"--workdir={workdir}", *args], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _one_error_line(stderr: str, workdir: Path | None) -> str:
+    """The single `error:` line of a run's console, which has no traceback and no orbax or
+    asyncio lines; it is also the last error in the workdir's log when there is one."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-5000:]
+    assert "Traceback" not in stderr, stderr[-5000:]
+    for noise in ("future.py", "base_events.py", "checkpoint_manager.py", "Event loop is closed",
+                  "Task exception"):
+        assert noise not in stderr, stderr[-5000:]
+    if workdir is not None:
+        log = (workdir / "logs" / "process_0.log").read_text()
+        assert errors[0] in log
+    return errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_full_disk_is_one_line_on_the_console_and_the_noise_goes_to_the_log(tmp_path):
+    mount = tmp_path / "mnt"
+    _mount_tmpfs(mount, "150m")  # one checkpoint (~95 MB) fits, a second does not
+    try:
+        child = _main(mount / "run", *CLI_RUN)
+        _, stderr = child.communicate(timeout=600)
+        assert child.returncode == 1, stderr[-3000:]
+        line = _one_error_line(stderr, mount / "run")
+        assert "failed (ValueError: RESOURCE_EXHAUSTED" in line and "is intact" in line, line
+        log = (mount / "run" / "logs" / "process_0.log").read_text()
+        assert "Task exception was never retrieved" in log or "Event loop is closed" in log \
+            or "_SignalingThread.run() raised" in log  # the noise is kept, in the log
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_missing_config_file_is_one_line_before_anything_is_created(tmp_path):
+    child = _main(tmp_path / "run", config="configs/nope.py:tiny")
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 1, stderr
+    line = _one_error_line(stderr, None)
+    assert line.startswith("error: --config=configs/nope.py:tiny: no such file 'configs/nope.py'")
+    assert "pretrain.py" in line and "sft.py" in line  # the choices
+    assert not (tmp_path / "run").exists()  # checked before the workdir (and the runtime)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["empty file", "a directory"])
+def test_bad_data_paths_are_named_by_file(tmp_path, case):
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "empty file":
+        (data / "web.jsonl").write_text("")
+        paths, message = str(data / "web.jsonl"), f"{data / 'web.jsonl'} is empty (0 bytes)"
+    else:
+        paths, message = str(data), f"data.sources.web.paths: {str(data)!r} is a directory"
+    child = _main(tmp_path / "run", "--config.data.mix={'web': 1.0}",
+                  f"--config.data.sources.web.paths={paths}")
+    _, stderr = child.communicate(timeout=300)
+    assert child.returncode == 1, stderr[-3000:]
+    line = _one_error_line(stderr, tmp_path / "run" if (tmp_path / "run" / "logs").exists() else None)
+    assert message in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_signal_handler_only_sets_a_flag():
+    """A handler that logs re-enters the log file's writer when the signal lands inside a write;
+    here it lands inside every write: the handler must not write at all."""
+    depth, deepest = [0], [0]
+
+    class Interrupted(logging.Handler):
+        def emit(self, record):
+            depth[0] += 1
+            deepest[0] = max(deepest[0], depth[0])
+            try:
+                if record.getMessage() == "writing":
+                    os.kill(os.getpid(), signal.SIGINT)  # delivered before this write ends
+                    for _ in range(1000):
+                        pass
+            finally:
+                depth[0] -= 1
+
+    handler, root = Interrupted(), logging.getLogger()
+    root.addHandler(handler)
+    stop = loop._StopSignal()
+    try:
+        logging.warning("writing")
+        assert stop.received == "SIGINT"
+        assert deepest[0] == 1  # no write began inside another
+    finally:
+        stop.restore()
+        root.removeHandler(handler)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(3))
+def test_ctrl_c_on_the_command_line_is_one_line_without_traceback(tmp_path, attempt):
+    child = _main(tmp_path / "run", *CLI_RUN[1:], "--config.train.steps=100")
+    log = tmp_path / "run" / "logs" / "process_0.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and f"step {1 + attempt}:" in log.read_text()):
+        assert child.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "reentrant" not in stderr, stderr[-3000:]
+    assert re.search(r"SIGINT received: saving a checkpoint at step \d+", stderr), stderr[-3000:]
+    stopped = re.search(r"Stopped at step (\d+) \(SIGINT\); checkpoint saved", stderr)
+    assert stopped, stderr[-3000:]
+    assert checkpoint.intact_steps(tmp_path / "run" / "checkpoints")[-1] == int(stopped.group(1))
+
+
+@pytest.mark.slow
+def test_init_from_a_damaged_checkpoint_is_refused_at_start_up(tmp_path, straight):
+    from phi4_jax.config_base import ConfigError
+    from phi4_jax.train import initial_params
+
+    step = tmp_path / "6"
+    shutil.copytree(straight["workdir"] / "checkpoints" / "6", step)
+    run = state_lib.build_run(straight["config"])
+    source = initial_params.locate(str(step))
+    initial_params.check(source, run.abstract_params, run.model_cfg)  # intact: accepted
+    _garbage(_array_files(step)[-1], 0.5)
+    with pytest.raises(ConfigError, match=rf"init_from='{step}' is a damaged checkpoint \(state/"):
+        initial_params.check(source, run.abstract_params, run.model_cfg)

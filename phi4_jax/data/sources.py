@@ -132,7 +132,8 @@ def validate_source_spec(name: str, spec: Mapping[str, Any], *, check_files: boo
 
 
 def resolve_paths(name: str, paths: str | Sequence[str]) -> list[str]:
-    """The sorted files that a source's glob or globs match; every glob must match at least one file."""
+    """The sorted files that a source's glob or globs match; every glob must match at least one
+    file, and not all may be empty (a download or copy that failed, named here by file)."""
     globs = [paths] if isinstance(paths, str) else list(paths)
     if not globs or not all(isinstance(pattern, str) for pattern in globs):
         raise DataConfigError(
@@ -140,13 +141,25 @@ def resolve_paths(name: str, paths: str | Sequence[str]) -> list[str]:
         )
     files: set[str] = set()
     for pattern in globs:
-        matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+        found = glob.glob(os.path.expanduser(pattern), recursive=True)
+        matched = [p for p in found if os.path.isfile(p)]
+        if not matched and found:
+            raise DataConfigError(
+                f"data.sources.{name}.paths: {pattern!r} is a directory, not files; give a glob "
+                f"of its files, e.g. {os.path.join(pattern, '*.jsonl')!r}"
+            )
         if not matched:
             raise DataConfigError(
                 f"data.sources.{name}.paths: glob {pattern!r} matches no files; "
                 "fix the path or remove the glob"
             )
         files.update(matched)
+    if all(os.path.getsize(p) == 0 for p in files):
+        named = ", ".join(sorted(files)[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataConfigError(
+            f"data.sources.{name}.paths: {named} {'is' if len(files) == 1 else 'are all'} empty "
+            f"(0 bytes); fill {'it' if len(files) == 1 else 'them'} or point paths at the data"
+        )
     return sorted(files)
 
 
@@ -185,11 +198,11 @@ def open_checked_records(
     held_out = held_out_indices(len(records), eval_holdout)
     count = len(held_out) if split == "eval" else len(records) - len(held_out)
     if count == 0:
-        fix = ("its files hold no records: fix data.sources.{name}.paths" if len(records) == 0 else
-               "give the source more records or change data.eval_holdout")
+        fix = (f"its files hold no records: fix data.sources.{name}.paths" if len(records) == 0
+               else "give the source more records or change data.eval_holdout")
         raise EmptySplitError(
             f"data.sources.{name} has no {split} records: {len(records)} records with "
-            f"data.eval_holdout={eval_holdout}; {fix.format(name=name)}"
+            f"data.eval_holdout={eval_holdout}; {fix}"
         )
     if split == "eval":
         return grain.MapDataset.source(held_out).map(functools.partial(_record_at, records))

@@ -2,16 +2,24 @@
 run can trust.
 
 Saves are asynchronous and atomic: orbax writes `<step>.orbax-checkpoint-tmp` and renames it
-to `<step>` once every process has written its part. Just before the rename, a manifest of
-the size of every file of the checkpoint is written into it (`MANIFEST`), so a file truncated
-or lost later is found by a `stat`, without reading the arrays.
+to `<step>` once every process has written its part. Just before the rename, process 0 (the
+only one orbax runs its commit hook on, after all processes have written) reads every file of
+the checkpoint back and writes a manifest of their sizes and CRC-32 checksums into it
+(`MANIFEST`). This runs in orbax's background thread (zlib releases the GIL), so an
+asynchronous save still overlaps training; on several hosts the checkpoint folder is shared
+storage, which process 0 reads whole. A file truncated or lost later is found by a `stat`;
+same-size damage by its checksum.
 
 At start-up (`Checkpointer`) every step folder is checked (`damage`): orbax's commit marker,
-its metadata, every item and each process's data-iterator file, and the manifest's sizes.
-Only intact checkpoints are candidates for restore and count toward `keep`. A damaged one
-among or newer than the `keep` newest intact ones is reported and moved to
+its metadata, every item and each process's data-iterator file, and the manifest's sizes;
+then the newest of those is verified against its checksums (`verify`), and the one before it
+if that fails, until one passes, as that one is the step the run will trust. Only intact
+checkpoints are candidates for restore and count toward `keep`. A damaged one among or newer
+than the `keep` newest intact ones is reported in one line and moved to
 `<checkpoints>.damaged/`, never deleted; older damaged ones (a deletion orbax had begun when
-the run stopped) and temporary folders of saves that never finished are removed.
+the run stopped) and temporary folders of saves that never finished are removed. Restored
+parameters are checked finite. Checkpoints saved before checksums existed (a manifest of
+sizes only) pass on their sizes and are reported as not verified.
 
 A save that cannot complete (no permission, full disk) raises `CheckpointSaveError` within
 a step of the failure, naming the folder and the cause, with the previous checkpoint intact.
@@ -26,11 +34,13 @@ import json
 import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -41,6 +51,7 @@ MANIFEST = "phi4_manifest.json"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 COMMIT_MARKER = "commit_success.txt"
 STEP_METADATA = "_CHECKPOINT_METADATA"
+CHUNK_BYTES = 1 << 20  # read size of the checksums: a constant memory cost
 
 
 class CheckpointError(Phi4Error, RuntimeError):
@@ -131,15 +142,34 @@ class Checkpointer:
             f"then run again.")
 
     def _write_manifest(self) -> None:
-        """Records the size of every file of the save in progress, just before orbax commits it
-        (on process 0, after every process has written its part)."""
+        """Records the size and checksum of every file of the save in progress, just before
+        orbax commits it (on process 0, after every process has written its part)."""
         if not _is_local(self.directory):
             return
         for folder in Path(self.directory).glob(f"*{TMP_MARKER}*"):  # the one save in flight
-            sizes = {str(p.relative_to(folder)): p.stat().st_size
+            files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "crc32": crc32(p)}
                      for item in ITEMS for p in (folder / item).rglob("*") if p.is_file()}
             with open(folder / MANIFEST, "w") as f:
-                json.dump(sizes, f, indent=0, sort_keys=True)
+                json.dump({"files": files}, f, indent=0, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def latest_verdict(self) -> str:
+        """The newest checkpoint and whether its files still match their checksums, read now:
+        what a message may promise about it."""
+        step = self.latest_step()
+        if step is None:
+            return "No checkpoint was saved yet"
+        if not _is_local(self.directory):
+            return f"The newest checkpoint ({step}, remote storage) is not verified here"
+        step_dir = Path(self.directory) / str(step)
+        if problem := damage(step_dir, verify=True):
+            return (f"The newest checkpoint ({step}) is damaged ({problem}) and will be moved "
+                    f"aside on resume")
+        if not has_checksums(step_dir):
+            return (f"The newest checkpoint ({step}) has no checksums (saved by an older "
+                    f"phi4_jax), so it is not verified")
+        return f"The newest checkpoint ({step}) is intact (its checksums verified just now)"
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict]:
         """Restores the state onto the shardings in `abstract_state`; the iterator in place."""
@@ -149,13 +179,18 @@ class Checkpointer:
                                   data=grain.checkpoint.CheckpointRestore(
                                       _TupleSlicesRestore(data_iterator)),
                                   meta=ocp.args.JsonRestore())
+        move_aside = (f"move it aside (mkdir -p {self.directory}.damaged && mv {step_dir} "
+                      f"{self.directory}.damaged/) to resume from the one before it.")
         try:
             restored = self.manager.restore(step, args=args)
         except Exception as error:  # it passed the start-up checks: report, do not guess
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} cannot be restored "
-                f"({_first_line(error)}); move it aside (mv {step_dir} "
-                f"{self.directory}.damaged/) to resume from the one before it.") from error
+                f"({_first_line(error)}); {move_aside}") from error
+        if bad := non_finite(restored.state.params):
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} holds non-finite values "
+                f"(NaN or Inf) in parameter {bad}; {move_aside}")
         return restored.state, restored.meta
 
     def wait(self) -> None:
@@ -208,9 +243,32 @@ def _tuple_slices(node: Any) -> Any:
     return node
 
 
-def damage(step_dir: Path) -> str | None:
-    """What is wrong with a step folder, or None when it is a complete checkpoint."""
-    return next((problem for problem in _problems(step_dir) if problem), None)
+def non_finite(params: Any) -> str | None:
+    """The path of the first floating-point parameter holding a NaN or an Inf, or None."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    floats = [(path, leaf) for path, leaf in flat if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    finite = jax.device_get(jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])(
+        [leaf for _, leaf in floats]))
+    return next(("/".join(str(getattr(k, "key", k)) for k in path)
+                 for (path, _), ok in zip(floats, finite) if not ok), None)
+
+
+def crc32(path: Path) -> str:
+    """The CRC-32 of a file, read in chunks (it detects damage, not tampering)."""
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
+
+
+def damage(step_dir: Path, *, verify: bool = False) -> str | None:
+    """What is wrong with a step folder, or None when it is a complete checkpoint; `verify`
+    also reads every file against its checksum."""
+    problem = next((problem for problem in _problems(step_dir) if problem), None)
+    if problem is None and verify:
+        problem = _checksum_problem(step_dir)
+    return problem
 
 
 def _problems(step_dir: Path):
@@ -251,21 +309,50 @@ def _iterator_problem(step_dir: Path) -> str | None:
     return None
 
 
+def _manifest(step_dir: Path) -> dict[str, dict] | None:
+    """Relative path -> {"bytes", "crc32" (absent in manifests of sizes only)}; None without a
+    manifest (checkpoints saved before manifests existed); ValueError if unreadable."""
+    if not (step_dir / MANIFEST).is_file():
+        return None
+    saved = json.loads((step_dir / MANIFEST).read_text())
+    if "files" in saved:
+        return saved["files"]
+    return {rel: {"bytes": size} for rel, size in saved.items()}  # sizes only
+
+
+def has_checksums(step_dir: Path) -> bool:
+    """Whether a step's manifest records checksums (saved by this version or later)."""
+    try:
+        files = _manifest(step_dir)
+    except ValueError:
+        return False
+    return bool(files) and all("crc32" in entry for entry in files.values())
+
+
 def _size_problem(step_dir: Path) -> str | None:
     """A file of the manifest missing or of another size than saved (checkpoints saved before
     manifests existed have only the other checks)."""
-    if not (step_dir / MANIFEST).is_file():
-        return None
     try:
-        sizes = json.loads((step_dir / MANIFEST).read_text())
+        files = _manifest(step_dir)
     except ValueError:
         return f"{MANIFEST} is not valid JSON"
-    for rel, size in sorted(sizes.items()):
+    if files is None:
+        return None
+    for rel, size in sorted((rel, entry["bytes"]) for rel, entry in files.items()):
         path = step_dir / rel
         if not path.is_file():
             return f"{rel} is missing"
         if path.stat().st_size != size:
             return f"{rel} is {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+    return None
+
+
+def _checksum_problem(step_dir: Path) -> str | None:
+    """A file whose content no longer matches its checksum (same-size damage); run after the
+    cheap checks passed, so the manifest is readable and every file has its size."""
+    for rel, entry in sorted(_manifest(step_dir).items() if has_checksums(step_dir) else []):
+        if (actual := crc32(step_dir / rel)) != entry["crc32"]:
+            return f"{rel} has checksum {actual}, {entry['crc32']} when saved (its content changed)"
     return None
 
 
@@ -278,8 +365,19 @@ def step_folders(directory: str | Path) -> dict[int, Path]:
 
 
 def intact_steps(directory: str | Path) -> list[int]:
-    """The steps of `directory` that pass `damage`, oldest first; read-only."""
+    """The steps of `directory` that pass `damage`'s cheap checks, oldest first; read-only."""
     return sorted(s for s, p in step_folders(directory).items() if damage(p) is None)
+
+
+def _problems_verified(folder: Path) -> dict[int, str | None]:
+    """Step -> its problem (None if intact): the cheap checks on every step, the checksums on
+    the newest intact one, and on the one before it while they fail."""
+    problems = {s: damage(p) for s, p in step_folders(folder).items()}
+    for step in sorted((s for s, problem in problems.items() if problem is None), reverse=True):
+        problems[step] = _checksum_problem(folder / str(step))
+        if problems[step] is None:
+            break
+    return problems
 
 
 def clean(directory: str | Path, keep: int) -> None:
@@ -291,7 +389,7 @@ def clean(directory: str | Path, keep: int) -> None:
     for tmp in sorted(p for p in folder.iterdir() if TMP_MARKER in p.name):
         logging.warning("Removing %s: a checkpoint save that never finished.", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-    problems = {s: damage(p) for s, p in step_folders(folder).items()}
+    problems = _problems_verified(folder)
     intact = sorted(s for s, problem in problems.items() if problem is None)
     oldest_kept = intact[-keep] if len(intact) >= keep else -1
     for step, problem in sorted(problems.items()):
@@ -326,8 +424,10 @@ def latest_complete_step(directory: str | Path) -> int | None:
 
 
 def saved_param_shapes(step_dir: str | Path) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Parameter path -> shape of one checkpoint step, read from its metadata alone."""
-    tree = ocp.PyTreeCheckpointer().metadata(Path(step_dir) / "state").item_metadata.tree
+    """Parameter path -> shape of one checkpoint step, read from its metadata alone (through
+    the handler: a checkpointer would also look for step metadata in `state/`, which only the
+    step folder has, and warn on every resume)."""
+    tree = ocp.PyTreeCheckpointHandler().metadata(Path(step_dir) / "state").tree
     flat = {}
 
     def visit(prefix, node):

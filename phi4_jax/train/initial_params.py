@@ -5,8 +5,8 @@ Hugging Face directory; empty means a fresh initialization.
 Only parameters are taken: the optimizer, schedule and data position start afresh. They are
 restored onto the current run's mesh, whatever mesh saved them, and the current model
 config (a new RoPE base, say) applies to them. `locate` and `check` run at start-up and read
-metadata only, so a missing path or a checkpoint of another size is refused before
-anything is allocated or compiled.
+metadata and checksums only, so a missing path, a damaged checkpoint or one of another size
+is refused before anything is allocated or compiled.
 """
 
 from __future__ import annotations
@@ -61,13 +61,17 @@ def _latest_step(folder: Path) -> int | None:
 
 
 def check(source: InitialCheckpoint, abstract_params: Any, model_cfg: ModelConfig) -> None:
-    """Refuses a checkpoint whose parameters do not have the run's shapes."""
+    """Refuses a damaged checkpoint, or one whose parameters do not have the run's shapes."""
     if source.kind == "hf":
         try:
             hf.check_hf_checkpoint(source.path, model_cfg)
         except hf.HFCheckpointError as error:
             raise ConfigError(f"init_from: {error}") from error
         return
+    if problem := checkpoint.damage(source.path, verify=True):
+        raise ConfigError(
+            f"init_from={str(source.path)!r} is a damaged checkpoint ({problem}); point init_from "
+            f"at another step folder of that run.")
     saved = checkpoint.saved_param_shapes(source.path)
     wanted = {path: tuple(leaf.shape) for path, leaf in _flat(abstract_params).items()}
     for name in sorted(set(wanted) | set(saved)):

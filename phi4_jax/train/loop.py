@@ -84,7 +84,8 @@ def step_frozen(run: Run, backbone: Any, stage_frozen: Any) -> Any:
 class _StopSignal:
     """Turns SIGTERM (preemption) and Ctrl-C (SIGINT) into a flag the loop checks between
     steps: it saves a checkpoint and exits cleanly. A second Ctrl-C aborts at once
-    (KeyboardInterrupt, nothing more saved).
+    (KeyboardInterrupt, nothing more saved). The handler only sets the flag: the loop logs,
+    since a handler that logs can interrupt the log file's own write and re-enter it.
 
     Single-process only: on multi-host runs JAX's preemption service catches SIGTERM itself
     and `reached_preemption` agrees on one step for every host, which a per-host flag cannot
@@ -103,8 +104,6 @@ class _StopSignal:
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
-        logging.warning("%s received: saving a checkpoint after this step, then exiting "
-                        "(Ctrl-C again aborts without saving).", self.received)
 
     def restore(self) -> None:
         for signum, previous in self._previous.items():
@@ -119,9 +118,9 @@ def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpoint
     if not math.isfinite(metrics["loss"]):
         checkpointer.wait()
         raise TrainingDivergedError(
-            f"loss is {metrics['loss']} at step {step}; stopping without saving. The newest "
-            f"checkpoint ({checkpointer.latest_step()}) is intact: lower train.lr, raise "
-            f"train.warmup_steps or check the data, then resume.")
+            f"loss is {metrics['loss']} at step {step}; stopping without saving. "
+            f"{checkpointer.latest_verdict()}: lower train.lr, raise train.warmup_steps or "
+            f"check the data, then resume.")
 
 
 def _throughput(run: Run, tokens_per_step: int, steps: int, seconds: float) -> dict[str, float]:
@@ -361,6 +360,10 @@ class _Loop:
                     history.append(scores)
             preempted = self.stop.received or checkpointer.reached_preemption(step)
             final = step >= min(last_step, config.train.steps)
+            if preempted:
+                logging.warning("%s received: saving a checkpoint at step %d, then exiting "
+                                "(Ctrl-C again aborts without saving).",
+                                self.stop.received or "preemption", step)
             if preempted or final or checkpointer.should_save(step):
                 _check_finite(_to_host(pending), step, checkpointer)  # never save a NaN state
                 checkpointer.save(step, state, data_iter, meta, force=preempted or final)

@@ -3,7 +3,10 @@ line per log step, checkpoint and warning), the full log in the workdir, and Ten
 files, written by process 0.
 
 The console shows phi4_jax's own messages and other libraries' warnings, without their
-tracebacks; other libraries' INFO lines (orbax, JAX, grain) and every traceback go to
+tracebacks; other libraries' INFO lines (orbax, JAX, grain), every record of orbax and asyncio
+(a failed save's errors from each of its threads: phi4_jax reports the failure in one line),
+exceptions raised where Python cannot deliver them (`sys.unraisablehook`: tensorstore's
+callbacks into a closed event loop after a failed save) and every traceback go to
 `<workdir>/logs/process_<i>.log` only, unless `verbose` (`--verbose` or PHI4_VERBOSE=1).
 """
 
@@ -23,8 +26,15 @@ FILE_FORMAT = "%(levelname).1s%(asctime)s %(process)d %(name)s %(filename)s:%(li
 NOT_ON_CONSOLE = {"console": False}  # `extra=` for records already shown another way
 
 
+QUIET_SOURCES = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}")  # log file only
+
+
 def _is_ours(record: logging.LogRecord) -> bool:
     return record.pathname.startswith(PACKAGE_DIR)
+
+
+def _is_quiet(record: logging.LogRecord) -> bool:
+    return any(source in record.pathname for source in QUIET_SOURCES)
 
 
 class _Console(logging.Handler):
@@ -38,7 +48,9 @@ class _Console(logging.Handler):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "console", True):
             return False
-        return self.verbose or _is_ours(record) or record.levelno >= logging.WARNING
+        if self.verbose or _is_ours(record):
+            return True
+        return record.levelno >= logging.WARNING and not _is_quiet(record)
 
     def format(self, record: logging.LogRecord) -> str:
         if self.verbose:
@@ -55,12 +67,22 @@ class _Console(logging.Handler):
 
 
 def configure_console(verbose: bool) -> None:
-    """Replaces the root logger's handlers (absl's) with the quiet console."""
+    """Replaces the root logger's handlers (absl's) with the quiet console; unless `verbose`,
+    exceptions Python cannot raise anywhere go to the log file."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(_Console(verbose))
     root.setLevel(logging.INFO)
+    sys.unraisablehook = sys.__unraisablehook__ if verbose else _log_unraisable
+
+
+def _log_unraisable(unraisable) -> None:
+    """An exception raised where no caller can take it (a callback, a finalizer): logged to
+    the log file only, with its traceback."""
+    logging.warning("%s: %s", unraisable.err_msg or "Exception ignored", unraisable.exc_value,
+                    exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+                    extra=NOT_ON_CONSOLE)
 
 
 def log_to_file(path: str | None) -> None:
