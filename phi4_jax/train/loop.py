@@ -1,11 +1,11 @@
 """The one training loop every stage runs: the side effects (data, metrics, checkpoints,
 signals) around the pure step, with the stage's loss, batches and frozen state plugged in.
 
-Start-up, cheapest check first: workdir -> config (the shared keys, the data config, then the
-stage's own sections as its builder builds it) -> mesh -> memory estimate (with the stage's
-frozen state) -> abstract state and shardings -> the workdir's checkpoints checked (a finished
-run stops here) -> initial checkpoint located and checked (metadata only) -> frozen state and
-data -> the state, restored from the newest intact checkpoint of the workdir, else from
+Start-up, cheapest check first: workdir -> config (the shared keys, then the stage's own
+sections as its builder builds it) -> mesh -> memory estimate (with the stage's frozen
+state) -> abstract state and shardings -> the data config and its files -> the workdir's
+checkpoints checked (a finished run stops here) -> initial checkpoint located and checked
+(metadata only) -> frozen state and data -> the state, restored from the newest intact checkpoint of the workdir, else from
 `init_from`'s parameters, else freshly initialized, always in its shards -> train.
 
 With LoRA the step trains the adapters alone and reads the backbone as frozen input: the
@@ -238,11 +238,10 @@ def plan(config: ml_collections.ConfigDict,
     """Every check of the config, once, then the stage and the run planned for it (nothing
     loaded or compiled; a run that cannot fit is refused here)."""
     model_cfg = config_base.validate_config(config)
-    data_cfg = checked_data(config)
     stage = build(config, model_cfg)
     run = build_run(config, model_cfg=model_cfg, sequences_per_row=stage.sequences_per_row,
                     frozen_bytes=stage.frozen.nbytes)
-    return run, stage, data_cfg
+    return run, stage, checked_data(config)  # its files are looked at last
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
