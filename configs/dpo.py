@@ -20,7 +20,7 @@ lr 5e-7 with 50 warm-up steps, batch 256 pairs of 4096 tokens, one epoch of 850k
 
 import ml_collections
 
-from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 from phi4_jax.losses.preference import VARIANTS
 
@@ -67,6 +67,8 @@ def _apply_size(c: ml_collections.ConfigDict, size: str) -> None:
     c.train.update(lr=1e-5, warmup_steps=10, global_batch=32, seq_len=512, steps=500)
     c.eval.update(accuracy_problems=64, max_new_tokens=128)
     if size in CPU_SIZES:
-        c.train.update(lr=1e-4, global_batch=8, seq_len=256, steps=60, warmup_steps=5)
-        c.eval.update(every_steps=30, batches=2, accuracy_problems=32, max_new_tokens=96)
+        c.train.update(lr=1e-4, global_batch=8, seq_len=text_tokens(size, 256), steps=60,
+                       warmup_steps=5)
+        c.eval.update(every_steps=30, batches=2, accuracy_problems=32,
+                      max_new_tokens=text_tokens(size, 96))
         c.checkpoint.every_steps = 30

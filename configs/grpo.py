@@ -17,7 +17,7 @@ the format and length penalties (-0.5 each).
 
 import ml_collections
 
-from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 
 
@@ -37,8 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.grpo.update(group_size=8, max_new_tokens=128)
         c.eval.update(every_steps=20, batches=1, accuracy_problems=64, max_new_tokens=128)
         if size in CPU_SIZES:
-            c.train.update(global_batch=8, seq_len=256, steps=30)
-            c.grpo.update(group_size=4, max_new_tokens=96)
-            c.eval.update(every_steps=10, accuracy_problems=32, max_new_tokens=96)
+            c.train.update(global_batch=8, seq_len=text_tokens(size, 256), steps=30)
+            c.grpo.update(group_size=4, max_new_tokens=text_tokens(size, 96))
+            c.eval.update(every_steps=10, accuracy_problems=32,
+                          max_new_tokens=text_tokens(size, 96))
             c.checkpoint.every_steps = 10
     return c

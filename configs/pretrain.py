@@ -6,6 +6,8 @@ The default is the paper's recipe on a pod:
 The argument picks a size or variant and shrinks what must shrink with it:
   python -m phi4_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/phi4   # CPU, minutes
   python -m phi4_jax.main --config=configs/pretrain.py:toy --workdir=/tmp/toy     # CPU, seconds
+(`toy` is tiny on the 512-id bytes tokenizer; every stage config takes it, with the lengths
+that hold chat text 4x tiny's: config_args.text_tokens.)
   python -m phi4_jax.main --config=configs/pretrain.py:125m --workdir=...         # one GPU
   python -m phi4_jax.main --config=configs/pretrain.py:1b --workdir=...
 Ablate the mix with overrides:

@@ -25,7 +25,7 @@ rate the search estimates), 1024 new tokens, one searched response per question.
 
 import ml_collections
 
-from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config
 
 
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.mesh.tensor = 1
         c.pts.update(questions=1000, max_new_tokens=512, batch_rows=128)
     if size in CPU_SIZES:
-        c.pts.update(questions=64, max_new_tokens=96, rollouts=16, rollouts_per_round=8,
-                     batch_rows=64, response_pairs=4)
+        c.pts.update(questions=64, max_new_tokens=text_tokens(size, 96), rollouts=16,
+                     rollouts_per_round=8, batch_rows=64, response_pairs=4)
         c.log.every_steps = 8
     return c

@@ -17,7 +17,7 @@ for 8B tokens), 100 warm-up steps, linear decay, weight decay 0.1 and the refusa
 
 import ml_collections
 
-from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 
 SFT_TOKENS = 8_000_000_000
@@ -47,6 +47,8 @@ def _apply_size(c: ml_collections.ConfigDict, size: str) -> None:
                    seq_len=512, steps=2000)
     c.eval.update(accuracy_problems=64, max_new_tokens=128)
     if size in CPU_SIZES:
-        c.train.update(global_batch=8, seq_len=256, steps=150, warmup_steps=10)
-        c.eval.update(every_steps=75, batches=2, accuracy_problems=32, max_new_tokens=96)
+        c.train.update(global_batch=8, seq_len=text_tokens(size, 256), steps=150,
+                       warmup_steps=10)
+        c.eval.update(every_steps=75, batches=2, accuracy_problems=32,
+                      max_new_tokens=text_tokens(size, 96))
         c.checkpoint.every_steps = 75
