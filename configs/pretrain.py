@@ -32,7 +32,8 @@ PAPER_UNIQUE_TOKENS = {"web": 1_300_000_000_000, "web_rewrites": 290_000_000_000
                        "books": 580_000_000_000}
 PAPER_TOTAL_TOKENS = 10_000_000_000_000
 
-# Research sizes (config_args.RESEARCH_SIZES): (model size, sequence length, global batch, steps, peak lr, warm-up).
+# Research sizes (config_args.RESEARCH_SIZES): (model size, sequence length, global batch,
+# steps, peak lr, warm-up).
 # toy is tiny on the 512-id bytes tokenizer: the same run, a step in milliseconds.
 VARIANTS = {
     "tiny": ("tiny", 128, 8, 120, 3e-3, 10),

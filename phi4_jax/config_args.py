@@ -48,11 +48,12 @@ def parse_arg(arg: str | None, config: str,
             continue
         if part not in owner:
             raise ConfigArgError(f"{config}:{arg}: unknown part {part!r}; choose from "
-                                 f"{_choices(groups)}, comma-separated.")
+                                 f"{_choices(groups)}, comma-separated (no argument: the "
+                                 f"paper's recipe).")
         group = owner[part]
         if chosen[group] is not None:
-            raise ConfigArgError(f"{config}:{arg} names two {group} choices ({chosen[group]}, {part}); "
-                                 f"keep one.")
+            raise ConfigArgError(f"{config}:{arg} names two {group} choices "
+                                 f"({chosen[group]}, {part}); keep one.")
         chosen[group] = part
     return chosen
 

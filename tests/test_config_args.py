@@ -28,7 +28,7 @@ def test_parts_land_in_their_groups_in_any_order(arg, expected):
     ("tiny,toy", "configs/x.py:tiny,toy names two size choices (tiny, toy); keep one."),
     ("pts,pts", "configs/x.py:pts,pts names two round choices (pts, pts); keep one."),
     ("toy,ptss", "configs/x.py:toy,ptss: unknown part 'ptss'; choose from size (tiny, toy); "
-                 "round (pts, judge), comma-separated."),
+                 "round (pts, judge), comma-separated (no argument: the paper's recipe)."),
     ("toy,", "configs/x.py:toy, has an empty part; separate choices by single commas "
              "(size (tiny, toy); round (pts, judge))."),
 ])

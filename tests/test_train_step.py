@@ -61,7 +61,7 @@ def test_loss_sum_against_numpy():
 
 def _config(mesh=(1, 1, 1), microbatches=1):
     c = config_base.base_config()
-    c.model.size = "tiny"
+    c.model.size = "toy"
     c.train.update(seq_len=16, global_batch=8, microbatches=microbatches, steps=10, lr=1e-2,
                    warmup_steps=0, eps=1e-4)
     c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
@@ -70,7 +70,7 @@ def _config(mesh=(1, 1, 1), microbatches=1):
 
 def _random_batch(seed=0, b=8, t=16):
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 100352, (b, t + 1)).astype(np.int32)
+    tokens = rng.integers(0, 512, (b, t + 1)).astype(np.int32)  # the toy vocabulary
     segments = np.ones((b, t), np.int32)
     segments[:, t // 2:] = 2  # two packed documents per row
     segments[-1, -3:] = 0  # some padding
