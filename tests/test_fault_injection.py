@@ -285,7 +285,7 @@ def test_a_failed_save_is_reported_at_once_with_the_previous_checkpoint_intact(t
 @pytest.mark.slow
 def test_a_run_whose_save_fails_stops_with_one_clear_error(tmp_path, straight):
     mount = tmp_path / "mnt"
-    _mount_tmpfs(mount, "150m")  # the step-2 checkpoint (~95 MB) fits, a second does not
+    _mount_tmpfs(mount, "3m")  # the step-2 checkpoint (~1.7 MB) fits, a second does not
     try:
         workdir = mount / "run"
         checkpoints_up_to(straight, workdir, 2)
