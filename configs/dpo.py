@@ -1,6 +1,6 @@
 r"""Phi-4 DPO (report sections 4.2-4.3): preference pairs, on the SFT model as reference.
 
-The argument is a size of configs/pretrain.py and/or a variant, comma-separated:
+The argument is a size of configs/pretrain.py, a loss and/or a round, comma-separated:
   python -m phi4_jax.main --config=configs/dpo.py:pts --workdir=... \
       --config.init_from=gs://bucket/phi4-sft --config.data.sources.pairs.paths='/pts/*.jsonl'
   python -m phi4_jax.main --config=configs/dpo.py:judge --workdir=... --config.init_from=...
@@ -20,6 +20,7 @@ lr 5e-7 with 50 warm-up steps, batch 256 pairs of 4096 tokens, one epoch of 850k
 
 import ml_collections
 
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 from phi4_jax.losses.preference import VARIANTS
 
@@ -29,10 +30,10 @@ ROUNDS = ("pts", "judge")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or "").split(",") if p]
-    variants = [p for p in parts if p in VARIANTS + ROUNDS]
-    sizes = [p for p in parts if p not in variants]
-    c = load_config("configs/pretrain.py", sizes[0] if sizes else None)
+    parts = parse_arg(arg, "configs/dpo.py",
+                      {"size": RESEARCH_SIZES, "loss": VARIANTS, "round": ROUNDS})
+    size = parts["size"]
+    c = load_config("configs/pretrain.py", size)
     c.stage = "dpo"
     c.train.update(lr=5e-7, warmup_steps=50, global_batch=256, seq_len=4096, weight_decay=0.0,
                    steps=JUDGE_PAIRS // 256)
@@ -41,10 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "refusal": source_spec("synthetic_unanswerable")})
     c.data.mix = ml_collections.ConfigDict({"pairs": 1 - REFUSAL_SHARE, "refusal": REFUSAL_SHARE})
     c.eval.at_start = True
-    for variant in variants:
-        _apply_variant(c, variant)
-    if sizes:
-        _apply_size(c, sizes[0])
+    for variant in (parts["loss"], parts["round"]):
+        if variant:
+            _apply_variant(c, variant)
+    if size:
+        _apply_size(c, size)
     return c
 
 
@@ -64,7 +66,9 @@ def _apply_size(c: ml_collections.ConfigDict, size: str) -> None:
     c.data.sources.pairs = source_spec("synthetic")
     c.train.update(lr=1e-5, warmup_steps=10, global_batch=32, seq_len=512, steps=500)
     c.eval.update(accuracy_problems=64, max_new_tokens=128)
-    if size == "tiny":
-        c.train.update(lr=1e-4, global_batch=8, seq_len=256, steps=60, warmup_steps=5)
-        c.eval.update(every_steps=30, batches=2, accuracy_problems=32, max_new_tokens=96)
+    if size in CPU_SIZES:
+        c.train.update(lr=1e-4, global_batch=8, seq_len=text_tokens(size, 256), steps=60,
+                       warmup_steps=5)
+        c.eval.update(every_steps=30, batches=2, accuracy_problems=32,
+                      max_new_tokens=text_tokens(size, 96))
         c.checkpoint.every_steps = 30

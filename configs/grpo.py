@@ -17,11 +17,13 @@ the format and length penalties (-0.5 each).
 
 import ml_collections
 
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = load_config("configs/reasoning_sft.py", arg)
+    size = parse_arg(arg, "configs/grpo.py", {"size": RESEARCH_SIZES})["size"]
+    c = load_config("configs/reasoning_sft.py", size)
     c.stage = "grpo"
     c.train.update(lr=5e-8, warmup_steps=0, weight_decay=0.0, global_batch=64, steps=90)
     c.grpo.max_new_tokens = 4096
@@ -29,14 +31,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "problems": source_spec("jsonl", paths="/data/phi4/grpo/*.jsonl")})
     c.data.mix = ml_collections.ConfigDict({"problems": 1.0})
     c.eval.at_start = True
-    if arg:
+    if size:
         c.data.sources.problems = source_spec("synthetic")
         c.train.update(lr=1e-4, global_batch=16, seq_len=384, steps=60)
         c.grpo.update(group_size=8, max_new_tokens=128)
         c.eval.update(every_steps=20, batches=1, accuracy_problems=64, max_new_tokens=128)
-        if arg == "tiny":
-            c.train.update(global_batch=8, seq_len=256, steps=30)
-            c.grpo.update(group_size=4, max_new_tokens=96)
-            c.eval.update(every_steps=10, accuracy_problems=32, max_new_tokens=96)
+        if size in CPU_SIZES:
+            c.train.update(global_batch=8, seq_len=text_tokens(size, 256), steps=30)
+            c.grpo.update(group_size=4, max_new_tokens=text_tokens(size, 96))
+            c.eval.update(every_steps=10, accuracy_problems=32,
+                          max_new_tokens=text_tokens(size, 96))
             c.checkpoint.every_steps = 10
     return c

@@ -11,7 +11,7 @@ documents the built-in long-range recall family:
       --config.init_from=/tmp/phi4
 
 The diff from pretraining (everything else is configs/pretrain.py's for the same argument):
-  - context x4: train.seq_len and model.max_positions 4096 -> 16384 (tiny 128 -> 512);
+  - context x4: train.seq_len and model.max_positions 4096 -> 16384 (tiny, toy 128 -> 512);
   - model.rope_theta 1e4 -> 2.5e5 (published: the released 16K model's base);
   - train.lr / 10 (published), warm-up 1/10 of pretraining's (not published);
   - 250B tokens (published); tokens per step kept, so rows per step / 4 (not published);
@@ -25,6 +25,7 @@ The diff from pretraining (everything else is configs/pretrain.py's for the same
 
 import ml_collections
 
+from phi4_jax.config_args import RESEARCH_SIZES, parse_arg
 from phi4_jax.config_base import load_config, source_spec
 
 CONTEXT_FACTOR = 4  # 4K -> 16K
@@ -33,11 +34,12 @@ LR_DIVISOR = 10
 MIDTRAIN_TOKENS = 250_000_000_000
 LONG_SHARE = 0.30
 LONG_MIN_TOKENS = 8192  # "documents longer than 8K tokens"
-MID_STEPS = {"tiny": 80, "125m": 500, "1b": 1250, "14b-4l": 100}
+MID_STEPS = {"tiny": 80, "toy": 80, "125m": 500, "1b": 1250, "14b-4l": 100}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = load_config("configs/pretrain.py", arg)
+    size = parse_arg(arg, "configs/midtrain.py", {"size": RESEARCH_SIZES})["size"]
+    c = load_config("configs/pretrain.py", size)
     c.model.rope_theta = ROPE_THETA
     c.train.seq_len *= CONTEXT_FACTOR
     c.model.max_positions = max(c.model.max_positions, c.train.seq_len)
@@ -45,8 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.lr /= LR_DIVISOR
     c.train.warmup_steps = max(c.train.warmup_steps // 10, 1)
     tokens_per_step = c.train.global_batch * c.train.seq_len
-    c.train.steps = MID_STEPS[arg] if arg else MIDTRAIN_TOKENS // tokens_per_step
-    long = (source_spec("synthetic_long_range", min_tokens=c.train.seq_len // 2) if arg else
+    c.train.steps = MID_STEPS[size] if size else MIDTRAIN_TOKENS // tokens_per_step
+    long = (source_spec("synthetic_long_range", min_tokens=c.train.seq_len // 2) if size else
             source_spec("jsonl", paths="/data/phi4/long/*.jsonl", min_tokens=LONG_MIN_TOKENS))
     replay = {name: round(weight * (1 - LONG_SHARE), 6) for name, weight in c.data.mix.items()}
     c.data.sources.long = long

@@ -5,6 +5,9 @@ The default is the paper's recipe on a pod:
       --config.data.sources.web.paths='/data/web/*.jsonl' ...
 The argument picks a size or variant and shrinks what must shrink with it:
   python -m phi4_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/phi4   # CPU, minutes
+  python -m phi4_jax.main --config=configs/pretrain.py:toy --workdir=/tmp/toy     # CPU, seconds
+(`toy` is tiny on the 512-id bytes tokenizer; every stage config takes it, with the lengths
+that hold chat text 4x tiny's: config_args.text_tokens.)
   python -m phi4_jax.main --config=configs/pretrain.py:125m --workdir=...         # one GPU
   python -m phi4_jax.main --config=configs/pretrain.py:1b --workdir=...
 Ablate the mix with overrides:
@@ -19,6 +22,7 @@ released 16K model uses 250000 after mid-training), AdamW betas (0.9, 0.95), cli
 
 import ml_collections
 
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg
 from phi4_jax.config_base import base_config, source_spec
 
 # Mix by tokens and unique tokens per source, as tabulated in the Phi-4 report.
@@ -28,9 +32,12 @@ PAPER_UNIQUE_TOKENS = {"web": 1_300_000_000_000, "web_rewrites": 290_000_000_000
                        "books": 580_000_000_000}
 PAPER_TOTAL_TOKENS = 10_000_000_000_000
 
-# Research sizes: (model size, sequence length, global batch, steps, peak lr, warm-up).
+# Research sizes (config_args.RESEARCH_SIZES): (model size, sequence length, global batch,
+# steps, peak lr, warm-up).
+# toy is tiny on the 512-id bytes tokenizer: the same run, a step in milliseconds.
 VARIANTS = {
     "tiny": ("tiny", 128, 8, 120, 3e-3, 10),
+    "toy": ("toy", 128, 8, 120, 3e-3, 10),
     "125m": ("125m", 2048, 64, 20_000, 1e-3, 1000),
     "1b": ("1b", 4096, 256, 50_000, 4e-4, 2000),
     "14b-4l": ("phi4-14b-4l", 4096, 8, 1000, 3e-4, 100),
@@ -45,6 +52,7 @@ def _paper_sources() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    size = parse_arg(arg, "configs/pretrain.py", {"size": RESEARCH_SIZES})["size"]
     c = base_config()
     c.stage = "pretrain"
     c.model.size = "phi4-14b"
@@ -66,16 +74,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batches = 16
     c.log.every_steps = 10
     c.checkpoint.every_steps = 1000
-    if arg:
-        _apply_variant(c, arg)
+    if size:
+        _apply_size(c, size)
     return c
 
 
-def _apply_variant(c: ml_collections.ConfigDict, arg: str) -> None:
-    if arg not in VARIANTS:
-        raise ValueError(f"configs/pretrain.py:{arg}: unknown variant; choose one of "
-                         f"{', '.join(VARIANTS)} (or no argument for the paper's 14B recipe).")
-    size, seq_len, batch, steps, lr, warmup = VARIANTS[arg]
+def _apply_size(c: ml_collections.ConfigDict, name: str) -> None:
+    size, seq_len, batch, steps, lr, warmup = VARIANTS[name]
     c.model.size = size
     c.train.update(seq_len=seq_len, global_batch=batch, steps=steps, lr=lr, warmup_steps=warmup)
     c.model.max_positions = max(seq_len, 4096)
@@ -83,7 +88,7 @@ def _apply_variant(c: ml_collections.ConfigDict, arg: str) -> None:
     c.data.sources.synthetic = source_spec("synthetic")
     c.data.sources.code = source_spec("python_stdlib")
     c.data.mix = ml_collections.ConfigDict({"synthetic": 0.6, "code": 0.4})
-    if arg == "tiny":
+    if name in CPU_SIZES:
         c.model.compute_dtype = "float32"
         c.model.remat_policy = "none"
         c.eval.update(every_steps=40, batches=2)

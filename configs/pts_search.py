@@ -12,7 +12,7 @@ then trains on them with PTS-DPO:
       --config.init_from=/tmp/phi4-sft --config.data.sources.pairs.kind=jsonl \
       --config.data.sources.pairs.paths='/tmp/phi4-pts/pts/pairs-*.jsonl'
 (`responses-*.jsonl` holds whole-response pairs from the same rollouts, for plain DPO.)
-The argument picks a size of configs/pretrain.py (tiny, 125m, 1b, 14b-4l) and shrinks the
+The argument picks a size of configs/pretrain.py (tiny, toy, 125m, 1b, 14b-4l) and shrinks the
 search with it; `--config.pts.task=coding` searches Python exercises graded by unit tests.
 
 Published: the recursive subdivision with the right half searched after the left half; p_gap
@@ -25,11 +25,13 @@ rate the search estimates), 1024 new tokens, one searched response per question.
 
 import ml_collections
 
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = load_config("configs/pretrain.py", arg)
+    size = parse_arg(arg, "configs/pts_search.py", {"size": RESEARCH_SIZES})["size"]
+    c = load_config("configs/pretrain.py", size)
     c.stage = "pts_search"
     c.model.remat_policy = "none"
     # Inference: the model replicated over data-parallel groups of 2-way tensor parallelism
@@ -37,11 +39,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.update(data=-1, fsdp=1, tensor=2)
     c.pts.update(questions=100_000, batch_rows=256, max_new_tokens=1024)
     c.log.every_steps = 10
-    if arg:
+    if size:
         c.mesh.tensor = 1
         c.pts.update(questions=1000, max_new_tokens=512, batch_rows=128)
-    if arg == "tiny":
-        c.pts.update(questions=64, max_new_tokens=96, rollouts=16, rollouts_per_round=8,
-                     batch_rows=64, response_pairs=4)
+    if size in CPU_SIZES:
+        c.pts.update(questions=64, max_new_tokens=text_tokens(size, 96), rollouts=16,
+                     rollouts_per_round=8, batch_rows=64, response_pairs=4)
         c.log.every_steps = 8
     return c

@@ -14,6 +14,7 @@ context. The RoPE base for 32K is this project's documented choice, not a publis
 
 import ml_collections
 
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg
 from phi4_jax.config_base import load_config
 
 REASONING_CONTEXT = 32_768
@@ -21,14 +22,15 @@ REASONING_ROPE_THETA = 500_000.0
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = load_config("configs/sft.py", arg)
+    size = parse_arg(arg, "configs/reasoning_sft.py", {"size": RESEARCH_SIZES})["size"]
+    c = load_config("configs/sft.py", size)
     c.sft.template = "reasoning"
     c.train.update(lr=1e-5, warmup_steps=450, weight_decay=1e-4)
-    if not arg:
+    if not size:
         c.train.seq_len = REASONING_CONTEXT
         c.model.update(max_positions=REASONING_CONTEXT, rope_theta=REASONING_ROPE_THETA)
         c.train.global_batch = 128
         c.train.steps = 16_000
     else:
-        c.train.update(lr=1e-3 if arg == "tiny" else 3e-4, warmup_steps=10)
+        c.train.update(lr=1e-3 if size in CPU_SIZES else 3e-4, warmup_steps=10)
     return c

@@ -17,6 +17,7 @@ for 8B tokens), 100 warm-up steps, linear decay, weight decay 0.1 and the refusa
 
 import ml_collections
 
+from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 
 SFT_TOKENS = 8_000_000_000
@@ -24,7 +25,8 @@ REFUSAL_SHARE = 0.03
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = load_config("configs/pretrain.py", arg)
+    size = parse_arg(arg, "configs/sft.py", {"size": RESEARCH_SIZES})["size"]
+    c = load_config("configs/pretrain.py", size)
     c.stage = "sft"
     c.train.update(lr=1e-6, warmup_steps=100, global_batch=1024, seq_len=4096)
     c.train.steps = SFT_TOKENS // (c.train.global_batch * c.train.seq_len)
@@ -33,18 +35,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "refusal": source_spec("synthetic_unanswerable")})
     c.data.mix = ml_collections.ConfigDict({"chat": 1 - REFUSAL_SHARE, "refusal": REFUSAL_SHARE})
     c.eval.at_start = True
-    if arg:
-        _apply_variant(c, arg)
+    if size:
+        _apply_size(c, size)
     return c
 
 
-def _apply_variant(c: ml_collections.ConfigDict, arg: str) -> None:
+def _apply_size(c: ml_collections.ConfigDict, size: str) -> None:
     """Research sizes train on the built-in exercises as conversations."""
     c.data.sources.chat = source_spec("synthetic")
-    c.train.update(lr=3e-4 if arg != "tiny" else 1e-3, warmup_steps=20, global_batch=64,
+    c.train.update(lr=1e-3 if size in CPU_SIZES else 3e-4, warmup_steps=20, global_batch=64,
                    seq_len=512, steps=2000)
     c.eval.update(accuracy_problems=64, max_new_tokens=128)
-    if arg == "tiny":
-        c.train.update(global_batch=8, seq_len=256, steps=150, warmup_steps=10)
-        c.eval.update(every_steps=75, batches=2, accuracy_problems=32, max_new_tokens=96)
+    if size in CPU_SIZES:
+        c.train.update(global_batch=8, seq_len=text_tokens(size, 256), steps=150,
+                       warmup_steps=10)
+        c.eval.update(every_steps=75, batches=2, accuracy_problems=32,
+                      max_new_tokens=text_tokens(size, 96))
         c.checkpoint.every_steps = 75

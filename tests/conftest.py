@@ -1,12 +1,37 @@
-"""Test-wide setup: eight fake CPU devices, so sharded code runs on a laptop.
+"""Test-wide setup: eight fake CPU devices, so sharded code runs on a laptop; and the runs that
+several test files start from, made once per session.
 
 No persistent compilation cache: on XLA:CPU (jax 0.10.2) a sharded train step loaded warm from
 the cache deadlocked in its first all-gather ("Expected 8 threads to join the rendezvous, but
 only 1 of them arrived"), while the same step compiled fresh runs; each process compiles."""
 
+import fcntl
 import os
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+
+
+@pytest.fixture(scope="session")
+def pretrained_toy(tmp_path_factory):
+    """The workdir of a one-step toy pretraining run (a checkpoint at step 1) that mid-training,
+    post-training and LoRA tests start from. pytest-xdist workers share one: the first to take
+    the lock trains it, the others wait and reuse it; tests must not write into it."""
+    from phi4_jax import config_base, stages  # after the device flags above
+
+    shared = tmp_path_factory.getbasetemp().parent  # common to the workers of one session
+    workdir = shared / "pretrained_toy"
+    with open(shared / "pretrained_toy.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "done").exists():
+            c = config_base.load_config("configs/pretrain.py", "toy")
+            c.train.update(steps=1, seq_len=64, global_batch=8, warmup_steps=1)
+            c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
+            c.eval.update(every_steps=1, batches=1)
+            stages.run(c, str(workdir))
+            (workdir / "done").touch()
+    return workdir

@@ -36,6 +36,7 @@ def test_blockwise_passes(dtype):
     assert "blockwise vs xla" in result.describe()
 
 
+@pytest.mark.interpret
 def test_splash_in_interpret_mode_passes():
     cfg = TINY.replace(attention_impl="splash", attention_block_size=128)
     fn = functools.partial(attention_lib.fused_attention, "splash", block_size=128,

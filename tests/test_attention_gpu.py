@@ -305,6 +305,7 @@ def _triton(q, k, v, seg=TRITON_SEGMENTS):
     return attention_lib.fused_attention("pallas_triton", q, k, v, seg, interpret=True)
 
 
+@pytest.mark.interpret
 def test_pallas_triton_values_and_gradients():
     q, k, v = _qkv(seed=4, b=1, t=120)
     seg, real = TRITON_SEGMENTS, TRITON_REAL
@@ -321,6 +322,7 @@ def test_pallas_triton_values_and_gradients():
         np.testing.assert_allclose(a, b, atol=5e-5, err_msg=f"d{name}")
 
 
+@pytest.mark.interpret
 def test_pallas_triton_isolates_packed_documents():
     q, k, v = _qkv(seed=5, b=1, t=120)
     other = _qkv(seed=6, b=1, t=120)

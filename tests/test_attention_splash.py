@@ -51,6 +51,7 @@ def _numpy_attention(q, k, v, seg):
     return np.einsum("bnts,bsnh->btnh", probs, v)
 
 
+@pytest.mark.interpret
 def test_splash_values_equal_float64_reference_and_xla():
     q, k, v = _qkv(seed=0)
     got = np.asarray(_splash(q, k, v))
@@ -61,6 +62,7 @@ def test_splash_values_equal_float64_reference_and_xla():
     np.testing.assert_allclose(got[REAL], plain[REAL], atol=2e-5)
 
 
+@pytest.mark.interpret
 def test_splash_gradients_equal_xla():
     q, k, v = _qkv(seed=1)
 
@@ -74,6 +76,7 @@ def test_splash_gradients_equal_xla():
         np.testing.assert_allclose(a, b, atol=5e-5, err_msg=f"d{name}")
 
 
+@pytest.mark.interpret
 def test_splash_isolates_packed_documents():
     q, k, v = _qkv(seed=2)
     q2, k2, v2 = _qkv(seed=3)
@@ -89,6 +92,7 @@ def test_splash_isolates_packed_documents():
     np.testing.assert_allclose(np.asarray(alone)[0, :90], after[0, 70:160], atol=2e-5)
 
 
+@pytest.mark.interpret
 def test_splash_kernel_built_in_one_trace_serves_the_next():
     splash_lib._splash_kernel.cache_clear()  # pylint: disable=protected-access
     q, k, v = _qkv(seed=6)
@@ -177,6 +181,7 @@ def _pallas_calls(jaxpr):
     return found
 
 
+@pytest.mark.interpret
 def test_sharded_splash_values_and_gradients_equal_unsharded_xla():
     q, k, v = _mesh_qkv(seed=7)
     with jax.set_mesh(_mesh()), sharding.logical_rules(DEFAULT_RULES):
@@ -189,6 +194,7 @@ def test_sharded_splash_values_and_gradients_equal_unsharded_xla():
         np.testing.assert_allclose(got, want, atol=5e-5, err_msg=f"d{name}")
 
 
+@pytest.mark.interpret
 def test_sharded_splash_runs_the_kernel_on_local_rows_and_heads():
     q, k, v = _mesh_qkv(seed=8)
     mesh = _mesh()
@@ -218,6 +224,7 @@ def test_sharded_splash_runs_the_kernel_on_local_rows_and_heads():
     (DEFAULT_RULES, 1, MESH_B, "split heads 2 ways.*does not divide the 1 kv heads"),
     (DEFAULT_RULES, K, 2, "batch of 2 rows does not split over the 4 devices"),
 ])
+@pytest.mark.interpret
 def test_sharded_splash_refuses_layouts_it_cannot_run_per_device(rules, num_kv_heads, batch,
                                                                  message):
     q, k, v = _mesh_qkv(seed=9, num_kv_heads=num_kv_heads, batch=batch)
@@ -227,12 +234,14 @@ def test_sharded_splash_refuses_layouts_it_cannot_run_per_device(rules, num_kv_h
     assert "mesh.rules" in str(error.value)  # names the config key to change
 
 
+@pytest.mark.interpret
 def test_sharded_splash_without_rules_says_how_to_lay_it_out():
     q, k, v = _mesh_qkv(seed=10)
     with jax.set_mesh(_mesh()), pytest.raises(ValueError, match="inside sharding.logical_rules"):
         jax.eval_shape(_mesh_splash, q, k, v)
 
 
+@pytest.mark.interpret
 def test_sharded_splash_is_traced_afresh_when_the_rules_change():
     q, k, v = _mesh_qkv(seed=11)
     seq_split = (("batch", "data"), ("seq", "fsdp"))

@@ -91,6 +91,7 @@ def _print_config(*overrides):
     return out.stdout.splitlines()
 
 
+@pytest.mark.slow
 def test_overrides_through_flags():
     mix, lr, fsdp = _print_config("--config.data.mix.synthetic=0.5", "--config.train.lr=1e-4",
                                   "--config.mesh.fsdp=2")

@@ -33,7 +33,7 @@ def test_load_balanced_order_by_hand():
 
 def _config(data=1, fsdp=1, sequence=1, tensor=1):
     c = config_base.base_config()
-    c.model.size = "tiny"
+    c.model.size = "toy"
     c.train.update(seq_len=T, global_batch=8, steps=10, warmup_steps=0)
     c.mesh.update(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor)
     return c
@@ -42,7 +42,7 @@ def _config(data=1, fsdp=1, sequence=1, tensor=1):
 def _packed_batch(seed=0, b=8):
     """Rows of three packed documents of varied lengths and some padding."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 100352, (b, T + 1)).astype(np.int32)
+    tokens = rng.integers(0, 512, (b, T + 1)).astype(np.int32)  # the toy vocabulary
     segments = np.zeros((b, T), np.int32)
     positions = np.zeros((b, T), np.int32)
     for row in range(b):

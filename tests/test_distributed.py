@@ -188,6 +188,7 @@ def test_consistent_request_resolves_the_mesh():
     assert launch.check_request(_request("slurm", nodes=4), config) == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 2}
 
 
+@pytest.mark.slow
 def test_dry_runs_print_what_would_be_submitted_and_submit_nothing(tmp_path):
     """The CLI end to end, with sbatch, kubectl and gcloud replaced by stubs that must not run
     (refusals are checked in-process above: `main` calls `check_request` before `submit`)."""
@@ -360,6 +361,7 @@ def _free_local_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_reduce_over_a_global_mesh(tmp_path):
     try:
         port = _free_local_port()
@@ -400,6 +402,7 @@ def test_two_cpu_processes_reduce_over_a_global_mesh(tmp_path):
 
 # ---------------------------------------------------------------- launchers
 
+@pytest.mark.slow
 def test_xla_flag_set_is_accepted_by_xla():
     """Sources launch/xla_flags.sh and compiles; a removed flag must abort, or the check is void."""
     probe = "import jax; print(jax.config.jax_optimization_level, jax.jit(lambda x: x + 1)(1))"
@@ -429,6 +432,7 @@ def _run_with_fake(tool: str, script: str, env: dict[str, str], args: list[str],
     return done.stdout.splitlines()
 
 
+@pytest.mark.slow
 def test_slurm_launcher_ends_in_the_main_command(tmp_path):
     env = {"CONFIG": "configs/pretrain.py:tiny", "WORKDIR": "/runs/a b",
            "OVERRIDES": "--config.x=1", "REPO_DIR": str(REPO)}
@@ -436,6 +440,7 @@ def test_slurm_launcher_ends_in_the_main_command(tmp_path):
     assert srun_args == ["--kill-on-bad-exit=1", *MAIN, "--config.x=1", "--config.y=2"]
 
 
+@pytest.mark.slow
 def test_tpu_vm_launcher_runs_the_main_command_on_every_worker(tmp_path):
     env = {"TPU_NAME": "v5p-64", "ZONE": "us-east5-a", "CONFIG": "configs/pretrain.py:tiny",
            "WORKDIR": "/runs/a b", "OVERRIDES": "--config.x=1"}
@@ -449,6 +454,7 @@ def test_tpu_vm_launcher_runs_the_main_command_on_every_worker(tmp_path):
     assert detect_cluster({"PHI4_TPU_VM": "1"}).source == "tpu"
 
 
+@pytest.mark.slow
 def test_launcher_dry_runs_print_the_command_they_would_run(tmp_path):
     slurm_env = {"CONFIG": "configs/pretrain.py:tiny", "WORKDIR": "/runs/a b", "DRY_RUN": "1",
                  "REPO_DIR": str(REPO)}
@@ -463,6 +469,7 @@ def test_launcher_dry_runs_print_the_command_they_would_run(tmp_path):
         "PHI4_TPU_VM=1", *MAIN, "--config.y=a b"]
 
 
+@pytest.mark.slow
 def test_launchers_require_config_and_workdir(tmp_path):
     for script in ("launch/slurm.sbatch", "launch/tpu_vm.sh"):
         done = subprocess.run(["bash", str(REPO / script)], capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""Fault injection on the tiny run (CPU): kill -9, damaged and half-deleted checkpoints, failed
+"""Fault injection on the toy run (CPU): kill -9, damaged and half-deleted checkpoints, failed
 saves, bad records, Ctrl-C, user mistakes. Each test asserts the outcome (an identical resume,
 a fallback, one clear error, counts) and that no file already written was altered.
 
@@ -40,8 +40,8 @@ BAD_LINE = 20  # of 40 lines: fewer than the pre-flight reads, so it is found at
 
 
 def run_config(web_path: str, **overrides) -> ml_collections.ConfigDict:
-    """The tiny config of every run here: half synthetic, half a JSONL file with one bad line."""
-    config = config_base.load_config("configs/pretrain.py", "tiny")
+    """The toy config of every run here: half synthetic, half a JSONL file with one bad line."""
+    config = config_base.load_config("configs/pretrain.py", "toy")
     for dotted, value in {**OVERRIDES, **overrides}.items():
         section, key = dotted.split(".")
         config[section][key] = value
@@ -103,6 +103,7 @@ def checkpoints_up_to(straight, workdir: Path, last: int) -> None:
 
 # ---------------------------------------------------------------- bad records, finished runs
 
+@pytest.mark.slow
 def test_straight_run_skips_the_bad_line_and_counts_it(straight, caplog):
     history = straight["history"]
     assert sorted(losses(history)) == list(range(1, STEPS + 1))
@@ -137,6 +138,7 @@ stages.run(t.run_config({web!r}), {workdir!r})
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_resumes_to_the_identical_run(tmp_path, straight):
     checkpoints_up_to(straight, tmp_path, 2)
     kept = snapshot(tmp_path / "checkpoints" / "2")
@@ -179,6 +181,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_moved_aside_and_the_intact_one_used(tmp_path, straight,
                                                                           damage, caplog):
     checkpoints_up_to(straight, tmp_path, STEPS)
@@ -196,6 +199,7 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_intact_one_used(tmp_pa
     assert after == before  # moved, not altered or deleted
 
 
+@pytest.mark.slow
 def test_resume_after_a_damaged_checkpoint_equals_the_straight_run(tmp_path, straight, caplog):
     checkpoints_up_to(straight, tmp_path, STEPS)
     (tmp_path / "checkpoints" / "6" / "data" / "process_0-of-1.json").unlink()
@@ -209,6 +213,7 @@ def test_resume_after_a_damaged_checkpoint_equals_the_straight_run(tmp_path, str
     assert "bad records skipped: 1 in data.sources.web" in summary[0]
 
 
+@pytest.mark.slow
 def test_unfinished_saves_and_half_deleted_steps_are_cleaned(tmp_path, straight):
     """What kill -9 leaves mid-save (a temporary folder) or mid-deletion of a step older than
     the kept ones, and a partial copy with a step's name: only intact steps remain candidates,
@@ -247,6 +252,7 @@ def _save_toy(checkpointer, step: int, values: int):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's threads
 @pytest.mark.parametrize("failure", ["full disk", "read-only storage"])
+@pytest.mark.slow
 def test_a_failed_save_is_reported_at_once_with_the_previous_checkpoint_intact(tmp_path, failure):
     mount = tmp_path / "mnt"
     _mount_tmpfs(mount, "2m")
@@ -276,9 +282,10 @@ def test_a_failed_save_is_reported_at_once_with_the_previous_checkpoint_intact(t
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.slow
 def test_a_run_whose_save_fails_stops_with_one_clear_error(tmp_path, straight):
     mount = tmp_path / "mnt"
-    _mount_tmpfs(mount, "150m")  # the step-2 checkpoint (~95 MB) fits, a second does not
+    _mount_tmpfs(mount, "3m")  # the step-2 checkpoint (~1.7 MB) fits, a second does not
     try:
         workdir = mount / "run"
         checkpoints_up_to(straight, workdir, 2)
@@ -305,6 +312,7 @@ def _interrupt_at(monkeypatch, step: int, times: int) -> None:
     monkeypatch.setattr(metrics.MetricsWriter, "advance", advance_then_interrupt)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resumes_exactly(tmp_path, straight, monkeypatch):
     handler = signal.getsignal(signal.SIGINT)
     checkpoints_up_to(straight, tmp_path, 2)
@@ -319,6 +327,7 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, straight, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once_without_saving(tmp_path, straight, monkeypatch):
     checkpoints_up_to(straight, tmp_path, 2)
     before = snapshot(tmp_path / "checkpoints")
@@ -346,9 +355,10 @@ def test_second_ctrl_c_aborts_at_once_without_saving(tmp_path, straight, monkeyp
     (["--config.data.mix={'web': 1.0}", "--config.data.sources.web.paths=/nonexistent/*.jsonl"],
      "error: data.sources.web.paths: glob '/nonexistent/*.jsonl' matches no files"),
 ])
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_before_anything_is_built(tmp_path, args, message):
     result = subprocess.run(
-        [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py:tiny",
+        [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py:toy",
          f"--workdir={tmp_path}/run", *args], cwd=REPO, capture_output=True, text=True,
         timeout=300, env=subprocess_env())
     assert result.returncode == 1, result.stderr[-3000:]
@@ -358,6 +368,7 @@ def test_user_mistakes_are_one_line_before_anything_is_built(tmp_path, args, mes
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_workdir_that_is_a_file_is_refused_first(tmp_path, straight, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setattr(loop, "build_run", lambda *a, **k: pytest.fail("built a run"))

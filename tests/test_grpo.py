@@ -62,8 +62,8 @@ def test_response_rows_lay_prompt_and_response_in_the_sampler_slots():
 
 
 def _config(steps):
-    c = config_base.load_config("configs/grpo.py", "tiny")
-    c.train.update(steps=steps, global_batch=8, seq_len=192)
+    c = config_base.load_config("configs/grpo.py", "toy")
+    c.train.update(steps=steps, global_batch=8, seq_len=512)
     c.grpo.update(group_size=2, max_new_tokens=8)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
     c.eval.update(every_steps=steps, accuracy_problems=0, at_start=False)
@@ -78,6 +78,7 @@ def test_group_of_one_is_refused():
         grpo.check(c)
 
 
+@pytest.mark.slow
 def test_grpo_resume_equals_straight_run(tmp_path):
     keys = ("loss", "reward", "response_tokens", "grad_norm")
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+pytestmark = pytest.mark.hf  # parity with transformers
 torch = pytest.importorskip("torch", reason="torch is needed for the transformers reference")
 transformers = pytest.importorskip("transformers",
                                    reason="transformers provides the Phi3ForCausalLM reference")

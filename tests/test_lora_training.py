@@ -5,6 +5,7 @@ exactly; GRPO runs with its KL reference taken from the backbone."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from phi4_jax import config_base, stages
@@ -65,7 +66,7 @@ def test_dpo_with_the_backbone_as_reference_equals_an_explicit_reference_copy():
 
 
 def _sft_config(steps, init_from=""):
-    c = _lora(config_base.load_config("configs/sft.py", "tiny"))
+    c = _lora(config_base.load_config("configs/sft.py", "toy"))
     c.train.update(steps=steps, warmup_steps=1, seq_len=64, global_batch=8, lr=1e-2)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
     c.eval.update(every_steps=steps, batches=1, accuracy_problems=0, at_start=False)
@@ -74,11 +75,9 @@ def _sft_config(steps, init_from=""):
     return c
 
 
-def test_sft_trains_and_saves_only_adapters_and_resumes_exactly(tmp_path):
-    base = _sft_config(1)
-    base.lora.rank = 0
-    stages.run(base, str(tmp_path / "base"))  # a full-weight checkpoint to adapt
-    init = str(tmp_path / "base")
+@pytest.mark.slow
+def test_sft_trains_and_saves_only_adapters_and_resumes_exactly(tmp_path, pretrained_toy):
+    init = str(pretrained_toy)  # a full-weight checkpoint to adapt
     straight = stages.run(_sft_config(2, init), str(tmp_path / "straight"))
     first = stages.run(_sft_config(2, init), str(tmp_path / "resumed"), stop_at_step=1)
     second = stages.run(_sft_config(2, init), str(tmp_path / "resumed"))
@@ -89,9 +88,10 @@ def test_sft_trains_and_saves_only_adapters_and_resumes_exactly(tmp_path):
     assert len(saved) == 2 * 4  # a and b of q, v, o, down
 
 
+@pytest.mark.slow
 def test_grpo_runs_with_the_backbone_as_its_kl_reference(tmp_path):
-    c = _lora(config_base.load_config("configs/grpo.py", "tiny"))
-    c.train.update(steps=1, global_batch=8, seq_len=128)
+    c = _lora(config_base.load_config("configs/grpo.py", "toy"))
+    c.train.update(steps=1, global_batch=8, seq_len=512)
     c.grpo.update(group_size=2, max_new_tokens=8)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
     c.eval.update(every_steps=1, accuracy_problems=0, at_start=False)

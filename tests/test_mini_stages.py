@@ -30,6 +30,7 @@ def test_the_size_picks_the_mini_tokenizer():
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "dpo", "grpo"])  # sft: chat rows as dpo
+@pytest.mark.slow
 def test_every_stage_runs_at_phi4_mini_geometry(tmp_path, stage):
     history = stages.run(_config(stage), str(tmp_path))
     trained = [h for h in history if "loss" in h]

@@ -100,7 +100,7 @@ def _free_local_port() -> int:
 
 
 def start_job(workdir: Path) -> Job:
-    """Starts process 0 and 1 of `main` on the tiny config with `OVERRIDES`, sharing `workdir`."""
+    """Starts process 0 and 1 of `main` on the toy config with `OVERRIDES`, sharing `workdir`."""
     try:
         port = _free_local_port()
     except OSError as error:
@@ -113,7 +113,7 @@ def start_job(workdir: Path) -> Job:
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                PHI4_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                PHI4_NUM_PROCESSES=str(NUM_PROCESSES))
-    command = [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py:tiny",
+    command = [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py:toy",
                f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
     run_index = len(list(workdir.glob("process_0.run*.log")))
     logs = [workdir / f"process_{i}.run{run_index}.log" for i in range(NUM_PROCESSES)]
@@ -181,9 +181,9 @@ def checkpoint_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def tiny_config() -> ml_collections.ConfigDict:
+def toy_config() -> ml_collections.ConfigDict:
     """The job's config, built in this process from the same file and `OVERRIDES`."""
-    config = config_base.load_config("configs/pretrain.py", "tiny")
+    config = config_base.load_config("configs/pretrain.py", "toy")
     for dotted, value in OVERRIDES.items():
         *parents, leaf = dotted.split(".")
         node = config
@@ -201,6 +201,7 @@ def straight(tmp_path_factory) -> Job:
 
 # ---------------------------------------------------------------- tests
 
+@pytest.mark.slow
 def test_two_processes_train_and_checkpoint_together(straight):
     logged = logged_metrics(straight.output(0))
     assert sorted(s for s, m in logged.items() if "loss" in m) == list(range(1, STEPS + 1))
@@ -220,6 +221,7 @@ def test_two_processes_train_and_checkpoint_together(straight):
         assert state_files == ["process_0-of-2.json", "process_1-of-2.json"], (step, state_files)
 
 
+@pytest.mark.slow
 def test_preempted_and_resumed_run_equals_the_straight_run(straight, tmp_path):
     """SIGTERM reaches process 0 alone, so only JAX's preemption service can stop process 1:
     both must save the same step and exit 0, whenever the signal lands (a per-host flag hangs
@@ -245,12 +247,13 @@ def test_preempted_and_resumed_run_equals_the_straight_run(straight, tmp_path):
                                    rtol=1e-5, err_msg=tag)
 
 
+@pytest.mark.slow
 def test_each_process_feeds_its_own_shard_into_the_global_batch(straight):
     """Each saved iterator state is its own shard's, and step 1 trained on both shards' rows."""
     if jax.device_count() < GLOBAL_DEVICES:
         pytest.skip(f"the single-process reference needs {GLOBAL_DEVICES} devices; this test "
                     f"process has {jax.device_count()} (see tests/conftest.py)")
-    config = tiny_config()
+    config = toy_config()
     t = config.train
     local_batch = t.global_batch // NUM_PROCESSES
     first_batches = []

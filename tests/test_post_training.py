@@ -24,7 +24,7 @@ from phi4_jax.train import state as state_lib
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _dpo_config(steps=3, arg="tiny", **train):
+def _dpo_config(steps=3, arg="toy", **train):
     c = config_base.load_config("configs/dpo.py", arg)
     c.train.update(steps=steps, warmup_steps=1, seq_len=192, global_batch=8, **train)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
@@ -33,9 +33,9 @@ def _dpo_config(steps=3, arg="tiny", **train):
     return c
 
 
-def _random_pairs(b=8, t=16, seed=0):
+def _random_pairs(b=8, t=16, seed=0, vocab=512):  # the toy size's vocabulary
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 100352, (b, 2, t + 1)).astype(np.int32)
+    tokens = rng.integers(0, vocab, (b, 2, t + 1)).astype(np.int32)
     mask = np.zeros((b, 2, t), np.float32)
     mask[:, :, t // 2:t - 2] = 1.0  # a response in the middle, padding after it
     segments = np.ones((b, 2, t), np.int32)
@@ -79,6 +79,7 @@ def _losses(history):
     return [h["loss"] for h in history if "loss" in h]
 
 
+@pytest.mark.slow
 def test_dpo_resume_equals_straight_run(tmp_path):
     straight = stages.run(_dpo_config(4), str(tmp_path / "straight"))
     first = stages.run(_dpo_config(4), str(tmp_path / "resumed"), stop_at_step=2)
@@ -99,6 +100,7 @@ def _pairs_file(path, count=40):
     assert tokenizer.vocab_size
 
 
+@pytest.mark.slow
 def test_precomputed_reference_equals_on_the_fly(tmp_path):
     _pairs_file(tmp_path / "pairs.jsonl")
 
@@ -144,23 +146,24 @@ COMMON = ["--config.log.progress_bar=False", "--config.log.tensorboard=False",
           "--config.checkpoint.every_steps=100"]
 
 
+@pytest.mark.slow
 def test_pretrain_sft_dpo_chain_through_main(tmp_path):
-    code, out = _main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}/pt",
+    code, out = _main("--config=configs/pretrain.py:toy", f"--workdir={tmp_path}/pt",
                       "--config.train.steps=2", "--config.train.seq_len=64", *COMMON)
     assert code == 0, out
-    code, out = _main("--config=configs/sft.py:tiny", f"--workdir={tmp_path}/sft",
+    code, out = _main("--config=configs/sft.py:toy", f"--workdir={tmp_path}/sft",
                       f"--config.init_from={tmp_path}/pt", "--config.train.steps=2",
                       "--config.eval.accuracy_problems=2", "--config.eval.max_new_tokens=4",
                       *COMMON)
     assert code == 0, out
     assert f"sft starts from phi4 checkpoint {tmp_path}/pt/checkpoints/2" in out
     assert "step 0: accuracy=" in out and "step 2: accuracy=" in out  # before and after
-    code, out = _main("--config=configs/dpo.py:tiny,pts", f"--workdir={tmp_path}/dpo",
+    code, out = _main("--config=configs/dpo.py:toy,pts", f"--workdir={tmp_path}/dpo",
                       f"--config.init_from={tmp_path}/sft", "--config.train.steps=2", *COMMON)
     assert code == 0, out
     assert "eval_reward_accuracy=" in out
     # a checkpoint of another size is refused before anything compiles, in one line
-    code, out = _main("--config=configs/sft.py:tiny", f"--workdir={tmp_path}/wrong",
+    code, out = _main("--config=configs/sft.py:toy", f"--workdir={tmp_path}/wrong",
                       f"--config.init_from={tmp_path}/pt", "--config.model.size=125m", *COMMON)
     assert code == 1 and out.count("error: init_from=") == 1, out
     assert "model.size='125m'" in out and "Traceback" not in out

@@ -64,7 +64,7 @@ def test_a_reasoning_model_is_asked_and_checked_in_its_format():
     the think block counts, the whole-response pairs keep that prompt, and the questions
     come from pts.families."""
     tokenizer = load_tokenizer("phi4")
-    config = config_base.load_config("configs/pts_search.py", "tiny")
+    config = config_base.load_config("configs/pts_search.py", "toy")
     config.sft.template, config.pts.families = "reasoning", "modular"
     model = type("Model", (), {"sampling": type("S", (), {"stop_ids": (tokenizer.im_end_id,)})})
     search_one = job._ModelSearch(config, model, tokenizer)
@@ -140,14 +140,15 @@ def test_questions_split_over_processes_and_layouts_do_not_mix(tmp_path):
     ("max_new_tokens", 4096, "pts.max_new_tokens=4096"), ("temperature", 0.0, "temperature"),
     ("families", "modular,geometry", r"pts.families names unknown exercise families \['geometry'\]")])
 def test_bad_pts_keys_are_refused_by_name(key, value, message):
-    config = config_base.load_config("configs/pts_search.py", "tiny")
+    config = config_base.load_config("configs/pts_search.py", "toy")
     config.pts[key] = value
     with pytest.raises(config_base.ConfigError, match=message):
         job.check(config, config_base.validate_config(config))
 
 
+@pytest.mark.slow
 def test_the_stage_name_dispatches_to_the_job(tmp_path):
-    config = config_base.load_config("configs/pts_search.py", "tiny")
+    config = config_base.load_config("configs/pts_search.py", "toy")
     assert config.stage == "pts_search"
     with pytest.raises(config_base.ConfigError, match="init_from='': Pivotal Token Search"):
         stages.run(config, str(tmp_path))

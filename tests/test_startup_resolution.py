@@ -15,7 +15,7 @@ from phi4_jax.train import state as state_lib
 
 def _config(**model):
     c = config_base.base_config()
-    c.model.size = "tiny"
+    c.model.size = "toy"
     c.model.update(model)
     c.train.update(seq_len=128, global_batch=2, steps=2, warmup_steps=0, loss_chunk_tokens=32)
     c.mesh.update(data=1, fsdp=1, tensor=1)

@@ -430,6 +430,7 @@ def test_same_seed_and_index_give_the_same_exercise_in_any_order():
     assert synthetic.exercise(3, np.int64(17)) == forward[17]
 
 
+@pytest.mark.slow
 def test_exercises_are_the_same_in_another_process_with_another_hash_seed():
     indices = (0, 1, 99, 2**40 + 3)
     code = f"from phi4_jax.data import synthetic; print([synthetic.exercise(5, i) for i in {indices}])"

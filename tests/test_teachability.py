@@ -48,7 +48,7 @@ def test_subsets_limit_a_source_to_those_records(tmp_path, indexed):
 
 
 def _grpo_config(pool=6, low=0.1, high=0.9):
-    c = config_base.load_config("configs/grpo.py", "tiny")
+    c = config_base.load_config("configs/grpo.py", "toy")
     c.reasoning.update(teachable_pool=pool, teachable_samples=4, teachable_low=low,
                        teachable_high=high)
     return c
@@ -99,7 +99,7 @@ def test_off_by_default_and_refused_without_the_reasoning_template():
     run = types.SimpleNamespace(config=_grpo_config(pool=0))
     assert teachability.kept_subsets(run, None, problem_of, None, None, None, None, "") == (
         None, {})
-    c = config_base.load_config("configs/sft.py", "tiny")
+    c = config_base.load_config("configs/sft.py", "toy")
     c.reasoning.teachable_pool = 4
     with pytest.raises(config_base.ConfigError, match="sft.template=reasoning"):
         sft.check(c)
@@ -108,9 +108,10 @@ def test_off_by_default_and_refused_without_the_reasoning_template():
         teachability.check(c)
 
 
+@pytest.mark.slow
 def test_reasoning_sft_samples_filters_and_trains(tmp_path):
-    c = config_base.load_config("configs/reasoning_sft.py", "tiny")
-    c.train.update(steps=1, global_batch=8, seq_len=128, warmup_steps=1)
+    c = config_base.load_config("configs/reasoning_sft.py", "toy")
+    c.train.update(steps=1, global_batch=8, seq_len=1024, warmup_steps=1)  # traces in bytes
     c.reasoning.update(teachable_pool=3, teachable_samples=2, teachable_low=0.0,
                        teachable_high=1.0)
     c.grpo.max_new_tokens = 4
@@ -124,7 +125,7 @@ def test_reasoning_sft_samples_filters_and_trains(tmp_path):
         with np.load(tmp_path / "teachability" / f"{name}.npz") as stored:
             assert stored["indices"].tolist() == [0, 1, 2]
             assert set(stored["rates"].tolist()) <= {0.0, 0.5, 1.0}  # 2 samples each
-    assert sampling_params(c, load_tokenizer("phi4")).max_new_tokens == 4
+    assert sampling_params(c, load_tokenizer("bytes")).max_new_tokens == 4
 
 
 def test_success_rates_count_each_problems_accepted_samples(monkeypatch):

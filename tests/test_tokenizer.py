@@ -355,3 +355,56 @@ def test_phi4_mini_special_strings_in_chat_content_are_plain_text(mini, role):
     assert chat.ids[0] == MINI_SPECIALS[f"<|{role}|>"] and chat.ids[-2:] == [200020, 200019]
     assert not MINI_CONTROL_IDS & set(content_ids)
     assert mini.decode(content_ids) == text
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    return tk.load_tokenizer("bytes")
+
+
+def test_bytes_ids_are_the_utf8_bytes(byte_tokenizer):
+    # "é" is 0xC3 0xA9 in UTF-8; "<|im_end|>" in data stays its ten ASCII bytes.
+    assert byte_tokenizer.encode("Hé") == [72, 0xC3, 0xA9]
+    assert byte_tokenizer.encode("<|im_end|>") == [60, 124, 105, 109, 95, 101, 110, 100, 124, 62]
+    for text in SAMPLE_TEXTS + INJECTIONS + ["x" * 1000, " " * 300]:
+        assert byte_tokenizer.encode(text) == list(text.encode("utf-8"))
+        assert byte_tokenizer.decode(byte_tokenizer.encode(text)) == text
+    assert byte_tokenizer.encode_batch(SAMPLE_TEXTS, num_threads=2) == [
+        list(text.encode("utf-8")) for text in SAMPLE_TEXTS]
+
+
+def test_bytes_specials_fill_the_512_ids_without_holes(byte_tokenizer):
+    expected = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258, "<|im_sep|>": 259,
+                "<|pad|>": 260, **{f"<|dummy_{k}|>": 261 + k for k in range(251)}}
+    assert dict(byte_tokenizer.special_tokens) == expected
+    assert (byte_tokenizer.eot_id, byte_tokenizer.pad_id, byte_tokenizer.end_of_turn_id) == (
+        256, 260, 258)
+    assert (byte_tokenizer.im_start_id, byte_tokenizer.im_end_id, byte_tokenizer.im_sep_id) == (
+        257, 258, 259)
+    assert byte_tokenizer.encoding.n_vocab == byte_tokenizer.vocab_size == 512
+    assert [byte_tokenizer.decode([i]) for i in (65, 256, 511)] == ["A", "<|endoftext|>",
+                                                                     "<|dummy_250|>"]
+    with pytest.raises(ValueError, match="512"):
+        byte_tokenizer.decode([512])
+
+
+def test_bytes_hand_worked_chat(byte_tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo!"}]
+    chat = byte_tokenizer.encode_chat(messages)
+    user, assistant = [117, 115, 101, 114], [97, 115, 115, 105, 115, 116, 97, 110, 116]
+    assert chat.ids == ([257, *user, 259, 72, 105, 258]
+                        + [257, *assistant, 259, 89, 111, 33, 258])
+    assert chat.loss_mask == [0] * 9 + [0] * 11 + [1, 1, 1, 1]
+    assert byte_tokenizer.decode(chat.ids) == (
+        "<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Yo!<|im_end|>")
+    prompt = byte_tokenizer.encode_chat(messages[:1], add_generation_prompt=True)
+    assert prompt.ids == [257, *user, 259, 72, 105, 258, 257, *assistant, 259]
+
+
+def test_each_vocabulary_picks_one_tokenizer():
+    sizes = {name: tk.vocab_size_of(name) for name in tk.TOKENIZER_NAMES}
+    assert sizes == {"phi4": 100352, "phi4-mini": 200064, "bytes": 512}
+    assert {tk.tokenizer_for_vocab(size): name for name, size in sizes.items()} == {
+        name: name for name in sizes}
+    with pytest.raises(ValueError, match="1024 rows.*'bytes': 512"):
+        tk.tokenizer_for_vocab(1024)

@@ -61,7 +61,7 @@ def test_loss_sum_against_numpy():
 
 def _config(mesh=(1, 1, 1), microbatches=1):
     c = config_base.base_config()
-    c.model.size = "tiny"
+    c.model.size = "toy"
     c.train.update(seq_len=16, global_batch=8, microbatches=microbatches, steps=10, lr=1e-2,
                    warmup_steps=0, eps=1e-4)
     c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
@@ -70,7 +70,7 @@ def _config(mesh=(1, 1, 1), microbatches=1):
 
 def _random_batch(seed=0, b=8, t=16):
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 100352, (b, t + 1)).astype(np.int32)
+    tokens = rng.integers(0, 512, (b, t + 1)).astype(np.int32)  # the toy vocabulary
     segments = np.ones((b, t), np.int32)
     segments[:, t // 2:] = 2  # two packed documents per row
     segments[-1, -3:] = 0  # some padding
@@ -80,10 +80,24 @@ def _random_batch(seed=0, b=8, t=16):
             "loss_mask": (segments != 0).astype(np.float32)}
 
 
-def _run_steps(config, devices, batches):
+def _compiled(config, devices):
+    """A run and its jitted train step (compiled on first use, then reused)."""
     run = state_lib.build_run(config, devices)
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
         train_fn, _ = loop.compile_steps(run, evaluation.language_model_loss(run), None)
+    return run, train_fn
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """The plain one-device step the sharded, accumulated and rematted ones are checked
+    against, compiled once for all of them."""
+    return _compiled(_config(), jax.devices()[:1])
+
+
+def _run_steps(compiled, batches):
+    run, train_fn = compiled
+    with jax.set_mesh(run.mesh), logical_rules(run.rules):
         state = state_lib.init_state(run)
         losses = []
         for batch in batches:
@@ -100,11 +114,11 @@ def _run_steps(config, devices, batches):
 PARAM_ATOL = 2e-6
 
 
-def test_sharded_step_equals_single_device():
+def test_sharded_step_equals_single_device(single_device):
     batches = [_random_batch(0), _random_batch(1)]
-    single_losses, single_params, _ = _run_steps(_config(), jax.devices()[:1], batches)
-    sharded_losses, sharded_params, state = _run_steps(_config(mesh=(2, 2, 2)), jax.devices(),
-                                                       batches)
+    single_losses, single_params, _ = _run_steps(single_device, batches)
+    sharded_losses, sharded_params, state = _run_steps(
+        _compiled(_config(mesh=(2, 2, 2)), jax.devices()), batches)
     # the parameters really are spread over the 2x2x2 mesh
     up = state.params["blocks"]["mlp"]["up_DF"]
     assert up.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
@@ -114,20 +128,21 @@ def test_sharded_step_equals_single_device():
                  sharded_params, single_params)
 
 
-def test_microbatch_accumulation_equals_one_batch():
+def test_microbatch_accumulation_equals_one_batch(single_device):
     batches = [_random_batch(2)]
-    one_losses, one_params, _ = _run_steps(_config(), jax.devices()[:1], batches)
-    acc_losses, acc_params, _ = _run_steps(_config(microbatches=4), jax.devices()[:1], batches)
+    one_losses, one_params, _ = _run_steps(single_device, batches)
+    acc_losses, acc_params, _ = _run_steps(
+        _compiled(_config(microbatches=4), jax.devices()[:1]), batches)
     np.testing.assert_allclose(acc_losses, one_losses, rtol=1e-5)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=0, atol=PARAM_ATOL),
                  acc_params, one_params)
 
 
 @pytest.mark.parametrize("policy", ["full", "save_dots", "save_qkv_proj"])
-def test_remat_policies_keep_loss_and_gradients(policy):
+def test_remat_policies_keep_loss_and_gradients(single_device, policy):
     batches = [_random_batch(3)]
-    plain, _, _ = _run_steps(_config(), jax.devices()[:1], batches)
+    plain, _, _ = _run_steps(single_device, batches)
     remat_config = _config()
     remat_config.model.remat_policy = policy
-    rematted, _, _ = _run_steps(remat_config, jax.devices()[:1], batches)
+    rematted, _, _ = _run_steps(_compiled(remat_config, jax.devices()[:1]), batches)
     np.testing.assert_allclose(rematted, plain, rtol=1e-5)  # (loss, grad norm) per step

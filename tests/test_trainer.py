@@ -23,8 +23,8 @@ def _load(arg=None):
     return config_base.load_config("configs/pretrain.py", arg)
 
 
-def _tiny(steps, **train):
-    c = _load("tiny")
+def _toy(steps, **train):
+    c = _load("toy")
     c.train.update(**{"steps": steps, "seq_len": 64, "global_batch": 8, "warmup_steps": 2,
                       **train})
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
@@ -48,8 +48,9 @@ def _final_params(workdir, config):
     return jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_builtin_data(tmp_path):
-    history = stages.run(_tiny(30, lr=3e-3), str(tmp_path))
+    history = stages.run(_toy(30, lr=3e-3), str(tmp_path))
     losses = _losses(history)
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
@@ -58,35 +59,38 @@ def test_loss_falls_on_builtin_data(tmp_path):
     assert Checkpointer(f"{tmp_path}/checkpoints", keep=3, every_steps=4).latest_step() == 30
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path):
-    straight = stages.run(_tiny(8), str(tmp_path / "straight"))
-    first = stages.run(_tiny(8), str(tmp_path / "resumed"), stop_at_step=4)
-    second = stages.run(_tiny(8), str(tmp_path / "resumed"))
+    straight = stages.run(_toy(8), str(tmp_path / "straight"))
+    first = stages.run(_toy(8), str(tmp_path / "resumed"), stop_at_step=4)
+    second = stages.run(_toy(8), str(tmp_path / "resumed"))
     resumed_losses = _losses(first) + _losses(second)
     np.testing.assert_allclose(resumed_losses, _losses(straight), rtol=1e-6)
-    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "resumed", _tiny(8)),
-                 _final_params(tmp_path / "straight", _tiny(8)))
+    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "resumed", _toy(8)),
+                 _final_params(tmp_path / "straight", _toy(8)))
 
 
+@pytest.mark.slow
 def test_resume_onto_a_different_mesh(tmp_path):
-    first_mesh = _tiny(6)
+    first_mesh = _toy(6)
     first_mesh.mesh.update(data=1, fsdp=8, tensor=1)
     stages.run(first_mesh, str(tmp_path / "a"), stop_at_step=3)
-    other_mesh = _tiny(6)
+    other_mesh = _toy(6)
     other_mesh.mesh.update(data=2, fsdp=2, tensor=2)
     resumed = _losses(stages.run(other_mesh, str(tmp_path / "a")))
-    straight = _losses(stages.run(_tiny(6), str(tmp_path / "b")))
+    straight = _losses(stages.run(_toy(6), str(tmp_path / "b")))
     np.testing.assert_allclose(resumed, straight[3:], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    stages.run(_tiny(12), str(tmp_path), stop_at_step=4)
-    good = _final_params(tmp_path, _tiny(12))
-    exploding = _tiny(12, lr=1e9, grad_clip=0.0, warmup_steps=0)
+    stages.run(_toy(12), str(tmp_path), stop_at_step=4)
+    good = _final_params(tmp_path, _toy(12))
+    exploding = _toy(12, lr=1e9, grad_clip=0.0, warmup_steps=0)
     with pytest.raises(loop.TrainingDivergedError, match="intact"):
         stages.run(exploding, str(tmp_path))
     assert Checkpointer(f"{tmp_path}/checkpoints", keep=3, every_steps=4).latest_step() == 4
-    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path, _tiny(12)), good)
+    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path, _toy(12)), good)
 
 
 def test_14b_on_one_cpu_is_refused_before_compiling():
@@ -98,6 +102,7 @@ def test_14b_on_one_cpu_is_refused_before_compiling():
     assert time.perf_counter() - start < 10
 
 
+@pytest.mark.slow
 def test_main_refuses_14b_on_cpu_with_one_clear_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py",
@@ -109,9 +114,10 @@ def test_main_refuses_14b_on_cpu_with_one_clear_error(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py:tiny",
+    command = [sys.executable, "-m", "phi4_jax.main", "--config=configs/pretrain.py:toy",
                f"--workdir={tmp_path}", "--config.train.steps=100000",
                "--config.train.seq_len=64", "--config.log.every_steps=1",
                "--config.log.progress_bar=False", "--config.checkpoint.every_steps=100000"]

@@ -1,5 +1,11 @@
 """Phi-4's and Phi-4-mini's tokenizers: tiktoken's cl100k_base / o200k_base ranks, each
-release's special tokens at their released ids, and each release's chat template.
+release's special tokens at their released ids, and each release's chat template; and
+`bytes`, a 512-row vocabulary for the `toy` model size (tests, CPU experiments).
+
+`bytes` is the 256 byte values as tokens (no merges: ids are the UTF-8 bytes of the text),
+then Phi-4's ChatML specials and a pad token, then `<|dummy_k|>` up to 512 ids, and Phi-4's
+chat format. A model with it spends 32K parameters per d_model=64 on its vocabulary, not
+Phi-4's 6.4M, so a toy training step takes milliseconds on a CPU.
 
 The rank files ship inside the package and are checked against `assets/SHA256SUMS` when
 loaded, so a tokenizer never touches the network and a damaged install fails loudly.
@@ -47,8 +53,12 @@ O200K_PAT_STR = "|".join(
     ]
 )
 
+# Without merges the split changes no id; this one keeps every piece short and covers all text.
+BYTES_PAT_STR = r"""\S{1,64}|\s{1,64}"""
+
 PHI4_VOCAB_SIZE = 100352
 PHI4_MINI_VOCAB_SIZE = 200064  # o200k's ids padded by the model's embedding table.
+BYTES_VOCAB_SIZE = 512  # 256 bytes, the specials and dummies; a multiple of 128
 CHAT_ROLES = ("system", "user", "assistant")
 
 _PHI4_NAMED_SPECIALS = {
@@ -63,15 +73,26 @@ _PHI4_NAMED_SPECIALS = {
 }
 
 
-def _phi4_special_tokens() -> dict[str, int]:
-    """Named specials plus `<|dummy_k|>` filling, in order, every id above the ranks left free."""
-    named_ids = set(_PHI4_NAMED_SPECIALS.values())
-    free_ids = [i for i in range(100256, PHI4_VOCAB_SIZE) if i not in named_ids]
+_BYTES_NAMED_SPECIALS = {
+    "<|endoftext|>": 256,
+    "<|im_start|>": 257,
+    "<|im_end|>": 258,
+    "<|im_sep|>": 259,
+    "<|pad|>": 260,
+}
+
+
+def _with_dummies(named: Mapping[str, int], first_free: int, vocab_size: int) -> dict[str, int]:
+    """Named specials plus `<|dummy_k|>` filling, in order, every id from `first_free` on that
+    they leave free, so every id of the model's vocabulary decodes."""
+    named_ids = set(named.values())
+    free_ids = [i for i in range(first_free, vocab_size) if i not in named_ids]
     dummies = {f"<|dummy_{k}|>": token_id for k, token_id in enumerate(free_ids)}
-    return {**_PHI4_NAMED_SPECIALS, **dummies}
+    return {**named, **dummies}
 
 
-PHI4_SPECIAL_TOKENS: dict[str, int] = _phi4_special_tokens()
+PHI4_SPECIAL_TOKENS: dict[str, int] = _with_dummies(_PHI4_NAMED_SPECIALS, 100256, PHI4_VOCAB_SIZE)
+BYTES_SPECIAL_TOKENS: dict[str, int] = _with_dummies(_BYTES_NAMED_SPECIALS, 256, BYTES_VOCAB_SIZE)
 # o200k_base's two specials, then microsoft/Phi-4-mini-instruct's added tokens (its
 # added_tokens.json / tokenizer_config.json); ids 200029..200063 only pad the embedding.
 PHI4_MINI_SPECIAL_TOKENS: dict[str, int] = {
@@ -110,9 +131,9 @@ PHI4_MINI_CHAT = ChatFormat(role_tokens=True, turn_end="<|end|>", eos_after_chat
 
 @dataclasses.dataclass(frozen=True)
 class _TokenizerSpec:
-    """What distinguishes one named tokenizer from another."""
+    """What distinguishes one named tokenizer from another (`rank_file` None: byte ranks)."""
 
-    rank_file: str
+    rank_file: str | None
     pat_str: str
     special_tokens: Mapping[str, int]
     vocab_size: int
@@ -129,6 +150,10 @@ _SPECS = {
         "o200k_base.tiktoken", O200K_PAT_STR, PHI4_MINI_SPECIAL_TOKENS, PHI4_MINI_VOCAB_SIZE,
         pad_token="<|endoftext|>", chat=PHI4_MINI_CHAT,
     ),
+    "bytes": _TokenizerSpec(
+        None, BYTES_PAT_STR, BYTES_SPECIAL_TOKENS, BYTES_VOCAB_SIZE,
+        pad_token="<|pad|>", chat=PHI4_CHAT,
+    ),
 }
 TOKENIZER_NAMES: tuple[str, ...] = tuple(_SPECS)
 
@@ -142,7 +167,7 @@ def vocab_size_of(name: str) -> int:
 
 def tokenizer_for_vocab(vocab_size: int) -> str:
     """The tokenizer a model's embedding is sized for, so `model.size` alone picks it
-    (phi-4's 100,352 rows: 'phi4'; Phi-4-mini's 200,064: 'phi4-mini')."""
+    (phi-4's 100,352 rows: 'phi4'; Phi-4-mini's 200,064: 'phi4-mini'; toy's 512: 'bytes')."""
     names = [name for name, spec in _SPECS.items() if spec.vocab_size == vocab_size]
     if not names:
         raise ValueError(f"no tokenizer has a vocabulary of {vocab_size} rows; the sizes are "
@@ -334,7 +359,7 @@ def _build_tokenizer(name: str, spec: _TokenizerSpec, ranks: dict[bytes, int]) -
 
 
 def load_tokenizer(name: str = "phi4") -> Phi4Tokenizer:
-    """The named tokenizer ('phi4' or 'phi4-mini'), built once per process."""
+    """The named tokenizer ('phi4', 'phi4-mini' or 'bytes'), built once per process."""
     if name not in _SPECS:
         raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(_SPECS)}")
     return _cached_tokenizer(name)
@@ -342,7 +367,11 @@ def load_tokenizer(name: str = "phi4") -> Phi4Tokenizer:
 
 @functools.cache
 def _cached_tokenizer(name: str) -> Phi4Tokenizer:
-    """Builds a tokenizer from its packaged, hash-checked rank file; cached on the name alone."""
+    """Builds a tokenizer from its packaged, hash-checked rank file (or the byte ranks);
+    cached on the name alone."""
     spec = _SPECS[name]
-    ranks = _load_ranks(ASSETS_DIR / spec.rank_file, _packaged_sha256(spec.rank_file))
+    if spec.rank_file is None:
+        ranks = {bytes([value]): value for value in range(256)}
+    else:
+        ranks = _load_ranks(ASSETS_DIR / spec.rank_file, _packaged_sha256(spec.rank_file))
     return _build_tokenizer(name, spec, ranks)

@@ -161,7 +161,9 @@ MINI_TINY_LONG_ROPE = LongRoPE(short_factor=(1.0,) * 6, long_factor=(1.0, 1.5, 2
 # Named sizes. phi4-14b and phi4-mini are the released geometries (rope base of the
 # released 16K phi-4; the 4K pretraining base is set by configs/pretrain.py). The research
 # sizes keep Phi-4's vocabulary and head layout at smaller width and depth; mini-tiny is
-# Phi-4-mini's (o200k vocabulary, 0.75 rotary fraction, tied head, LongRoPE) at tiny width.
+# Phi-4-mini's (o200k vocabulary, 0.75 rotary fraction, tied head, LongRoPE) at tiny width;
+# toy is tiny's body on the 512-id `bytes` tokenizer (tiny is 99% vocabulary), for tests and
+# CPU experiments where a step should take milliseconds.
 _SIZES: dict[str, dict] = {
     "phi4-14b": dict(num_layers=40, d_model=5120, num_heads=40, num_kv_heads=10, ffn_dim=17920,
                      vocab_size=100352, max_positions=16384, rope_theta=250_000.0),
@@ -178,6 +180,8 @@ _SIZES: dict[str, dict] = {
                  vocab_size=100352, max_positions=4096),
     "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=192,
                  vocab_size=100352, max_positions=1024),
+    "toy": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=192,
+                vocab_size=512, max_positions=1024),
     "mini-tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=192,
                       vocab_size=200064, max_positions=4096, rotary_fraction=0.75,
                       tie_embeddings=True, long_rope=MINI_TINY_LONG_ROPE),
