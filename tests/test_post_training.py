@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _dpo_config(steps=3, arg="toy", **train):
     c = config_base.load_config("configs/dpo.py", arg)
-    c.train.update(steps=steps, warmup_steps=1, seq_len=192, global_batch=8, **train)
+    c.train.update(steps=steps, warmup_steps=1, seq_len=512, global_batch=8, **train)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
     c.eval.update(every_steps=steps, batches=1, accuracy_problems=0, at_start=False)
     c.checkpoint.update(every_steps=2)
