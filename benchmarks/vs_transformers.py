@@ -65,7 +65,10 @@ _CHECKPOINTING = flags.DEFINE_list(
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (compilation included).")
 _TIMEOUT = flags.DEFINE_integer("timeout", 240, "Seconds one contender may take at one shape.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Tiny size on CPU: checks the script works.")
+# allow_override: phi4_jax.parallel.launch defines a --dry_run of its own (a process that
+# imports both, like the test suite, then holds one flag of that name).
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Tiny size on CPU: checks the script works.",
+                             allow_override=True)
 _WRITE = flags.DEFINE_string("write", "", "Markdown file to append the results to.")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run one contender at one shape.")
 

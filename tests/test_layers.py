@@ -27,7 +27,7 @@ from phi4_jax.data import pipeline
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "phi4_jax"
 LAYERS = (("data.synthetic",), ("errors",), ("parallel",), ("model",), ("losses",),
-          ("sampling",), ("data",), ("evals", "interop"), ("config_base",), ("train",),
+          ("sampling",), ("data",), ("evals", "interop"), ("config_base", "config_args"), ("train",),
           ("search",), ("stages",), ("main", "parallel.launch"))
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -42,7 +42,7 @@ def test_remat_auto_takes_the_cheapest_policy_that_fits(fits, caplog):
 
 
 def test_remat_auto_that_cannot_fit_is_refused_with_fixes():
-    config = _config(remat_policy="auto")
+    config = _config(remat_policy="auto", attention_impl="xla")  # auto: what fits
     config.memory.device_bytes = int(_estimate_total(config, "full") / memory.HEADROOM) - 4096
     with pytest.raises(memory.MemoryBudgetError, match="remat full"):
         state_lib.build_run(config, jax.devices()[:1])

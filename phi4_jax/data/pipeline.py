@@ -56,10 +56,12 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     split: str = "train",
+    tokenizer_name: str = "phi4",
 ) -> grain.DatasetIterator:
     """Endless iterator of this process's pretraining batches: [batch_size, seq_len] arrays of
-    `packing.ROW_KEYS`."""
-    rows_fn = functools.partial(packed_document_rows, seq_len=seq_len)
+    `packing.ROW_KEYS`, documents encoded by the named tokenizer."""
+    rows_fn = functools.partial(packed_document_rows, seq_len=seq_len,
+                                tokenizer_name=tokenizer_name)
     return make_iterator(data_cfg, rows_fn, batch_size=batch_size, process_index=process_index,
                          process_count=process_count, split=split)
 
