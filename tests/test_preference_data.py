@@ -1,6 +1,7 @@
 """Preference pairs: record validation, built-in pairs, row layout, and the scoring that feeds
 the DPO loss (shift, masks, padding, the one-forward pivotal path)."""
 
+import functools
 import json
 
 import jax
@@ -11,6 +12,7 @@ from flax import nnx
 
 from phi4_jax.data import preference, synthetic
 from phi4_jax.data.sources import BadRecordError, JsonRecord
+from phi4_jax.errors import ConfigError
 from phi4_jax.data.tokenizer import load_tokenizer
 from phi4_jax.model.config import model_config_for
 from phi4_jax.model.transformer import init_model
@@ -167,3 +169,28 @@ def test_length_normalized_is_the_mean_over_response_tokens():
                                    pair_format="sequence", length_normalize=norm)[0]
                     for norm in (False, True))
     np.testing.assert_allclose(mean, summed / np.array([4.0, 2.0]), rtol=1e-6)
+
+
+def _pair_source(seq_len, count=20):
+    """`count` built-in pairs as one source's rows at `seq_len`."""
+    import grain
+
+    from phi4_jax.data import bad_records, chat
+    bad_records.reset()
+    pair = dict(prompt="What is 12 + 30?", chosen="12 + 30 = 42. Final answer: 42",
+                rejected="12 + 30 = 52. Final answer: 52")
+    records = grain.MapDataset.source([_record(**pair) for _ in range(count)])
+    example = functools.partial(
+        preference.pair_example, tokenizer=load_tokenizer("bytes"), pair_format="sequence",
+        judged=False, weighting=preference.JudgeWeighting(), seq_len=seq_len,
+        counts=chat.Counts())
+    cfg = {"sources": {"pairs": {}}, "read_threads": 0}
+    return preference.pair_rows("pairs", records, cfg, example=example)
+
+
+def test_a_source_whose_every_pair_is_over_long_fails_at_start_up():
+    """It could never yield a row: refused when its rows are built, not a run that waits."""
+    with pytest.raises(ConfigError, match=r"data.sources.pairs: all 20 .* over-long.*"
+                                          r"train.seq_len"):
+        _pair_source(seq_len=16)
+    assert next(iter(_pair_source(seq_len=256)))["inputs"].shape == (2, 256)

@@ -30,7 +30,7 @@ from typing import Any
 
 import grain
 
-from phi4_jax.errors import Phi4Error
+from phi4_jax.errors import ConfigError, Phi4Error
 
 POLICIES = ("skip", "fail")
 PREFLIGHT_RECORDS = 64
@@ -168,9 +168,19 @@ def convert(source: str, records: grain.MapDataset, to_example: Callable[[Any], 
     """`to_example` over `records` under the source's bad-record policy; bad records are
     skipped (None, which grain's iterators drop) or stop the run with `BadRecordError`.
 
-    Reads the first `PREFLIGHT_RECORDS` records now, so a broken source fails at start-up.
+    Reads the first `PREFLIGHT_RECORDS` records now, so a broken source fails at start-up,
+    and so does one whose every record `to_example` drops as over-long (None): it would never
+    yield a row, and the run would wait on it forever.
     """
-    examples = _Converted(records, to_example, tally(Policy.of(source, spec)))
-    for index in range(min(PREFLIGHT_RECORDS, len(records))):
-        examples[index]
+    counter = tally(Policy.of(source, spec))
+    examples = _Converted(records, to_example, counter)
+    preflight = min(PREFLIGHT_RECORDS, len(records))
+    bad_before = counter.bad_reads
+    kept = sum(examples[index] is not None for index in range(preflight))
+    dropped = preflight - kept - (counter.bad_reads - bad_before)
+    if preflight and dropped and not kept:
+        raise ConfigError(
+            f"data.sources.{source}: all {dropped} of the first records read were dropped as "
+            f"over-long (no row fits train.seq_len, less grpo.max_new_tokens for GRPO "
+            f"prompts); raise --config.train.seq_len or give the source shorter records")
     return examples
