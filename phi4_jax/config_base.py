@@ -127,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.at_start = False  # also evaluate the starting model (before the first step)
     # Greedy accuracy on held-out built-in problems (0 = off); see phi4_jax.evals.verifiable.
     c.eval.accuracy_problems = 0
-    c.eval.accuracy_families = ""  # comma-separated synthetic families to draw them from; '' = all
+    # comma-separated synthetic families to draw them from; '' = all textbook ones
+    c.eval.accuracy_families = ""
     c.eval.max_new_tokens = 128
     # Held-out loss in this many equal position buckets of the row (0 = off), as metrics
     # `loss_pos<lo>-<hi>`: does the loss keep falling late in long rows? (pretrain stage)
@@ -187,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pts = ml_collections.ConfigDict()
     c.pts.task = "synthetic"  # or 'coding' (Python functions graded by unit tests, sandboxed)
     c.pts.first_question = 0  # questions [first, first + questions) of the training stream
-    c.pts.families = ""  # task 'synthetic': comma-separated exercise families; '' = all
+    c.pts.families = ""  # task 'synthetic': comma-separated exercise families; '' = all textbook ones
     c.pts.questions = 1000
     c.pts.responses_per_question = 1  # sampled responses searched per kept question
     c.pts.p_gap = 0.2
