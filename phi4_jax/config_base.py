@@ -179,6 +179,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.kl_coef = 0.001
     c.grpo.normalization = "sequence"  # or 'token'
     c.grpo.scale_by_std = True
+    # 'simple': the four values below; 'phi4_reasoning': Phi-4-reasoning-plus's length-aware
+    # reward (report section 4.1), its token lengths times reward_length_scale (1.0: the report's
+    # 31,744-token L_max; grpo.max_new_tokens / 31744 puts L_max at this run's budget).
+    c.grpo.reward = "simple"
+    c.grpo.reward_length_scale = 1.0
     c.grpo.reward_correct = 1.0
     c.grpo.reward_wrong = -0.5
     c.grpo.format_penalty = -0.5
