@@ -127,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.at_start = False  # also evaluate the starting model (before the first step)
     # Greedy accuracy on held-out built-in problems (0 = off); see phi4_jax.evals.verifiable.
     c.eval.accuracy_problems = 0
-    c.eval.accuracy_families = ""  # comma-separated synthetic families to draw them from; '' = all
+    # comma-separated synthetic families to draw them from; '' = all textbook ones
+    c.eval.accuracy_families = ""
     c.eval.max_new_tokens = 128
     # Held-out loss in this many equal position buckets of the row (0 = off), as metrics
     # `loss_pos<lo>-<hi>`: does the loss keep falling late in long rows? (pretrain stage)
@@ -178,6 +179,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.kl_coef = 0.001
     c.grpo.normalization = "sequence"  # or 'token'
     c.grpo.scale_by_std = True
+    # 'simple': the four values below; 'phi4_reasoning': Phi-4-reasoning-plus's length-aware
+    # reward (report section 4.1), its token lengths times reward_length_scale (1.0: the report's
+    # 31,744-token L_max; grpo.max_new_tokens / 31744 puts L_max at this run's budget).
+    c.grpo.reward = "simple"
+    c.grpo.reward_length_scale = 1.0
     c.grpo.reward_correct = 1.0
     c.grpo.reward_wrong = -0.5
     c.grpo.format_penalty = -0.5
@@ -187,7 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pts = ml_collections.ConfigDict()
     c.pts.task = "synthetic"  # or 'coding' (Python functions graded by unit tests, sandboxed)
     c.pts.first_question = 0  # questions [first, first + questions) of the training stream
-    c.pts.families = ""  # task 'synthetic': comma-separated exercise families; '' = all
+    c.pts.families = ""  # task 'synthetic': comma-separated exercise families; '' = all textbook ones
     c.pts.questions = 1000
     c.pts.responses_per_question = 1  # sampled responses searched per kept question
     c.pts.p_gap = 0.2

@@ -10,8 +10,9 @@ pretraining reads documents (`open_documents`), a record's text. Kinds and what 
   question only the fact answers, `long_range_exercise`), random access by index over a finite span of
   `SYNTHETIC_SPAN` (2**40) indices, so it behaves like any other MapDataset (shardable, repeatable)
   and is endless in practice. The eval split reads the next span, `[SYNTHETIC_SPAN, 2 * SYNTHETIC_SPAN)`.
-  A `synthetic` spec's `families` (comma-separated names of `synthetic.FAMILIES`, '' = all)
-  draws its exercises from those families only: a one-family run, or a mix ablation.
+  A `synthetic` spec's `families` (comma-separated family names, '' = all of `synthetic.FAMILIES`)
+  draws its exercises from those families only: a one-family run, a mix ablation, or a
+  `column_addition` drill.
 - `python_stdlib`: one `.py` file of the running interpreter's standard library (test and
   site-packages folders left out), in sorted path order.
 - `text`: one whole file per document (a book, a paper), files in sorted path order.

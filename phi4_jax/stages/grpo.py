@@ -2,7 +2,8 @@
 
 Each step reads `train.global_batch` problems, samples `grpo.group_size` responses to each
 with the current parameters (`prepare_batch`: the compiled KV-cache sampler, on-policy, no
-stale copy), scores them with the reasoning reward (`data.synthetic.reasoning`), turns rewards into
+stale copy), scores them with the reasoning reward `grpo.reward` (`data.synthetic.reasoning`: the
+simple +1/-0.5 rule, or Phi-4-reasoning-plus's length-aware one), turns rewards into
 group-relative advantages and trains on [P, G, T] rows: the prompt (left-padded to
 `train.seq_len + 1 - grpo.max_new_tokens` tokens) followed by the response, laid out in the
 same slots as when it was sampled. The loss is the clipped-ratio objective with a KL term to
@@ -16,6 +17,7 @@ step time; each evaluation: held-out greedy `accuracy` (`eval.accuracy_problems`
 from __future__ import annotations
 
 import functools
+import math
 import time
 import zlib
 
@@ -28,6 +30,7 @@ from phi4_jax.config_base import ConfigError
 from phi4_jax.data import problems, synthetic
 from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.chat import Counts
+from phi4_jax.errors import require
 from phi4_jax.losses.policy_gradient import NORMALIZATIONS, group_advantages, grpo_sums
 from phi4_jax.model import lora
 from phi4_jax.model.config import ModelConfig
@@ -56,6 +59,12 @@ def check(config: ml_collections.ConfigDict) -> None:
     if not (0 <= g.clip_low < 1 and g.clip_high >= 0 and g.kl_coef >= 0):
         raise ConfigError(f"grpo.clip_low/clip_high/kl_coef={(g.clip_low, g.clip_high, g.kl_coef)}"
                           f": clip_low in [0, 1), clip_high >= 0 and kl_coef >= 0.")
+    require(g.reward in reasoning.REWARDS, "grpo.reward", g.reward,
+            f"choose one of {reasoning.REWARDS}.")
+    scale = g.reward_length_scale
+    require(isinstance(scale, (int, float)) and not isinstance(scale, bool)
+            and math.isfinite(scale) and scale > 0, "grpo.reward_length_scale", scale,
+            "give a positive number (1.0: the report's token lengths).")
     if jax.process_count() > 1:
         raise ConfigError("stage='grpo' samples on one process for now; run it on one "
                           "host (any number of its devices).")
@@ -142,10 +151,13 @@ def prepare_batch(run: Run, batch, params, step: int):
 
 
 def rewards(run: Run, batch, out, tokenizer) -> dict[str, np.ndarray]:
+    """The `grpo.reward` of every sampled response; the length-aware one counts a response's
+    emitted tokens, its end of turn included."""
     g = run.config.grpo
     fmt = reasoning.format_for(run.config)
     rules = reasoning.RewardRules(g.reward_correct, g.reward_wrong, g.format_penalty,
                                   g.overlong_penalty)
+    length_aware = reasoning.LengthAwareRules(length_scale=g.reward_length_scale)
     table = {"total": [], "correct": [], "well_formed": []}
     for row, (question, answer) in enumerate(zip(batch["question"], batch["answer"])):
         ex = synthetic.Exercise("problem", str(question), "", str(answer))
@@ -156,7 +168,12 @@ def rewards(run: Run, batch, out, tokenizer) -> dict[str, np.ndarray]:
                                                                    tokenizer.eot_id)
             text = tokenizer.decode([t for t in emitted if t not in (tokenizer.end_of_turn_id,
                                                                      tokenizer.eot_id)])
-            score = reasoning.reward(ex, text, finished=finished, fmt=fmt, rules=rules)
+            if g.reward == "phi4_reasoning":
+                score = reasoning.length_aware_reward(ex, text, tokens=len(emitted),
+                                                      finished=finished, fmt=fmt,
+                                                      rules=length_aware)
+            else:
+                score = reasoning.reward(ex, text, finished=finished, fmt=fmt, rules=rules)
             for key in table:
                 table[key].append(getattr(score, key))
     return {key: np.asarray(v, np.float32).reshape(-1, g.group_size)

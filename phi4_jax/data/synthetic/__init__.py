@@ -9,10 +9,14 @@ Answers are integers, reduced fractions `a/b` or decimals. A question whose answ
 ("rounded to 2 decimal places"), and a question with a unit names it ("Give your answer in meters");
 `verify` reads both back from the question, so an `Exercise` needs no other fields.
 
+Families: `FAMILIES` are the textbook families, the default mix ('' in a families key); the
+`column_addition` drills (`column_addition.NAMES`: digits and operands in the name) are drawn only
+when named, so the default streams do not depend on them.
+
 Layout: this module holds the family registry and the stream; each family is a function `rng -> Exercise` in
-`arithmetic`, `algebra`, `measures`, `proportion` or `number_theory`, written with the shared wording in
-`text` and `units`; `verifier` checks responses; `reasoning` is the think-then-answer format
-and the rule-based reward of a response. The package imports nothing above it.
+`arithmetic`, `algebra`, `measures`, `proportion`, `number_theory` or `column_addition`, written with the
+shared wording in `text` and `units`; `verifier` checks responses; `reasoning` is the think-then-answer
+format and the rewards of a response. The package imports nothing above it.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
-from phi4_jax.data.synthetic import (algebra, arithmetic, long_range, measures, number_theory,
-                                     proportion)
+from phi4_jax.data.synthetic import (algebra, arithmetic, column_addition, long_range, measures,
+                                     number_theory, proportion)
 from phi4_jax.data.synthetic.text import REFUSAL, Exercise
 from phi4_jax.data.synthetic.unanswerable import WORD_FAMILIES, unanswerable
 from phi4_jax.data.synthetic.verifier import extract_final_answer, verify
@@ -44,6 +48,12 @@ _GENERATORS: dict[str, Callable[[random.Random], Exercise]] = {
     "modular": number_theory.modular,
 }
 FAMILIES: tuple[str, ...] = tuple(_GENERATORS)
+_CHOICES = f"{','.join(FAMILIES)} ('' = all of these), or {column_addition.NAMES}"
+
+
+def _generator(name: str) -> Callable[[random.Random], Exercise] | None:
+    """The exercise maker a family name selects, None for an unknown name."""
+    return _GENERATORS[name] if name in _GENERATORS else column_addition.generator(name)
 
 
 def _non_negative(name: str, value: int) -> int:
@@ -57,18 +67,16 @@ def _non_negative(name: str, value: int) -> int:
 
 
 def parse_families(names: str, key: str) -> tuple[str, ...]:
-    """The families a config value names: comma-separated family names, '' for all of them.
+    """The families a config value names: comma-separated family names, '' for all of `FAMILIES`.
 
     `key` names the config key in the error, which lists the known families.
     """
     if not isinstance(names, str):
-        raise ValueError(f"{key} is {names!r}; give comma-separated family names from "
-                         f"{','.join(FAMILIES)} ('' = all)")
+        raise ValueError(f"{key} is {names!r}; give comma-separated family names from {_CHOICES}")
     chosen = tuple(name.strip() for name in names.split(",") if name.strip())
-    unknown = [name for name in chosen if name not in _GENERATORS]
+    unknown = [name for name in chosen if _generator(name) is None]
     if unknown:
-        raise ValueError(f"{key} names unknown exercise families {unknown}; choose from "
-                         f"{','.join(FAMILIES)} ('' = all)")
+        raise ValueError(f"{key} names unknown exercise families {unknown}; choose from {_CHOICES}")
     return chosen or FAMILIES
 
 
@@ -80,12 +88,12 @@ def exercise(seed: int, index: int, families: Sequence[str] = FAMILIES) -> Exerc
     """
     seed, index = _non_negative("seed", seed), _non_negative("index", index)
     if isinstance(families, str) or not families:
-        raise ValueError(f"families must be a non-empty sequence of names from {FAMILIES}, got {families!r}")
-    unknown = [f for f in families if f not in _GENERATORS]
+        raise ValueError(f"families must be a non-empty sequence of names from {_CHOICES}, got {families!r}")
+    unknown = [f for f in families if _generator(f) is None]
     if unknown:
-        raise ValueError(f"unknown exercise families {unknown}; choose from {FAMILIES}")
+        raise ValueError(f"unknown exercise families {unknown}; choose from {_CHOICES}")
     rng = random.Random(f"phi4_jax.synthetic/{seed}/{index}")  # str seeds hash with SHA-512: same everywhere
-    return _GENERATORS[families[rng.randrange(len(families))]](rng)
+    return _generator(families[rng.randrange(len(families))])(rng)
 
 
 def unanswerable_exercise(seed: int, index: int) -> Exercise:
