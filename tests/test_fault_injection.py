@@ -514,7 +514,7 @@ CLI_RUN = ["--config.train.steps=6", "--config.train.seq_len=32", "--config.trai
            "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3"]
 
 
-def _main(workdir: Path, *args: str, config: str = "configs/pretrain.py:tiny", **kwargs):
+def _main(workdir: Path, *args: str, config: str = "configs/pretrain.py:toy", **kwargs):
     return subprocess.Popen([sys.executable, "-m", "phi4_jax.main", f"--config={config}",
                              f"--workdir={workdir}", *args], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
@@ -539,7 +539,7 @@ def _one_error_line(stderr: str, workdir: Path | None) -> str:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_full_disk_is_one_line_on_the_console_and_the_noise_goes_to_the_log(tmp_path):
     mount = tmp_path / "mnt"
-    _mount_tmpfs(mount, "150m")  # one checkpoint (~95 MB) fits, a second does not
+    _mount_tmpfs(mount, "3m")  # one checkpoint (~1.7 MB) fits, a second does not
     try:
         child = _main(mount / "run", *CLI_RUN)
         _, stderr = child.communicate(timeout=600)
@@ -615,7 +615,7 @@ def test_the_signal_handler_only_sets_a_flag():
 @pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(3))
 def test_ctrl_c_on_the_command_line_is_one_line_without_traceback(tmp_path, attempt):
-    child = _main(tmp_path / "run", *CLI_RUN[1:], "--config.train.steps=100")
+    child = _main(tmp_path / "run", *CLI_RUN[1:], "--config.train.steps=100000")
     log = tmp_path / "run" / "logs" / "process_0.log"
     deadline = time.monotonic() + 300
     while not (log.exists() and f"step {1 + attempt}:" in log.read_text()):
