@@ -371,7 +371,9 @@ def test_two_cpu_processes_reduce_over_a_global_mesh(tmp_path):
     script.write_text(_WORKER)
     base_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(_SCHEDULER_PREFIXES) and "_proxy" not in k.lower()}
-    base_env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    base_env.update(JAX_PLATFORMS="cpu",
+                    XLA_FLAGS=re.sub(r"device_count=\d+", "device_count=4",
+                                     os.environ["XLA_FLAGS"]),  # conftest's, at 4 devices
                     PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
                                                              os.environ.get("PYTHONPATH")])),
                     PHI4_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", PHI4_NUM_PROCESSES="2")

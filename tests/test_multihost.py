@@ -109,7 +109,8 @@ def start_job(workdir: Path) -> Job:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(_SCHEDULER_PREFIXES) and "_proxy" not in k.lower()}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+               XLA_FLAGS=re.sub(r"device_count=\d+", f"device_count={DEVICES_PER_PROCESS}",
+                         os.environ["XLA_FLAGS"]),  # conftest's, at 4 devices
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                PHI4_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                PHI4_NUM_PROCESSES=str(NUM_PROCESSES))

@@ -17,7 +17,7 @@ from phi4_jax.losses.lm import shift_for_next_token
 from phi4_jax.sampling.scoring import target_log_probs
 from phi4_jax.train.stage import Rows, Stage, StageData
 
-SEQ_LEN = 64
+SEQ_LEN = 256  # bytes: room for a question and its answer
 
 
 def per_row_loss(log_probs, loss_mask):
@@ -77,8 +77,8 @@ def build(config, model_cfg):
 
 
 def answer_only_config():
-    """4. Its config: the tiny pretraining config on the built-in exercises, no new keys."""
-    c = config_base.load_config("configs/pretrain.py", "tiny")
+    """4. Its config: the toy pretraining config on the built-in exercises, no new keys."""
+    c = config_base.load_config("configs/pretrain.py", "toy")
     c.stage = "answer_only"
     c.data.mix = {"synthetic": 1.0, "code": 0.0}
     c.train.update(steps=2, seq_len=SEQ_LEN, global_batch=8, warmup_steps=1)
