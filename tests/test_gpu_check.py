@@ -25,6 +25,7 @@ def _summary_rows(path: pathlib.Path) -> list[list[str]]:
             for line in lines if line.startswith("| ") and not line.startswith("| step")]
 
 
+@pytest.mark.slow
 def test_dry_run_keeps_its_budget_cuts_skips_and_summarizes(tmp_path):
     budget = 40
     env = dict(os.environ, DRY="1", BUDGET_S=str(budget), STEP_BUDGETS="kernels-other=1")

@@ -39,8 +39,9 @@ def test_dpo_with_the_backbone_as_reference_equals_an_explicit_reference_copy():
         assert stage.frozen.load(lambda: 1 / 0) is None
         frozen = loop.step_frozen(run, backbone, None)
         loss_fn = loop._with_backbone(stage.loss(run))
-        engine = accumulated_gradients(adapters, state_lib.to_global_batch(batch, run.batch_sharding),
-                                       frozen, loss_fn=loss_fn, microbatches=1)
+        engine = jax.jit(lambda a, b, f: accumulated_gradients(a, b, f, loss_fn=loss_fn,
+                                                                microbatches=1))(
+            adapters, state_lib.to_global_batch(batch, run.batch_sharding), frozen)
 
     # The reference: a separate copy of the backbone's weights in a model without adapters.
     plain_cfg = run.model_cfg.replace(lora=None)
@@ -58,7 +59,7 @@ def test_dpo_with_the_backbone_as_reference_equals_an_explicit_reference_copy():
                                         np.ones_like(batch["weight"]))
         return total / units
 
-    loss, grads = jax.value_and_grad(explicit)(adapters)
+    loss, grads = jax.jit(jax.value_and_grad(explicit))(adapters)
     np.testing.assert_allclose(engine[0], loss, rtol=1e-5)
     assert float(loss) != float(np.log(2.0))  # the policy differs from its reference
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),

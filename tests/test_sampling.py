@@ -32,13 +32,13 @@ def _generate(model, prompts, sampling, seed=0, rows=None, length=None):
 def test_greedy_equals_argmax_of_the_full_forward(model):
     out = _generate(model, PROMPTS, decode.SamplingParams(max_new_tokens=5, temperature=0.0))
     for row, prompt in enumerate(PROMPTS):
-        sequence = list(prompt)
-        for _ in range(5):
-            logits = model[0](jnp.asarray([sequence]), jnp.arange(len(sequence))[None],
-                              jnp.ones((1, len(sequence)), jnp.int32))
-            sequence.append(int(jnp.argmax(logits[0, -1])))
-        assert out.tokens[row].tolist() == sequence[len(prompt):]
-        log_probs = jax.nn.log_softmax(logits[0, -1])  # the step that chose the last token
+        # One causal forward over prompt + generated tokens scores every step of the sampler.
+        sequence = list(prompt) + out.tokens[row].tolist()
+        logits = model[0](jnp.asarray([sequence]), jnp.arange(len(sequence))[None],
+                          jnp.ones((1, len(sequence)), jnp.int32))[0]
+        chosen = logits[len(prompt) - 1:-1]  # the logits each new token was chosen from
+        assert jnp.argmax(chosen, axis=-1).tolist() == out.tokens[row].tolist()
+        log_probs = jax.nn.log_softmax(chosen[-1])  # the step that chose the last token
         assert float(out.log_probs[row, -1]) == pytest.approx(float(log_probs[sequence[-1]]),
                                                               abs=1e-5)
 
