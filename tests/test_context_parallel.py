@@ -89,12 +89,15 @@ def test_sequence_split_equals_unsplit(unsplit, mesh, monkeypatch):
                  split_grads, grads)
 
 
-def _reference_attention(q, k, v, seg, index):
-    """Float64 NumPy causal attention over packed segments, by token index; q [T, N, H]."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+def _reference_attention(q, k, v, seg, index, queries):
+    """Float64 NumPy causal attention over packed segments, by token index, at the query
+    positions `queries` (each must see at least one key); q [T, N, H]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q[queries], k, v))
     k, v = np.repeat(k, q.shape[1] // k.shape[1], 1), np.repeat(v, q.shape[1] // v.shape[1], 1)
     logits = np.einsum("tnh,snh->nts", q, k) / np.sqrt(q.shape[-1])
-    visible = (index[None, :] <= index[:, None]) & (seg[:, None] == seg[None, :]) & (seg[None] > 0)
+    at = index[queries]
+    visible = ((index[None, :] <= at[:, None]) & (seg[queries][:, None] == seg[None, :])
+               & (seg[None] > 0))
     logits = np.where(visible[None], logits, -np.inf)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     return np.einsum("nts,snh->tnh", probs / probs.sum(-1, keepdims=True), v)
@@ -115,6 +118,9 @@ def test_blockwise_equals_float64_reference_at_long_length(shards):
     got = blockwise_attention(q[:, local], k[:, order], v[:, order], seg[local][None],
                               seg[order][None], block_size=256, q_index_T=local,
                               kv_index_S=order)
-    want = _reference_attention(q[0], k[0], v[0], seg, np.arange(t))[local]
-    real = seg[local] > 0  # padding queries see nothing: garbage on every path
-    np.testing.assert_allclose(np.asarray(got[0])[real], want[real], rtol=2e-4, atol=2e-5)
+    # Padding queries see nothing (garbage on every path); of the rest, 1,024 spread over
+    # every block are checked against the float64 reference, which costs T x 1,024 each.
+    real = np.flatnonzero(seg[local] > 0)
+    checked = real[::max(1, len(real) // 1024)]
+    want = _reference_attention(q[0], k[0], v[0], seg, np.arange(t), local[checked])
+    np.testing.assert_allclose(np.asarray(got[0])[checked], want, rtol=2e-4, atol=2e-5)
