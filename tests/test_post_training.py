@@ -153,15 +153,15 @@ def test_pretrain_sft_dpo_chain_through_main(tmp_path):
     assert code == 0, out
     code, out = _main("--config=configs/sft.py:toy", f"--workdir={tmp_path}/sft",
                       f"--config.init_from={tmp_path}/pt", "--config.train.steps=2",
-                      "--config.eval.accuracy_problems=2", "--config.eval.max_new_tokens=4",
-                      *COMMON)
+                      "--config.train.seq_len=512", "--config.eval.accuracy_problems=2",
+                      "--config.eval.max_new_tokens=4", *COMMON)
     assert code == 0, out
     assert f"sft starts from phi4 checkpoint {tmp_path}/pt/checkpoints/2" in out
     assert "step 0: accuracy=" in out and "step 2: accuracy=" in out  # before and after
     code, out = _main("--config=configs/dpo.py:toy,pts", f"--workdir={tmp_path}/dpo",
                       f"--config.init_from={tmp_path}/sft", "--config.train.steps=2",
-                      "--config.eval.accuracy_problems=2", "--config.eval.max_new_tokens=4",
-                      *COMMON)
+                      "--config.train.seq_len=512", "--config.eval.accuracy_problems=2",
+                      "--config.eval.max_new_tokens=4", *COMMON)
     assert code == 0, out
     assert "eval_reward_accuracy=" in out
     # a checkpoint of another size is refused before anything compiles, in one line
