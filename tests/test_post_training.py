@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _dpo_config(steps=3, arg="toy", **train):
     c = config_base.load_config("configs/dpo.py", arg)
-    c.train.update(steps=steps, warmup_steps=1, seq_len=512, global_batch=8, **train)
+    c.train.update(steps=steps, warmup_steps=1, seq_len=320, global_batch=8, **train)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
     c.eval.update(every_steps=steps, batches=1, accuracy_problems=0, at_start=False)
     c.checkpoint.update(every_steps=2)
@@ -160,7 +160,7 @@ def test_pretrain_sft_dpo_chain_through_main(tmp_path):
     assert "step 0: accuracy=" in out and "step 2: accuracy=" in out  # before and after
     code, out = _main("--config=configs/dpo.py:toy,pts", f"--workdir={tmp_path}/dpo",
                       f"--config.init_from={tmp_path}/sft", "--config.train.steps=2",
-                      "--config.train.seq_len=512", "--config.eval.accuracy_problems=2",
+                      "--config.train.seq_len=320", "--config.eval.accuracy_problems=2",
                       "--config.eval.max_new_tokens=4", *COMMON)
     assert code == 0, out
     assert "eval_reward_accuracy=" in out
