@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ml_collections
 
-from phi4_jax.data import synthetic
+from phi4_jax.data import pipeline, synthetic
 from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.sources import SPEC_DEFAULTS
 from phi4_jax.data.tokenizer import TOKENIZER_NAMES, vocab_size_of
@@ -106,20 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1
     c.mesh.rules = DEFAULT_RULES
 
-    c.data = ml_collections.ConfigDict()
-    c.data.seed = 0
+    c.data = ml_collections.ConfigDict(pipeline.DATA_DEFAULTS)  # the keys, declared there
     c.data.sources = ml_collections.ConfigDict(
         {name: source_spec(**spec) for name, spec in BUILTIN_SOURCES.items()})
-    c.data.mix = ml_collections.ConfigDict({"synthetic": 0.6, "code": 0.4})
-    c.data.eval_holdout = 0.01
-    c.data.read_threads = 4
-    c.data.prefetch = 4
-    # The most documents one packed row may hold; the packer splits rows that would hold more.
-    # cuDNN's packed attention compiles this many segment slots in (its backward keeps
-    # B * this * N * T float32 softmax statistics per layer), so keep it small (MaxText: 32).
-    # 1 means one document per row (unpacked data, preference pairs): cuDNN then takes its
-    # public single-sequence path.
-    c.data.max_segments_per_row = 32
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50

@@ -22,8 +22,6 @@ import pathlib
 
 import pytest
 
-from phi4_jax import config_base
-from phi4_jax.data import pipeline
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "phi4_jax"
 LAYERS = (("data.synthetic",), ("errors",), ("parallel",), ("model",), ("losses",),
@@ -100,6 +98,3 @@ def test_the_built_in_tasks_import_nothing_else():
 def test_the_check_sees_an_upward_arrow(module, imported, bad):
     assert bool(upward_arrows({module: {imported}})) == bad
 
-
-def test_the_pipeline_reads_exactly_the_declared_data_keys():
-    assert tuple(config_base.base_config().data) == pipeline.DATA_KEYS

@@ -30,9 +30,22 @@ from phi4_jax.data import bad_records, length_filter, mixture, packing, sources
 from phi4_jax.data.sources import DataConfigError, EmptySplitError
 from phi4_jax.data.tokenizer import load_tokenizer
 
-# The data.* keys the pipeline reads (declared, with their defaults, in config_base).
-DATA_KEYS = ("eval_holdout", "max_segments_per_row", "mix", "prefetch", "read_threads", "seed",
-             "sources")
+# The data.* keys the pipeline reads and their defaults; config_base adds `sources` (the
+# built-in ones) to make the `data` section.
+DATA_DEFAULTS = {
+    "seed": 0,
+    "mix": {"synthetic": 0.6, "code": 0.4},
+    "eval_holdout": 0.01,
+    "read_threads": 4,
+    "prefetch": 4,
+    # The most documents one packed row may hold; the packer splits rows that would hold
+    # more. cuDNN's packed attention compiles this many segment slots in (its backward keeps
+    # B * this * N * T float32 softmax statistics per layer), so keep it small (MaxText: 32).
+    # 1 means one document per row (unpacked data, preference pairs): cuDNN then takes its
+    # public single-sequence path.
+    "max_segments_per_row": 32,
+}
+DATA_KEYS = ("sources", *DATA_DEFAULTS)
 DOCUMENTS_BUFFERED_PER_THREAD = 4
 
 # (source name, its endless records for this process, the checked data config) -> rows.
