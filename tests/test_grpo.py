@@ -63,7 +63,8 @@ def test_response_rows_lay_prompt_and_response_in_the_sampler_slots():
 
 def _config(steps):
     c = config_base.load_config("configs/grpo.py", "toy")
-    c.train.update(steps=steps, global_batch=8, seq_len=512)
+    c.reasoning.system = "Think in <think></think>, then answer."  # short prompts, short rows
+    c.train.update(steps=steps, global_batch=8, seq_len=256)
     c.grpo.update(group_size=2, max_new_tokens=8)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
     c.eval.update(every_steps=steps, accuracy_problems=0, at_start=False)

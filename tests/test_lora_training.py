@@ -92,7 +92,8 @@ def test_sft_trains_and_saves_only_adapters_and_resumes_exactly(tmp_path, pretra
 @pytest.mark.slow
 def test_grpo_runs_with_the_backbone_as_its_kl_reference(tmp_path):
     c = _lora(config_base.load_config("configs/grpo.py", "toy"))
-    c.train.update(steps=1, global_batch=8, seq_len=512)
+    c.reasoning.system = "Think in <think></think>, then answer."  # short prompts, short rows
+    c.train.update(steps=1, global_batch=8, seq_len=256)
     c.grpo.update(group_size=2, max_new_tokens=8)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
     c.eval.update(every_steps=1, accuracy_problems=0, at_start=False)
