@@ -84,13 +84,18 @@ def subprocess_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted run: its workdir, history, config and final parameters."""
-    root = tmp_path_factory.mktemp("straight")
-    config = run_config(write_web(root / "web.jsonl"))
-    history = stages.run(config, str(root / "run"))
-    return {"workdir": root / "run", "history": history, "config": config,
-            "web": config.data.sources.web.paths, "params": final_params(root / "run", config)}
+def straight(made_once):
+    """The uninterrupted run (made once per session): its workdir, history, config and final
+    parameters."""
+    def run(root):
+        history = stages.run(run_config(write_web(root / "web.jsonl")), str(root / "run"))
+        (root / "history.json").write_text(json.dumps(history, default=float))
+
+    root = made_once("fault_injection_straight", run)
+    config = run_config(str(root / "web.jsonl"))
+    return {"workdir": root / "run", "history": json.loads((root / "history.json").read_text()),
+            "config": config, "web": config.data.sources.web.paths,
+            "params": final_params(root / "run", config)}
 
 
 def checkpoints_up_to(straight, workdir: Path, last: int) -> None:

@@ -195,9 +195,10 @@ def toy_config() -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Job:
-    """One uninterrupted 6-step run, shared by the tests below."""
-    return run_job(tmp_path_factory.mktemp("straight"))
+def straight(made_once) -> Job:
+    """One uninterrupted 6-step run, shared by the tests below (and the xdist workers)."""
+    workdir = made_once("multihost_straight", run_job)
+    return Job(workdir, [], sorted(workdir.glob("process_*.run0.log")))
 
 
 # ---------------------------------------------------------------- tests
