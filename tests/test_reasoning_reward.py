@@ -140,3 +140,14 @@ def test_bad_reward_keys_are_refused_in_one_line(key, value, message):
     with pytest.raises(ConfigError) as error:
         grpo.check(config)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_the_simple_rewards_keys_are_refused_under_another_reward():
+    """They would be ignored without a word."""
+    config = _config(reward="phi4_reasoning", reward_wrong=-1.0)
+    with pytest.raises(ConfigError, match=r"^grpo.reward_wrong=-1.0: it sets the 'simple' "
+                                          r"reward, but grpo.reward='phi4_reasoning'; leave it "
+                                          r"at -0.5 or set --config.grpo.reward=simple.$"):
+        grpo.check(config)
+    grpo.check(_config(reward="simple", reward_wrong=-1.0))
+    grpo.check(_config(reward="phi4_reasoning"))

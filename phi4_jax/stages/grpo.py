@@ -16,6 +16,7 @@ step time; each evaluation: held-out greedy `accuracy` (`eval.accuracy_problems`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -41,6 +42,8 @@ from phi4_jax.train.stage import Frozen, Rows, Stage, StageData, starting_copy
 from phi4_jax.train.state import Run
 
 SEQUENCE_KEYS = ("inputs", "targets", "positions", "segment_ids")
+# The grpo.* keys of the 'simple' reward, in `reasoning.RewardRules`' field order.
+SIMPLE_REWARD_KEYS = ("reward_correct", "reward_wrong", "format_penalty", "overlong_penalty")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -61,6 +64,11 @@ def check(config: ml_collections.ConfigDict) -> None:
                           f": clip_low in [0, 1), clip_high >= 0 and kl_coef >= 0.")
     require(g.reward in reasoning.REWARDS, "grpo.reward", g.reward,
             f"choose one of {reasoning.REWARDS}.")
+    if g.reward != "simple":  # the simple rule's values would be silently ignored
+        for key, default in zip(SIMPLE_REWARD_KEYS, dataclasses.astuple(reasoning.RewardRules())):
+            require(g[key] == default, f"grpo.{key}", g[key],
+                    f"it sets the 'simple' reward, but grpo.reward={g.reward!r}; leave it at "
+                    f"{default} or set --config.grpo.reward=simple.")
     scale = g.reward_length_scale
     require(isinstance(scale, (int, float)) and not isinstance(scale, bool)
             and math.isfinite(scale) and scale > 0, "grpo.reward_length_scale", scale,
@@ -155,8 +163,7 @@ def rewards(run: Run, batch, out, tokenizer) -> dict[str, np.ndarray]:
     emitted tokens, its end of turn included."""
     g = run.config.grpo
     fmt = reasoning.format_for(run.config)
-    rules = reasoning.RewardRules(g.reward_correct, g.reward_wrong, g.format_penalty,
-                                  g.overlong_penalty)
+    rules = reasoning.RewardRules(*(g[key] for key in SIMPLE_REWARD_KEYS))
     length_aware = reasoning.LengthAwareRules(length_scale=g.reward_length_scale)
     table = {"total": [], "correct": [], "well_formed": []}
     for row, (question, answer) in enumerate(zip(batch["question"], batch["answer"])):
