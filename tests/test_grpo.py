@@ -15,6 +15,7 @@ from phi4_jax.stages import grpo
 FMT = reasoning.ReasoningFormat()
 RULES = reasoning.RewardRules()
 EX = synthetic.Exercise("x", "What is 6 x 7?", "", "42")
+SHORT_SYSTEM = "Think in <think></think>, then answer."  # short prompts: rows of 256 tokens
 
 
 @pytest.mark.parametrize("response, finished, total, correct, well_formed", [
@@ -63,7 +64,7 @@ def test_response_rows_lay_prompt_and_response_in_the_sampler_slots():
 
 def _config(steps):
     c = config_base.load_config("configs/grpo.py", "toy")
-    c.reasoning.system = "Think in <think></think>, then answer."  # short prompts, short rows
+    c.reasoning.system = SHORT_SYSTEM
     c.train.update(steps=steps, global_batch=8, seq_len=256)
     c.grpo.update(group_size=2, max_new_tokens=8)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)

@@ -19,6 +19,7 @@ from phi4_jax.train import checkpoint, loop
 from phi4_jax.train import state as state_lib
 from phi4_jax.train.step import accumulated_gradients
 
+from test_grpo import SHORT_SYSTEM
 from test_post_training import _dpo_config, _random_pairs
 
 
@@ -92,7 +93,7 @@ def test_sft_trains_and_saves_only_adapters_and_resumes_exactly(tmp_path, pretra
 @pytest.mark.slow
 def test_grpo_runs_with_the_backbone_as_its_kl_reference(tmp_path):
     c = _lora(config_base.load_config("configs/grpo.py", "toy"))
-    c.reasoning.system = "Think in <think></think>, then answer."  # short prompts, short rows
+    c.reasoning.system = SHORT_SYSTEM
     c.train.update(steps=1, global_batch=8, seq_len=256)
     c.grpo.update(group_size=2, max_new_tokens=8)
     c.log.update(every_steps=1, tensorboard=False, progress_bar=False)

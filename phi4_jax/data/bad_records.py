@@ -178,7 +178,7 @@ def convert(source: str, records: grain.MapDataset, to_example: Callable[[Any], 
     bad_before = counter.bad_reads
     kept = sum(examples[index] is not None for index in range(preflight))
     dropped = preflight - kept - (counter.bad_reads - bad_before)
-    if preflight and dropped and not kept:
+    if dropped and not kept:
         raise ConfigError(
             f"data.sources.{source}: all {dropped} of the first records read were dropped as "
             f"over-long (no row fits train.seq_len, less grpo.max_new_tokens for GRPO "
