@@ -9,6 +9,7 @@ losses step by step, and the final parameters bit for bit.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -556,6 +557,23 @@ def test_a_full_disk_is_one_line_on_the_console_and_the_noise_goes_to_the_log(tm
             or "_SignalingThread.run() raised" in log  # the noise is kept, in the log
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_log_file_that_cannot_be_written_prints_nothing_on_the_console(tmp_path, capsys):
+    """On a full disk the log file's writes fail too: no traceback per lost record."""
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    metrics.log_to_file(str(tmp_path / "logs" / "process_0.log"))
+    handler = logging.getLogger().handlers[-1]
+    try:
+        handler.stream = FullDisk()
+        logging.getLogger().error("Task exception was never retrieved")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow

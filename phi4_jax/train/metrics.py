@@ -85,12 +85,21 @@ def _log_unraisable(unraisable) -> None:
                     extra=NOT_ON_CONSOLE)
 
 
+class _LogFile(logging.FileHandler):
+    """The run's log file. A record it cannot write (a full disk) is dropped: logging's
+    default would print a traceback on the console for every one, where the run's own error
+    line already names the problem."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        del record
+
+
 def log_to_file(path: str | None) -> None:
     """Appends every record at INFO and above, tracebacks included, to `path` (None: nowhere)."""
     if path is None:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _LogFile(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     logging.getLogger().addHandler(handler)
 
