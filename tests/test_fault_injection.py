@@ -545,9 +545,11 @@ def _one_error_line(stderr: str, workdir: Path | None) -> str:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_full_disk_is_one_line_on_the_console_and_the_noise_goes_to_the_log(tmp_path):
     mount = tmp_path / "mnt"
-    _mount_tmpfs(mount, "3m")  # one checkpoint (~1.7 MB) fits, a second does not
+    # tiny, not toy: one checkpoint (~95 MB) fits and a second does not, and its large writes
+    # fail with room left for the log file's lines (toy's 80 KB writes fill the disk)
+    _mount_tmpfs(mount, "150m")
     try:
-        child = _main(mount / "run", *CLI_RUN)
+        child = _main(mount / "run", *CLI_RUN, config="configs/pretrain.py:tiny")
         _, stderr = child.communicate(timeout=600)
         assert child.returncode == 1, stderr[-3000:]
         line = _one_error_line(stderr, mount / "run")
