@@ -73,18 +73,24 @@ def sampled_responses(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
 def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
                     tokenizer: Phi4Tokenizer, *, seed: int, problems: int, max_new_tokens: int,
                     batch_size: int, fmt: ReasoningFormat | None = None,
-                    families: Sequence[str] = synthetic.FAMILIES) -> dict[str, float]:
-    """`accuracy` on answerable held-out problems of `families` and `refusal_accuracy` on a
-    quarter as many unanswerable ones. With a reasoning format the prompt asks for a think
-    block and the answer is read after it.
+                    families: Sequence[str] = synthetic.FAMILIES,
+                    refusal_problems: int | None = None) -> dict[str, float]:
+    """`accuracy` on answerable held-out problems of `families` and `refusal_accuracy` on
+    `refusal_problems` unanswerable ones (by default a quarter as many; 0 skips them). With a
+    reasoning format the prompt asks for a think block and the answer is read after it.
 
     Beside `accuracy`: `accuracy_baseline`, what always giving the problems' most common
-    answer would score, and `answer_mode_share`, the share of responses giving the model's
-    own most common final answer. A tiny model that learns one answer shows accuracy equal
+    answer would score, `answer_mode_share`, the share of responses giving the model's own
+    most common final answer, and `greedy_response_tokens`, the mean length of a response (its
+    decoded text encoded again). A tiny model that learns one answer shows accuracy equal
     to the baseline and a share near 1: a prior, not a skill."""
+    if refusal_problems is None:
+        refusal_problems = max(1, problems // 4)
     scores = {}
     for name, unanswerable, count in (("accuracy", False, problems),
-                                      ("refusal_accuracy", True, max(1, problems // 4))):
+                                      ("refusal_accuracy", True, refusal_problems)):
+        if not count:
+            continue
         exercises = held_out_problems(seed, count, unanswerable=unanswerable, families=families)
         responses = greedy_responses(params, graphdef, cfg,
                                      [chat_prompt(ex.question, tokenizer, fmt) for ex in exercises],
@@ -97,6 +103,8 @@ def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
             scores["accuracy_baseline"] = mode_share([ex.answer for ex in exercises])
             scores["answer_mode_share"] = mode_share([synthetic.extract_final_answer(a)
                                                       for a in answers])
+            scores["greedy_response_tokens"] = float(np.mean([len(tokenizer.encode(r))
+                                                       for r in responses]))
     return scores
 
 

@@ -39,7 +39,9 @@ def mixture_description(config: ml_collections.ConfigDict, tokens_per_step: int)
 
 
 def greedy_accuracy(run: Run, params) -> dict[str, float]:
-    """Greedy accuracy on held-out built-in problems (`eval.accuracy_problems` > 0)."""
+    """Greedy accuracy on held-out built-in problems (`eval.accuracy_problems` > 0). The
+    unanswerable word problems behind `refusal_accuracy` are left out when
+    `eval.accuracy_families` names the families: they belong to none of them."""
     e = run.config.eval
     if not e.accuracy_problems:
         return {}
@@ -52,4 +54,5 @@ def greedy_accuracy(run: Run, params) -> dict[str, float]:
         problems=e.accuracy_problems, max_new_tokens=e.max_new_tokens,
         batch_size=min(ACCURACY_BATCH, e.accuracy_problems),
         fmt=reasoning.format_for(run.config),
-        families=synthetic.parse_families(e.accuracy_families, "eval.accuracy_families"))
+        families=synthetic.parse_families(e.accuracy_families, "eval.accuracy_families"),
+        refusal_problems=0 if e.accuracy_families else None)

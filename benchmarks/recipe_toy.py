@@ -1,0 +1,395 @@
+r"""The recipe in miniature: does each post-training stage make the toy model better at a skill?
+
+  python benchmarks/recipe_toy.py --workdir /tmp/recipe --seeds 0,1,2 \
+      --write benchmarks/RESULTS_recipe.md --plot benchmarks/recipe_toy.png
+
+The chain, each step a `python -m phi4_jax.main` command as a user would type it (printed,
+and kept in the report): pretraining on the `column_addition_4` drill (`toy` size, 512-id
+byte tokenizer), reasoning SFT, then from that one SFT checkpoint (a) GRPO, (b) Pivotal Token
+Search, (c) PTS-DPO on its pivotal-token pairs and (d) whole-response DPO on the correct vs
+incorrect responses of the same rollouts. Pretraining runs once (`--pretrain_seed`, or
+`--pretrain DIR` reuses a finished run); each seed runs SFT and every later stage with
+`--config.seed` and `--config.data.seed` set to it, so its held-out problems (the synthetic
+eval span, never trained on) are its own and shared by all of its stages.
+
+Seeds run side by side, one process per core (`--workers`, pinned with `taskset` where it
+exists). A finished run leaves `<run>.done` and is not run again, so a stopped experiment
+resumes where it stopped.
+
+Reported per seed: held-out greedy accuracy with its Wilson 95% interval, `accuracy_baseline`,
+`answer_mode_share` and response length after each stage; GRPO's reward and accuracy curves;
+where each PTS pivot lies (the column lines or the `So ...` sum line inside the think block,
+or the final answer after it) with examples in context.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import math
+import os
+import platform
+import queue
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every run of the experiment goes.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of SFT and the later stages.")
+_PRETRAIN = flags.DEFINE_string("pretrain", "", "A finished pretraining run to start from "
+                                "instead of pretraining here.")
+_PRETRAIN_SEED = flags.DEFINE_integer("pretrain_seed", 0, "The pretraining run's seed.")
+_FAMILY = flags.DEFINE_string("family", "column_addition_4", "The exercise family of every stage.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 1500, "Pretraining steps (16 x 256).")
+_SFT_STEPS = flags.DEFINE_integer("sft_steps", 300, "Reasoning SFT steps (16 x 320).")
+_GRPO_STEPS = flags.DEFINE_integer("grpo_steps", 60, "GRPO steps.")
+_GRPO_PROBLEMS = flags.DEFINE_integer("grpo_problems", 16, "GRPO problems per step.")
+_GRPO_GROUP = flags.DEFINE_integer("grpo_group", 8, "GRPO responses per problem.")
+_GRPO_LR = flags.DEFINE_float("grpo_lr", 1e-4, "GRPO learning rate.")
+_GRPO_REWARD = flags.DEFINE_enum("grpo_reward", "simple", ["simple", "phi4_reasoning"],
+                                 "grpo.reward; phi4_reasoning scales its lengths to the budget.")
+_QUESTIONS = flags.DEFINE_integer("pts_questions", 64, "Training questions PTS searches.")
+_ROLLOUTS = flags.DEFINE_integer("pts_rollouts", 16, "Most rollouts per PTS prefix.")
+_PTS_TEMPERATURE = flags.DEFINE_float("pts_temperature", 0.8, "PTS's sampling temperature "
+                                      "(GRPO samples at 0.8 too).")
+_DPO_STEPS = flags.DEFINE_integer("dpo_steps", 40, "Steps of each DPO run.")
+_DPO_LR = flags.DEFINE_float("dpo_lr", 0.0, "Learning rate of both DPO runs (0: the config's).")
+_PROBLEMS = flags.DEFINE_integer("problems", 256, "Held-out problems for greedy accuracy.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 192, "Response budget of every stage.")
+_WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Seeds run at once.")
+_WRITE = flags.DEFINE_string("write", "", "Append the report to this markdown file.")
+_PLOT = flags.DEFINE_string("plot", "", "Save the figure here (needs matplotlib).")
+
+# A 2-layer byte model does not learn to read the question's first operand behind the default
+# 194-byte system text within the SFT budget; this one it does (RESULTS_recipe.md, tuning).
+SYSTEM = "Reason inside <think> and </think>, then give the final answer."
+SFT_LEN = 320  # one 4-digit conversation with the short system text is ~300 byte tokens
+STEP_LINE = re.compile(r"\] step (\d+): (.*)$")
+
+
+def _flag(key: str, value) -> str:
+    if isinstance(value, dict):
+        value = repr(value)
+    return shlex.quote(f"--config.{key}={value}")
+
+
+def command(spec: str, workdir: Path, overrides: dict) -> str:
+    return " ".join([f"python -m phi4_jax.main --config={spec} --workdir={workdir}",
+                     *(_flag(k, v) for k, v in overrides.items())])
+
+
+def _model_keys(seed: int) -> dict:
+    """What every run after pretraining shares: the template, the task and its budget."""
+    f, m = _FAMILY.value, _MAX_NEW.value
+    return {"reasoning.system": SYSTEM, "sft.template": "reasoning", "seed": seed,
+            "data.seed": seed, "eval.accuracy_families": f, "eval.accuracy_problems":
+            _PROBLEMS.value, "eval.max_new_tokens": m, "eval.batches": 1,
+            "train.seq_len": SFT_LEN, "log.progress_bar": False}
+
+
+class Runner:
+    """Runs main commands, one per core at a time, each once (`<run>.done` marks it)."""
+
+    def __init__(self, root: Path, workers: int):
+        self.root, self.log = root, []
+        self.cores = queue.Queue()
+        for core in range(workers):
+            self.cores.put(core)
+        self.pin = workers > 1 and shutil.which("taskset") is not None
+
+    def __call__(self, name: str, spec: str, overrides: dict) -> Path:
+        workdir = self.root / name
+        line = command(spec, workdir, overrides)
+        self.log.append(line)
+        done = self.root / f"{name}.done"
+        if done.exists():
+            return workdir
+        core = self.cores.get()
+        try:
+            argv = shlex.split(line)
+            argv[0] = sys.executable
+            if self.pin:
+                argv = ["taskset", "-c", str(core), *argv]
+            print(f"[core {core}] {line}", flush=True)
+            start = time.perf_counter()
+            with open(self.root / f"{name}.out", "w", encoding="utf-8") as out:
+                code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT,
+                                       cwd=Path(__file__).resolve().parents[1])
+            if code:
+                tail = (self.root / f"{name}.out").read_text(encoding="utf-8")[-2000:]
+                raise RuntimeError(f"{name} failed (exit {code}):\n{tail}")
+            done.write_text(f"{time.perf_counter() - start:.1f}\n", encoding="utf-8")
+            return workdir
+        finally:
+            self.cores.put(core)
+
+    def seconds(self, name: str) -> float:
+        return float((self.root / f"{name}.done").read_text(encoding="utf-8"))
+
+
+def history(workdir: Path) -> list[tuple[int, dict]]:
+    """The (step, scalars) lines a run logged, in order."""
+    rows = []
+    for line in (workdir / "logs" / "process_0.log").read_text(encoding="utf-8").splitlines():
+        if match := STEP_LINE.search(line):
+            scalars = dict(part.split("=", 1) for part in match.group(2).split())
+            rows.append((int(match.group(1)), {k: float(v) for k, v in scalars.items()}))
+    return rows
+
+
+def final_eval(workdir: Path) -> dict:
+    return [s for _, s in history(workdir) if "accuracy" in s][-1]
+
+
+def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion p observed in n trials."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pivot_place(prefix: str) -> str:
+    """Where a pivot lies: 'answer' (after the think block), 'sum' (the `So a+b=c.` line) or
+    'columns' (a column line, or before the first)."""
+    if "</think>" in prefix:
+        return "answer"
+    return "sum" if prefix.rsplit("\n", 1)[-1].startswith("So ") else "columns"
+
+
+def _jsonl(pattern: str, folder: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted(folder.glob(pattern))
+            for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _holdout(records: int) -> float:
+    """The smallest held-out share of pairs that leaves at least one for DPO's eval loss."""
+    return next((f for f in (0.05, 0.1, 0.2, 0.3, 0.5) if records * f >= 1), 0.5)
+
+
+def pretrain(run: Runner) -> Path:
+    if _PRETRAIN.value:
+        return Path(_PRETRAIN.value)
+    steps, seed = _PRETRAIN_STEPS.value, _PRETRAIN_SEED.value
+    return run("pretrain", "configs/pretrain.py:toy", {
+        "data.sources.synthetic.families": _FAMILY.value, "data.mix": {"synthetic": 1.0},
+        "train.steps": steps, "train.seq_len": 256, "train.global_batch": 16,
+        "eval.every_steps": max(1, steps // 3), "checkpoint.every_steps": steps,
+        "seed": seed, "data.seed": seed, "log.progress_bar": False})
+
+
+def one_seed(run: Runner, start: Path, seed: int) -> dict:
+    """SFT from `start`, then GRPO, PTS, PTS-DPO and DPO from the SFT checkpoint."""
+    keys, s = _model_keys(seed), f"s{seed}"
+    sft = run(f"sft-{s}", "configs/reasoning_sft.py:toy", {
+        **keys, "init_from": start, "data.sources.chat.families": _FAMILY.value,
+        "data.mix": {"chat": 1.0}, "train.steps": _SFT_STEPS.value, "train.global_batch": 16,
+        "eval.every_steps": _SFT_STEPS.value, "checkpoint.every_steps": _SFT_STEPS.value})
+    grpo_steps = _GRPO_STEPS.value
+    grpo_keys = {**keys, "init_from": sft, "data.sources.problems.families": _FAMILY.value,
+                 "grpo.max_new_tokens": _MAX_NEW.value, "train.steps": grpo_steps,
+                 "train.global_batch": _GRPO_PROBLEMS.value, "grpo.group_size": _GRPO_GROUP.value,
+                 "train.lr": _GRPO_LR.value, "grpo.reward": _GRPO_REWARD.value,
+                 "eval.at_start": False, "eval.every_steps": max(1, grpo_steps // 3),
+                 "log.every_steps": max(1, grpo_steps // 30),
+                 "checkpoint.every_steps": grpo_steps}
+    if _GRPO_REWARD.value == "phi4_reasoning":
+        grpo_keys["grpo.reward_length_scale"] = _MAX_NEW.value / 31744
+    grpo = run(f"grpo-{s}", "configs/grpo.py:toy", grpo_keys)
+    search = run(f"pts-{s}", "configs/pts_search.py:toy", {
+        **keys, "init_from": sft, "pts.families": _FAMILY.value, "pts.questions": _QUESTIONS.value,
+        "pts.rollouts": _ROLLOUTS.value, "pts.max_new_tokens": _MAX_NEW.value,
+        "pts.temperature": _PTS_TEMPERATURE.value})
+    result = {"seed": seed, "sft": final_eval(sft), "grpo": final_eval(grpo),
+              "grpo_curve": history(grpo), "search": _jsonl("questions-*.jsonl", search / "pts"),
+              "pivots": _jsonl("pairs-*.jsonl", search / "pts"),
+              "seconds": {n: run.seconds(f"{n}-{s}") for n in ("sft", "grpo", "pts")}}
+    for name, spec, files in (("pts_dpo", "configs/dpo.py:toy,pts", "pairs-*.jsonl"),
+                              ("dpo", "configs/dpo.py:toy", "responses-*.jsonl")):
+        count = len(_jsonl(files, search / "pts"))
+        result[f"{name}_pairs"] = count
+        if count < 2:
+            result[name] = None
+            continue
+        dpo_keys = {**keys, "init_from": sft, "train.steps": _DPO_STEPS.value,
+                    "train.warmup_steps": min(5, _DPO_STEPS.value),
+                    "eval.every_steps": _DPO_STEPS.value, "eval.at_start": False,
+                    "checkpoint.every_steps": _DPO_STEPS.value,
+                    "data.sources.pairs.kind": "jsonl",
+                    "data.sources.pairs.paths": str(search / "pts" / files),
+                    "data.mix": {"pairs": 1.0}, "data.eval_holdout": _holdout(count)}
+        if _DPO_LR.value:
+            dpo_keys["train.lr"] = _DPO_LR.value
+        result[name] = final_eval(run(f"{name}-{s}", spec, dpo_keys))
+        result["seconds"][name] = run.seconds(f"{name}-{s}")
+    print(json.dumps({k: v for k, v in result.items()
+                      if k not in ("grpo_curve", "search", "pivots")}), flush=True)
+    return result
+
+
+def main(argv):
+    del argv
+    root = Path(_WORKDIR.value)
+    root.mkdir(parents=True, exist_ok=True)
+    run = Runner(root, max(1, _WORKERS.value))
+    start = time.perf_counter()
+    base = pretrain(run)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=run.cores.qsize()) as pool:
+        rows = list(pool.map(lambda seed: one_seed(run, base, int(seed)), _SEEDS.value))
+    report(rows, run, base, time.perf_counter() - start)
+
+
+STAGES = (("sft", "SFT (start)"), ("grpo", "GRPO"), ("pts_dpo", "PTS-DPO"),
+          ("dpo", "DPO (whole responses)"))
+
+
+def _cell(scores: dict | None) -> str:
+    if scores is None:
+        return "- (under 2 pairs)"
+    lo, hi = wilson(scores["accuracy"], _PROBLEMS.value)
+    return f"{scores['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def accuracy_table(rows: list[dict]) -> list[str]:
+    lines = ["| seed | " + " | ".join(title for _, title in STAGES) + " | GRPO - SFT | "
+             "intervals apart |", "|---:|" + "---|" * len(STAGES) + "---:|---|"]
+    for r in rows:
+        gain = r["grpo"]["accuracy"] - r["sft"]["accuracy"]
+        apart = wilson(r["grpo"]["accuracy"], _PROBLEMS.value)[0] > wilson(
+            r["sft"]["accuracy"], _PROBLEMS.value)[1]
+        lines.append(f"| {r['seed']} | " + " | ".join(_cell(r[k]) for k, _ in STAGES)
+                     + f" | {gain * 100:+.1f} pts | {'yes' if apart else 'no'} |")
+    means = [np.mean([r[k]["accuracy"] for r in rows if r[k]]) if any(r[k] for r in rows)
+             else float("nan") for k, _ in STAGES]
+    lines.append("| mean | " + " | ".join(f"{m:.3f}" for m in means) + " | | |")
+    return lines
+
+
+def detail_table(rows: list[dict]) -> list[str]:
+    lines = ["| seed | stage | accuracy_baseline | answer_mode_share | response tokens | "
+             "pairs | one-core minutes |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for key, title in STAGES:
+            scores = r[key]
+            if scores is None:
+                continue
+            pairs = r.get(f"{key}_pairs", "")
+            lines.append(f"| {r['seed']} | {title} | {scores['accuracy_baseline']:.3f} | "
+                         f"{scores['answer_mode_share']:.3f} | "
+                         f"{scores.get('greedy_response_tokens', float('nan')):.0f} | {pairs} | "
+                         f"{r['seconds'].get(key, float('nan')) / 60:.1f} |")
+    return lines
+
+
+def search_table(rows: list[dict]) -> tuple[list[str], list[str]]:
+    lines = ["| seed | questions kept | pivots | in column lines | in the sum line | "
+             "at the final answer | worked-step share | rollouts | search minutes |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    examples = []
+    for r in rows:
+        places = [pivot_place(p["prefix_text"]) for p in r["pivots"]]
+        counts = {k: places.count(k) for k in ("columns", "sum", "answer")}
+        share = (counts["columns"] + counts["sum"]) / max(1, len(places))
+        kept = sum(q.get("kept", False) for q in r["search"])
+        lines.append(f"| {r['seed']} | {kept}/{len(r['search'])} | {len(places)} | "
+                     f"{counts['columns']} | {counts['sum']} | {counts['answer']} | "
+                     f"{share:.2f} | {sum(q.get('rollouts', 0) for q in r['search'])} | "
+                     f"{r['seconds']['pts'] / 60:.1f} |")
+        for place in ("columns", "sum", "answer"):
+            pick = next((p for p, at in zip(r["pivots"], places) if at == place), None)
+            if pick:
+                tail = pick["prefix_text"][-90:].replace("\n", "⏎")
+                examples.append(f"- seed {r['seed']}, {place}: `…{tail}` then "
+                                f"`{pick['chosen_text']!r}` (p {pick['chosen_success_rate']:.2f}) "
+                                f"over `{pick['rejected_text']!r}` "
+                                f"(p {pick['rejected_success_rate']:.2f})")
+    return lines, examples
+
+
+def curve_table(rows: list[dict]) -> list[str]:
+    lines = ["| seed | step | reward | sampled accuracy | held-out accuracy |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | 0 | | | {r['sft']['accuracy']:.3f} |")
+        evals = {step: s["accuracy"] for step, s in r["grpo_curve"] if "accuracy" in s}
+        for step, s in r["grpo_curve"]:
+            if "reward" in s and (step in evals or step % max(1, _GRPO_STEPS.value // 6) == 0):
+                held = f"{evals[step]:.3f}" if step in evals else ""
+                lines.append(f"| {r['seed']} | {step} | {s['reward']:.3f} | "
+                             f"{s['sample_accuracy']:.3f} | {held} |")
+    return lines
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(STAGES)
+    for i, (key, title) in enumerate(STAGES):
+        x = np.arange(len(rows)) + (i - (len(STAGES) - 1) / 2) * width
+        acc = np.array([r[key]["accuracy"] if r[key] else np.nan for r in rows])
+        bounds = np.array([wilson(a, _PROBLEMS.value) if np.isfinite(a) else (np.nan, np.nan)
+                           for a in acc])
+        bars.bar(x, acc, width, yerr=[acc - bounds[:, 0], bounds[:, 1] - acc], capsize=2,
+                 label=title)
+    bars.set_xticks(np.arange(len(rows)), [f"seed {r['seed']}" for r in rows])
+    bars.set_ylabel(f"held-out greedy accuracy ({_PROBLEMS.value} problems, 95% CI)")
+    bars.legend(fontsize=7)
+    for r in rows:
+        steps = [0] + [st for st, s in r["grpo_curve"] if "accuracy" in s]
+        acc = [r["sft"]["accuracy"]] + [s["accuracy"] for _, s in r["grpo_curve"]
+                                        if "accuracy" in s]
+        line, = curves.plot(steps, acc, marker="o", label=f"seed {r['seed']} held-out (greedy)")
+        sampled = [(st, s["sample_accuracy"]) for st, s in r["grpo_curve"] if "reward" in s]
+        curves.plot(*zip(*sampled), color=line.get_color(), alpha=0.4, linestyle="--",
+                    label=f"seed {r['seed']} sampled (T 0.8)")
+    curves.set_xlabel("GRPO step")
+    curves.set_ylabel("accuracy")
+    curves.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(rows: list[dict], run: Runner, base: Path, seconds: float) -> None:
+    searched, examples = search_table(rows)
+    sections = [("Held-out greedy accuracy, Wilson 95% intervals", accuracy_table(rows)),
+                ("Baselines and lengths", detail_table(rows)),
+                ("Where PTS finds its pivots", searched),
+                ("GRPO curves", curve_table(rows))]
+    text = "\n\n".join(f"### {title}\n\n" + "\n".join(lines) for title, lines in sections)
+    text += "\n\nPivots in context (the prefix's last 90 characters, ⏎ a newline):\n\n"
+    text += "\n".join(examples)
+    print(text, flush=True)
+    if _WRITE.value:
+        write(text, run, base, seconds)
+    if _PLOT.value:
+        plot(rows, _PLOT.value)
+
+
+def write(text: str, run: Runner, base: Path, seconds: float) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    argv = " ".join(shlex.quote(a) for a in sys.argv)
+    header = (f"\n## Run of {now}\n\n"
+              f"- machine: {platform.machine()}, {os.cpu_count()} cores, "
+              f"{jax.devices()[0].device_kind}; load average at the end {os.getloadavg()}; "
+              f"{seconds / 60:.0f} min in all, {run.cores.qsize()} runs at a time\n"
+              f"- versions: Python {platform.python_version()}, jax {jax.__version__}\n"
+              f"- command: `python {argv}`\n- pretraining: {base}\n\n")
+    runs = "\n\nThe runs, as commands:\n\n```\n" + "\n".join(dict.fromkeys(run.log)) + "\n```\n"
+    with open(_WRITE.value, "a", encoding="utf-8") as f:
+        f.write(header + text + runs)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
