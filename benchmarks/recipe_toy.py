@@ -12,8 +12,9 @@ incorrect responses of the same rollouts. Pretraining runs once (`--pretrain_see
 `--config.seed` and `--config.data.seed` set to it, so its held-out problems (the synthetic
 eval span, never trained on) are its own and shared by all of its stages.
 
-Seeds run side by side, one process per core (`--workers`, pinned with `taskset` where it
-exists). A finished run leaves `<run>.done` and is not run again, so a stopped experiment
+Runs that do not wait on each other (the seeds; GRPO beside PTS and its DPO runs) go side by
+side, at most `--workers` processes at once, each pinned to its own core with `taskset` where
+it exists. A finished run leaves `<run>.done` and is not run again, so a stopped experiment
 resumes where it stopped.
 
 Reported per seed: held-out greedy accuracy with its Wilson 95% interval, `accuracy_baseline`,
@@ -61,7 +62,9 @@ _ROLLOUTS = flags.DEFINE_integer("pts_rollouts", 16, "Most rollouts per PTS pref
 _PTS_TEMPERATURE = flags.DEFINE_float("pts_temperature", 0.8, "PTS's sampling temperature "
                                       "(GRPO samples at 0.8 too).")
 _DPO_STEPS = flags.DEFINE_integer("dpo_steps", 40, "Steps of each DPO run.")
-_DPO_LR = flags.DEFINE_float("dpo_lr", 0.0, "Learning rate of both DPO runs (0: the config's).")
+_DPO_LR = flags.DEFINE_float("dpo_lr", 0.0, "Learning rate of both DPO runs (0: the config's); "
+                             "other than 0 their runs are named `-lr<value>`, so an ablation "
+                             "reuses the workdir's SFT, GRPO and PTS runs.")
 _PROBLEMS = flags.DEFINE_integer("problems", 256, "Held-out problems for greedy accuracy.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 192, "Response budget of every stage.")
 _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Seeds run at once.")
@@ -186,52 +189,64 @@ def pretrain(run: Runner) -> Path:
 
 
 def one_seed(run: Runner, start: Path, seed: int) -> dict:
-    """SFT from `start`, then GRPO, PTS, PTS-DPO and DPO from the SFT checkpoint."""
+    """SFT from `start`, then from its checkpoint GRPO beside PTS (whose two DPO runs follow)."""
     keys, s = _model_keys(seed), f"s{seed}"
     sft = run(f"sft-{s}", "configs/reasoning_sft.py:toy", {
         **keys, "init_from": start, "data.sources.chat.families": _FAMILY.value,
         "data.mix": {"chat": 1.0}, "train.steps": _SFT_STEPS.value, "train.global_batch": 16,
         "eval.every_steps": _SFT_STEPS.value, "checkpoint.every_steps": _SFT_STEPS.value})
-    grpo_steps = _GRPO_STEPS.value
-    grpo_keys = {**keys, "init_from": sft, "data.sources.problems.families": _FAMILY.value,
-                 "grpo.max_new_tokens": _MAX_NEW.value, "train.steps": grpo_steps,
-                 "train.global_batch": _GRPO_PROBLEMS.value, "grpo.group_size": _GRPO_GROUP.value,
-                 "train.lr": _GRPO_LR.value, "grpo.reward": _GRPO_REWARD.value,
-                 "eval.at_start": False, "eval.every_steps": max(1, grpo_steps // 3),
-                 "log.every_steps": max(1, grpo_steps // 30),
-                 "checkpoint.every_steps": grpo_steps}
-    if _GRPO_REWARD.value == "phi4_reasoning":
-        grpo_keys["grpo.reward_length_scale"] = _MAX_NEW.value / 31744
-    grpo = run(f"grpo-{s}", "configs/grpo.py:toy", grpo_keys)
-    search = run(f"pts-{s}", "configs/pts_search.py:toy", {
-        **keys, "init_from": sft, "pts.families": _FAMILY.value, "pts.questions": _QUESTIONS.value,
-        "pts.rollouts": _ROLLOUTS.value, "pts.max_new_tokens": _MAX_NEW.value,
-        "pts.temperature": _PTS_TEMPERATURE.value})
-    result = {"seed": seed, "sft": final_eval(sft), "grpo": final_eval(grpo),
-              "grpo_curve": history(grpo), "search": _jsonl("questions-*.jsonl", search / "pts"),
-              "pivots": _jsonl("pairs-*.jsonl", search / "pts"),
-              "seconds": {n: run.seconds(f"{n}-{s}") for n in ("sft", "grpo", "pts")}}
-    for name, spec, files in (("pts_dpo", "configs/dpo.py:toy,pts", "pairs-*.jsonl"),
-                              ("dpo", "configs/dpo.py:toy", "responses-*.jsonl")):
-        count = len(_jsonl(files, search / "pts"))
-        result[f"{name}_pairs"] = count
-        if count < 2:
-            result[name] = None
-            continue
-        dpo_keys = {**keys, "init_from": sft, "train.steps": _DPO_STEPS.value,
-                    "train.warmup_steps": min(5, _DPO_STEPS.value),
-                    "eval.every_steps": _DPO_STEPS.value, "eval.at_start": False,
-                    "checkpoint.every_steps": _DPO_STEPS.value,
-                    "data.sources.pairs.kind": "jsonl",
-                    "data.sources.pairs.paths": str(search / "pts" / files),
-                    "data.mix": {"pairs": 1.0}, "data.eval_holdout": _holdout(count)}
-        if _DPO_LR.value:
-            dpo_keys["train.lr"] = _DPO_LR.value
-        result[name] = final_eval(run(f"{name}-{s}", spec, dpo_keys))
-        result["seconds"][name] = run.seconds(f"{name}-{s}")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as branches:
+        grpo = branches.submit(_grpo, run, keys, sft, s)
+        search = run(f"pts-{s}", "configs/pts_search.py:toy", {
+            **keys, "init_from": sft, "pts.families": _FAMILY.value,
+            "pts.questions": _QUESTIONS.value, "pts.rollouts": _ROLLOUTS.value,
+            "pts.max_new_tokens": _MAX_NEW.value, "pts.temperature": _PTS_TEMPERATURE.value})
+        lr = f"-lr{_DPO_LR.value:g}" if _DPO_LR.value else ""  # an ablation beside the others
+        dpo = {name: branches.submit(_dpo, run, keys, sft, f"{name}-{s}{lr}", spec,
+                                     search / "pts" / files)
+               for name, spec, files in (("pts_dpo", "configs/dpo.py:toy,pts", "pairs-*.jsonl"),
+                                         ("dpo", "configs/dpo.py:toy", "responses-*.jsonl"))}
+        grpo = grpo.result()
+        result = {"seed": seed, "sft": final_eval(sft), "grpo": final_eval(grpo),
+                  "grpo_curve": history(grpo),
+                  "search": _jsonl("questions-*.jsonl", search / "pts"),
+                  "pivots": _jsonl("pairs-*.jsonl", search / "pts"),
+                  "seconds": {n: run.seconds(f"{n}-{s}") for n in ("sft", "grpo", "pts")}}
+        for name, future in dpo.items():
+            result[f"{name}_pairs"], result[name], result["seconds"][name] = future.result()
     print(json.dumps({k: v for k, v in result.items()
                       if k not in ("grpo_curve", "search", "pivots")}), flush=True)
     return result
+
+
+def _grpo(run: Runner, keys: dict, sft: Path, s: str) -> Path:
+    steps = _GRPO_STEPS.value
+    overrides = {**keys, "init_from": sft, "data.sources.problems.families": _FAMILY.value,
+                 "grpo.max_new_tokens": _MAX_NEW.value, "train.steps": steps,
+                 "train.global_batch": _GRPO_PROBLEMS.value, "grpo.group_size": _GRPO_GROUP.value,
+                 "train.lr": _GRPO_LR.value, "grpo.reward": _GRPO_REWARD.value,
+                 "eval.at_start": False, "eval.every_steps": max(1, steps // 3),
+                 "log.every_steps": max(1, steps // 30), "checkpoint.every_steps": steps}
+    if _GRPO_REWARD.value == "phi4_reasoning":
+        overrides["grpo.reward_length_scale"] = _MAX_NEW.value / 31744
+    return run(f"grpo-{s}", "configs/grpo.py:toy", overrides)
+
+
+def _dpo(run: Runner, keys: dict, sft: Path, name: str, spec: str, pairs: Path
+         ) -> tuple[int, dict | None, float]:
+    """(pair count, final eval, seconds) of a DPO run on `pairs` (none under 2 pairs)."""
+    count = len(_jsonl(pairs.name, pairs.parent))
+    if count < 2:
+        return count, None, float("nan")
+    overrides = {**keys, "init_from": sft, "train.steps": _DPO_STEPS.value,
+                 "train.warmup_steps": min(5, _DPO_STEPS.value),
+                 "eval.every_steps": _DPO_STEPS.value, "eval.at_start": False,
+                 "checkpoint.every_steps": _DPO_STEPS.value, "data.sources.pairs.kind": "jsonl",
+                 "data.sources.pairs.paths": str(pairs), "data.mix": {"pairs": 1.0},
+                 "data.eval_holdout": _holdout(count)}
+    if _DPO_LR.value:
+        overrides["train.lr"] = _DPO_LR.value
+    return count, final_eval(run(name, spec, overrides)), run.seconds(name)
 
 
 def main(argv):
@@ -241,7 +256,7 @@ def main(argv):
     run = Runner(root, max(1, _WORKERS.value))
     start = time.perf_counter()
     base = pretrain(run)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=run.cores.qsize()) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(_SEEDS.value)) as pool:
         rows = list(pool.map(lambda seed: one_seed(run, base, int(seed)), _SEEDS.value))
     report(rows, run, base, time.perf_counter() - start)
 
