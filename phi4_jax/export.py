@@ -158,7 +158,8 @@ def _backbone(meta: dict, cfg: ModelConfig, step_dir: Path
 def _checked_out(out: Path) -> Path:
     """`--out`, refused when it is a file or a folder that holds anything."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        held = out.name if not out.is_dir() else ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        held = (", ".join(sorted(p.name for p in out.iterdir())[:3]) if out.is_dir()
+                else out.name)
         raise ExportError(f"--out={out} already holds files ({held}); give a new or empty "
                           f"folder (an export never overwrites).")
     return out
@@ -199,7 +200,8 @@ def write(export: ExportPlan, dtype: str = "") -> Path:
     cfg = export.model_cfg
     tokenizer = load_tokenizer(tokenizer_for_vocab(cfg.vocab_size))
     hf.save_hf_checkpoint(nnx.State(exported_params(export)), cfg, export.out,
-                          dtype=dtype or cfg.param_dtype, token_ids=hf_tokenizer.token_ids(tokenizer))
+                          dtype=dtype or cfg.param_dtype,
+                          token_ids=hf_tokenizer.token_ids(tokenizer))
     (export.out / GENERATION_CONFIG).write_text(
         json.dumps(generation_config(tokenizer), indent=2) + "\n")
     hf_tokenizer.save_hf_tokenizer(tokenizer, export.out, max_length=cfg.max_positions)
