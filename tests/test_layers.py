@@ -14,7 +14,7 @@ Layers, lowest first (a module may import its own unit and the units of lower la
   train            the engine: state, step, loop, memory, the stage contract
   search           Pivotal Token Search and its job
   stages           the stage modules and the registry
-  main | parallel.launch   entry points
+  main | export | parallel.launch   entry points
 """
 
 import ast
@@ -26,7 +26,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "phi4_jax"
 LAYERS = (("data.synthetic",), ("errors",), ("parallel",), ("model",), ("losses",),
           ("sampling",), ("data",), ("evals", "interop"), ("config_base", "config_args"), ("train",),
-          ("search",), ("stages",), ("main", "parallel.launch"))
+          ("search",), ("stages",), ("main", "export", "parallel.launch"))
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 
 

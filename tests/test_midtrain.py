@@ -9,7 +9,7 @@ from flax import nnx
 
 from phi4_jax import config_base, stages
 from phi4_jax.stages import evaluation
-from phi4_jax.train import loop
+from phi4_jax.train import initial_params, loop
 from phi4_jax.train import state as state_lib
 
 PAPER_MIX = {"web": 0.15, "web_rewrites": 0.15, "synthetic": 0.40, "code": 0.20, "books": 0.10}
@@ -87,12 +87,18 @@ def _first_attention_reference(p, tokens, theta):
     return np.einsum("nhd,tnh->td", f["o"], np.einsum("nts,snh->tnh", probs, v))
 
 
+def _loader(run, stage_name):
+    """The training loop's loader of `init_from`'s parameters, located as the loop locates it."""
+    return loop._initial_params_loader(run, stage_name,
+                                       initial_params.locate(run.config.init_from))
+
+
 @pytest.mark.slow
 def test_restored_pretraining_checkpoint_attends_with_the_new_rope_base(pretrained_toy):
     config = _midtrain_toy(pretrained_toy)
     run = state_lib.build_run(config)
     assert run.model_cfg.rope_theta == 250_000.0
-    params = loop._initial_params_loader(run, "pretrain")()
+    params = _loader(run, "pretrain")()
     model = nnx.merge(run.graphdef, params)
     block_def, stacked = nnx.split(model.blocks)
     block = nnx.merge(block_def, jax.tree.map(lambda a: a[0], stacked))
@@ -113,13 +119,13 @@ def test_restored_pretraining_checkpoint_attends_with_the_new_rope_base(pretrain
 @pytest.mark.slow
 def test_a_missing_or_other_size_checkpoint_is_one_line_before_compiling(pretrained_toy):
     with pytest.raises(config_base.ConfigError, match="init_from='/no/such/run': no such"):
-        loop._initial_params_loader(state_lib.build_run(_midtrain_toy("/no/such/run")), "mid")
+        _loader(state_lib.build_run(_midtrain_toy("/no/such/run")), "mid")
     config = _midtrain_toy(pretrained_toy)
     config.model.size = "125m"
     config.train.update(seq_len=512, global_batch=8)
     config.memory.check = False
     with pytest.raises(config_base.ConfigError, match="does not fit model.size='125m'") as error:
-        loop._initial_params_loader(state_lib.build_run(config), "mid")
+        _loader(state_lib.build_run(config), "mid")
     assert "\n" not in str(error.value)
 
 

@@ -369,9 +369,22 @@ def load_tokenizer(name: str = "phi4") -> Phi4Tokenizer:
 def _cached_tokenizer(name: str) -> Phi4Tokenizer:
     """Builds a tokenizer from its packaged, hash-checked rank file (or the byte ranks);
     cached on the name alone."""
+    return _build_tokenizer(name, _SPECS[name], mergeable_ranks(name))
+
+
+def mergeable_ranks(name: str) -> dict[bytes, int]:
+    """A named tokenizer's BPE ranks (token bytes -> id, specials excluded), hash-checked: what
+    a converter to another library's format needs."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(_SPECS)}")
     spec = _SPECS[name]
     if spec.rank_file is None:
-        ranks = {bytes([value]): value for value in range(256)}
-    else:
-        ranks = _load_ranks(ASSETS_DIR / spec.rank_file, _packaged_sha256(spec.rank_file))
-    return _build_tokenizer(name, spec, ranks)
+        return {bytes([value]): value for value in range(256)}
+    return _load_ranks(ASSETS_DIR / spec.rank_file, _packaged_sha256(spec.rank_file))
+
+
+def split_pattern(name: str) -> str:
+    """The regex a named tokenizer splits text with before merging."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(_SPECS)}")
+    return _SPECS[name].pat_str

@@ -202,6 +202,25 @@ def model_config_for(size: str, **overrides) -> ModelConfig:
     return ModelConfig(name=size, **{**_SIZES[size], **overrides})
 
 
+def to_record(cfg: ModelConfig) -> dict:
+    """The config as JSON-ready fields: what a checkpoint records of the model that wrote it."""
+    return dataclasses.asdict(cfg)
+
+
+def from_record(record: dict) -> ModelConfig:
+    """The config `to_record` wrote (lists back to tuples), validated as any other."""
+    fields = dict(record)
+    if fields.get("long_rope") is not None:
+        rope = fields["long_rope"]
+        fields["long_rope"] = LongRoPE(**{**rope, "short_factor": tuple(rope["short_factor"]),
+                                          "long_factor": tuple(rope["long_factor"])})
+    if fields.get("lora") is not None:
+        adapters = fields["lora"]
+        fields["lora"] = LoRAConfig(**{**adapters, "targets": tuple(adapters["targets"]),
+                                       "adapters": tuple(adapters["adapters"])})
+    return ModelConfig(**fields)
+
+
 def param_count(cfg: ModelConfig, *, include_embeddings: bool = True) -> int:
     """Parameters implied by the geometry: fused QKV, output, SwiGLU, two norms per layer."""
     d, h, f = cfg.d_model, cfg.head_dim, cfg.ffn_dim

@@ -455,6 +455,12 @@ def _check_param_shapes(step_dir: Path, abstract_params: Any) -> None:
                 f"another --workdir.")
 
 
+def saved_meta(step_dir: str | Path) -> dict:
+    """The run metadata a step saved (seed, the model config, the backbone's source), read
+    from its JSON alone."""
+    return json.loads((Path(step_dir) / "meta" / "metadata").read_text())
+
+
 def restore_params(step_dir: str | Path, abstract_params: Any) -> Any:
     """Only the parameters of a checkpoint step, placed on `abstract_params`' shardings (any
     mesh); the optimizer state and data position are left on disk."""

@@ -31,8 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from phi4_jax import config_base
 from phi4_jax.data import bad_records, length_filter, pipeline
 from phi4_jax.errors import Phi4Error
+from phi4_jax.model import config as model_config, lora
 from phi4_jax.model.config import ModelConfig
-from phi4_jax.model import lora
 from phi4_jax.parallel.sharding import logical_rules
 from phi4_jax.train import flops, initial_params, workdir as workdir_lib
 from phi4_jax.train.checkpoint import Checkpointer
@@ -149,10 +149,10 @@ def evaluate(eval_fn, params, frozen, eval_batches) -> dict[str, float]:
             **{f"eval_{key}": value / units for key, value in totals.items()}}
 
 
-def _initial_params_loader(run: Run, stage_name: str):
-    """Locates and checks `init_from` now (metadata only); returns a loader of its parameters
-    (freshly initialized ones when it is empty), each call giving new buffers."""
-    source = initial_params.locate(run.config.init_from)
+def _initial_params_loader(run: Run, stage_name: str,
+                           source: initial_params.InitialCheckpoint | None):
+    """Checks `init_from`'s checkpoint now (metadata only); returns a loader of its parameters
+    (freshly initialized ones when there is none), each call giving new buffers."""
     if source is None:
         return lambda: init_params(run)
     initial_params.check(source, run.abstract_backbone, run.model_cfg)
@@ -254,7 +254,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     bad_records.reset()
     length_filter.reset()
     run, stage, data_cfg = plan(config, build)
-    load_initial = _initial_params_loader(run, stage.name)  # init_from checked before any write
+    source = initial_params.locate(config.init_from)
+    load_initial = _initial_params_loader(run, stage.name, source)  # checked before any write
     checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                 every_steps=config.checkpoint.every_steps,
                                 async_save=config.checkpoint.async_save)
@@ -279,7 +280,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         with jax.set_mesh(run.mesh), logical_rules(run.rules):
             train_fn, eval_fn = compile_steps(run, stage.loss(run), frozen)
             loop = _Loop(run, stage, data.metrics, (frozen, stage_frozen, backbone), train_fn,
-                         eval_fn, eval_batches, checkpointer, writer, stop)
+                         eval_fn, eval_batches, checkpointer, writer, stop,
+                         checkpoint_meta(run, source))
             history = loop.steps(state, data_iter, stop_at_step or config.train.steps)
         checkpointer.wait()
         logging.info("%s", _summary(history, loop.step, config.train.steps))
@@ -295,15 +297,26 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             data_iter.close()
 
 
+def checkpoint_meta(run: Run, source: initial_params.InitialCheckpoint | None) -> dict:
+    """What each checkpoint records beside the state: the seeds, the model config that wrote
+    it and where its starting parameters came from (a LoRA checkpoint holds adapters only, so
+    `phi4_jax.export` rebuilds the model and its backbone from these)."""
+    return {"seed": run.config.seed, "data_seed": run.config.data.seed,
+            "model": model_config.to_record(run.model_cfg),
+            "init_from": None if source is None else {"kind": source.kind,
+                                                      "path": str(source.path.resolve())}}
+
+
 class _Loop:
     """The step loop; metrics of step n are read while step n + 1 runs."""
 
     def __init__(self, run, stage, data_metrics, frozen, train_fn, eval_fn, eval_batches,
-                 checkpointer, writer, stop):
+                 checkpointer, writer, stop, meta):
         self.run, self.stage, self.data_metrics = run, stage, data_metrics
         self.frozen, self.stage_frozen, self.backbone = frozen  # step's, stage's, LoRA backbone
         self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
         self.checkpointer, self.writer, self.stop = checkpointer, writer, stop
+        self.meta = meta
         self.tokens_per_step = stage.tokens_per_step
         self.step = 0  # the last step run
 
@@ -319,8 +332,7 @@ class _Loop:
         return {"step": step, **scores}
 
     def steps(self, state: TrainState, data_iter, last_step: int) -> list[dict[str, float]]:
-        config, checkpointer = self.run.config, self.checkpointer
-        meta = {"seed": config.seed, "data_seed": config.data.seed}
+        config, checkpointer, meta = self.run.config, self.checkpointer, self.meta
         step = self.step = int(state.step)
         pending, history = None, []
         if step == 0 and config.eval.at_start:

@@ -221,11 +221,11 @@ def abstract_model(config: ml_collections.ConfigDict, model_cfg: ModelConfig, me
     allocated)."""
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg,
                                                                             config.seed)))
-    return graphdef, _abstract_model_params(model_cfg, abstract_params, mesh, rules)
+    return graphdef, abstract_params_on_mesh(model_cfg, abstract_params, mesh, rules)
 
 
-def _abstract_model_params(model_cfg: ModelConfig, abstract_params: nnx.State, mesh: Mesh,
-                           rules: tuple) -> Any:
+def abstract_params_on_mesh(model_cfg: ModelConfig, abstract_params: nnx.State, mesh: Mesh,
+                            rules: tuple) -> Any:
     """Shapes, dtypes (the LoRA backbone in its own dtype) and shardings of every parameter."""
     shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh, rules))
     shapes = nnx.to_pure_dict(abstract_params)
