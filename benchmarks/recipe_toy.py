@@ -67,6 +67,8 @@ _DPO_LR = flags.DEFINE_float("dpo_lr", 0.0, "Learning rate of both DPO runs (0: 
                              "reuses the workdir's SFT, GRPO and PTS runs.")
 _PROBLEMS = flags.DEFINE_integer("problems", 256, "Held-out problems for greedy accuracy.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 192, "Response budget of every stage.")
+_WITH_PTS = flags.DEFINE_bool("pts", True, "Also run PTS, PTS-DPO and DPO (--nopts: "
+                               "pretraining, SFT and GRPO only, the quick look).")
 _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Seeds run at once.")
 _WRITE = flags.DEFINE_string("write", "", "Append the report to this markdown file.")
 _PLOT = flags.DEFINE_string("plot", "", "Save the figure here (needs matplotlib).")
@@ -197,26 +199,35 @@ def one_seed(run: Runner, start: Path, seed: int) -> dict:
         "eval.every_steps": _SFT_STEPS.value, "checkpoint.every_steps": _SFT_STEPS.value})
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as branches:
         grpo = branches.submit(_grpo, run, keys, sft, s)
-        search = run(f"pts-{s}", "configs/pts_search.py:toy", {
-            **keys, "init_from": sft, "pts.families": _FAMILY.value,
-            "pts.questions": _QUESTIONS.value, "pts.rollouts": _ROLLOUTS.value,
-            "pts.max_new_tokens": _MAX_NEW.value, "pts.temperature": _PTS_TEMPERATURE.value})
-        lr = f"-lr{_DPO_LR.value:g}" if _DPO_LR.value else ""  # an ablation beside the others
-        dpo = {name: branches.submit(_dpo, run, keys, sft, f"{name}-{s}{lr}", spec,
-                                     search / "pts" / files)
-               for name, spec, files in (("pts_dpo", "configs/dpo.py:toy,pts", "pairs-*.jsonl"),
-                                         ("dpo", "configs/dpo.py:toy", "responses-*.jsonl"))}
+        search, pairs = _search(run, keys, sft, s, branches) if _WITH_PTS.value else (None, {})
         grpo = grpo.result()
         result = {"seed": seed, "sft": final_eval(sft), "grpo": final_eval(grpo),
                   "grpo_curve": history(grpo),
-                  "search": _jsonl("questions-*.jsonl", search / "pts"),
-                  "pivots": _jsonl("pairs-*.jsonl", search / "pts"),
-                  "seconds": {n: run.seconds(f"{n}-{s}") for n in ("sft", "grpo", "pts")}}
-        for name, future in dpo.items():
+                  "search": _jsonl("questions-*.jsonl", search / "pts") if search else [],
+                  "pivots": _jsonl("pairs-*.jsonl", search / "pts") if search else [],
+                  "seconds": {n: run.seconds(f"{n}-{s}") for n in ("sft", "grpo")},
+                  "pts_dpo": None, "dpo": None}
+        if search:
+            result["seconds"]["pts"] = run.seconds(f"pts-{s}")
+        for name, future in pairs.items():
             result[f"{name}_pairs"], result[name], result["seconds"][name] = future.result()
     print(json.dumps({k: v for k, v in result.items()
                       if k not in ("grpo_curve", "search", "pivots")}), flush=True)
     return result
+
+
+def _search(run: Runner, keys: dict, sft: Path, s: str, pool) -> tuple[Path, dict]:
+    """The PTS run, and its two DPO runs submitted to `pool`."""
+    search = run(f"pts-{s}", "configs/pts_search.py:toy", {
+        **keys, "init_from": sft, "pts.families": _FAMILY.value,
+        "pts.questions": _QUESTIONS.value, "pts.rollouts": _ROLLOUTS.value,
+        "pts.max_new_tokens": _MAX_NEW.value, "pts.temperature": _PTS_TEMPERATURE.value})
+    lr = f"-lr{_DPO_LR.value:g}" if _DPO_LR.value else ""  # an ablation beside the others
+    return search, {name: pool.submit(_dpo, run, keys, sft, f"{name}-{s}{lr}", spec,
+                                      search / "pts" / files)
+                    for name, spec, files in (("pts_dpo", "configs/dpo.py:toy,pts",
+                                               "pairs-*.jsonl"),
+                                              ("dpo", "configs/dpo.py:toy", "responses-*.jsonl"))}
 
 
 def _grpo(run: Runner, keys: dict, sft: Path, s: str) -> Path:
@@ -267,23 +278,32 @@ STAGES = (("sft", "SFT (start)"), ("grpo", "GRPO"), ("pts_dpo", "PTS-DPO"),
 
 def _cell(scores: dict | None) -> str:
     if scores is None:
-        return "- (under 2 pairs)"
+        return "-"
     lo, hi = wilson(scores["accuracy"], _PROBLEMS.value)
     return f"{scores['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def accuracy_table(rows: list[dict]) -> list[str]:
+    n = _PROBLEMS.value
+
+    def apart(a: dict, b: dict) -> str:
+        """Whether a's interval lies wholly above b's."""
+        return "yes" if wilson(a["accuracy"], n)[0] > wilson(b["accuracy"], n)[1] else "no"
+
+    def gain(a: dict | None, b: dict | None) -> str:
+        return f"{(a['accuracy'] - b['accuracy']) * 100:+.1f} pts" if a and b else "-"
+
     lines = ["| seed | " + " | ".join(title for _, title in STAGES) + " | GRPO - SFT | "
-             "intervals apart |", "|---:|" + "---|" * len(STAGES) + "---:|---|"]
+             "GRPO above SFT (intervals apart) | PTS-DPO - DPO |",
+             "|---:|" + "---|" * len(STAGES) + "---:|---|---:|"]
     for r in rows:
-        gain = r["grpo"]["accuracy"] - r["sft"]["accuracy"]
-        apart = wilson(r["grpo"]["accuracy"], _PROBLEMS.value)[0] > wilson(
-            r["sft"]["accuracy"], _PROBLEMS.value)[1]
         lines.append(f"| {r['seed']} | " + " | ".join(_cell(r[k]) for k, _ in STAGES)
-                     + f" | {gain * 100:+.1f} pts | {'yes' if apart else 'no'} |")
+                     + f" | {gain(r['grpo'], r['sft'])} | {apart(r['grpo'], r['sft'])} | "
+                     f"{gain(r['pts_dpo'], r['dpo'])} |")
     means = [np.mean([r[k]["accuracy"] for r in rows if r[k]]) if any(r[k] for r in rows)
              else float("nan") for k, _ in STAGES]
-    lines.append("| mean | " + " | ".join(f"{m:.3f}" for m in means) + " | | |")
+    lines.append("| mean | " + " | ".join(f"{m:.3f}" if np.isfinite(m) else "-" for m in means)
+                 + " | | | |")
     return lines
 
 
@@ -375,14 +395,16 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def report(rows: list[dict], run: Runner, base: Path, seconds: float) -> None:
-    searched, examples = search_table(rows)
+    searched, examples = search_table(rows) if _WITH_PTS.value else ([], [])
     sections = [("Held-out greedy accuracy, Wilson 95% intervals", accuracy_table(rows)),
                 ("Baselines and lengths", detail_table(rows)),
                 ("Where PTS finds its pivots", searched),
                 ("GRPO curves", curve_table(rows))]
+    sections = [(title, lines) for title, lines in sections if lines]
     text = "\n\n".join(f"### {title}\n\n" + "\n".join(lines) for title, lines in sections)
-    text += "\n\nPivots in context (the prefix's last 90 characters, ⏎ a newline):\n\n"
-    text += "\n".join(examples)
+    if examples:
+        text += "\n\nPivots in context (the prefix's last 90 characters, ⏎ a newline):\n\n"
+        text += "\n".join(examples)
     print(text, flush=True)
     if _WRITE.value:
         write(text, run, base, seconds)
