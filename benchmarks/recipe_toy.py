@@ -110,7 +110,9 @@ class Runner:
             self.cores.put(core)
         self.pin = workers > 1 and shutil.which("taskset") is not None
 
-    def __call__(self, name: str, spec: str, overrides: dict) -> Path:
+    def __call__(self, name: str, spec: str, overrides: dict, pin: bool = True) -> Path:
+        """Runs `spec` in `<root>/<name>`; `pin=False` lets a run that has the machine to
+        itself use every core."""
         workdir = self.root / name
         line = command(spec, workdir, overrides)
         self.log.append(line)
@@ -121,7 +123,7 @@ class Runner:
         try:
             argv = shlex.split(line)
             argv[0] = sys.executable
-            if self.pin:
+            if self.pin and pin:
                 argv = ["taskset", "-c", str(core), *argv]
             print(f"[core {core}] {line}", flush=True)
             start = time.perf_counter()
@@ -187,7 +189,7 @@ def pretrain(run: Runner) -> Path:
         "data.sources.synthetic.families": _FAMILY.value, "data.mix": {"synthetic": 1.0},
         "train.steps": steps, "train.seq_len": 256, "train.global_batch": 16,
         "eval.every_steps": max(1, steps // 3), "checkpoint.every_steps": steps,
-        "seed": seed, "data.seed": seed, "log.progress_bar": False})
+        "seed": seed, "data.seed": seed, "log.progress_bar": False}, pin=False)
 
 
 def one_seed(run: Runner, start: Path, seed: int) -> dict:
