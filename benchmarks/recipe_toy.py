@@ -81,9 +81,11 @@ STEP_LINE = re.compile(r"\] step (\d+): (.*)$")
 
 
 def _flag(key: str, value) -> str:
-    if isinstance(value, dict):
-        value = repr(value)
-    return shlex.quote(f"--config.{key}={value}")
+    """One `--config.key=value` word as a shell reads it (dicts in double quotes)."""
+    word = f"--config.{key}={value!r}" if isinstance(value, dict) else f"--config.{key}={value}"
+    if not re.search(r"[^\w@%+=:,./-]", word):
+        return word
+    return shlex.quote(word) if set('"$`\\!') & set(word) else f'"{word}"'
 
 
 def command(spec: str, workdir: Path, overrides: dict) -> str:

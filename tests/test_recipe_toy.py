@@ -2,6 +2,7 @@
 published values), where it says a pivot lies, and how it reads a run's logged scalars."""
 
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,3 +52,12 @@ def test_history_reads_the_logged_scalars_in_order(recipe, tmp_path):
     assert recipe.history(tmp_path) == [(20, {"loss": 1.5e-05, "reward": -0.22}),
                                         (20, {"accuracy": 0.2656}), (60, {"accuracy": 0.2812})]
     assert recipe.final_eval(tmp_path) == {"accuracy": 0.2812}
+
+
+def test_printed_commands_split_back_into_the_same_words(recipe):
+    overrides = {"data.mix": {"chat": 1.0}, "reasoning.system": recipe.SYSTEM,
+                 "train.steps": 5, "odd": 'a$b"c'}
+    words = shlex.split(recipe.command("configs/sft.py:toy", Path("/tmp/w"), overrides))
+    assert words[5:] == ["--config.data.mix={'chat': 1.0}",
+                         f"--config.reasoning.system={recipe.SYSTEM}", "--config.train.steps=5",
+                         '--config.odd=a$b"c']
