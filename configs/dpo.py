@@ -16,11 +16,22 @@ Published: ChatML; round 1 on PTS pairs, round 2 on ~850k judge-scored pairs; 1-
 hallucination/refusal data in each. Not published, so documented defaults here: beta 0.1,
 lr 5e-7 with 50 warm-up steps, batch 256 pairs of 4096 tokens, one epoch of 850k pairs
 (3320 steps), the refusal share 0.03.
+
+Phi-4-mini (3.8B, the o200k tokenizer its size picks) and LoRA are parts of the argument:
+  python -m phi4_jax.main --config=configs/dpo.py:mini,pts --workdir=... --config.init_from=...
+  python -m phi4_jax.main --config=configs/dpo.py:mini-tiny,lora --workdir=/tmp/mini-dpo   # CPU
+`mini` is this recipe on Phi-4-mini's released geometry, rope base 10000 and 131072
+positions (PHI4_RECIPE.md, model table). Not published for Phi-4-mini (PHI4_RECIPE.md
+has none): its DPO beta, learning rate, batch and epochs; the numbers above stand as
+documented defaults. `mini-tiny` is tiny's run at Phi-4-mini's geometry, 20 steps of 4
+rows (config_args.apply_mini). `lora`: rank 16, alpha 32 on every projection, a bf16
+backbone off CPU; not published, a documented default.
 """
 
 import ml_collections
 
-from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
+from phi4_jax import config_args
+from phi4_jax.config_args import CPU_SIZES, POST_TRAINING_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 from phi4_jax.losses.preference import VARIANTS
 
@@ -31,8 +42,9 @@ ROUNDS = ("pts", "judge")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = parse_arg(arg, "configs/dpo.py",
-                      {"size": RESEARCH_SIZES, "loss": VARIANTS, "round": ROUNDS})
-    size = parts["size"]
+                      {"size": POST_TRAINING_SIZES, "loss": VARIANTS,
+                       "round": ROUNDS, "adapters": config_args.LORA})
+    size = config_args.research_size(parts["size"])
     c = load_config("configs/pretrain.py", size)
     c.stage = "dpo"
     c.train.update(lr=5e-7, warmup_steps=50, global_batch=256, seq_len=4096, weight_decay=0.0,
@@ -47,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             _apply_variant(c, variant)
     if size:
         _apply_size(c, size)
+    config_args.apply_mini(c, parts["size"])
+    if parts["adapters"]:
+        config_args.apply_lora(c, parts["size"])
     return c
 
 

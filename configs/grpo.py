@@ -13,16 +13,29 @@ Published: 72,401 problems, 64 per iteration, about 90 iterations; sampling at t
 0.8, top-k 50, top-p 0.95; the reasoning template at 32K. Not published, so documented
 defaults here: group size 8, up to 4096 new tokens, lr 5e-8, KL coefficient 0.001, clip 0.2,
 the format and length penalties (-0.5 each).
+
+Phi-4-mini (3.8B, the o200k tokenizer its size picks) and LoRA are parts of the argument:
+  python -m phi4_jax.main --config=configs/grpo.py:mini --workdir=... --config.init_from=...
+  python -m phi4_jax.main --config=configs/grpo.py:mini-tiny,lora --workdir=/tmp/mini-grpo   # CPU
+`mini` is this recipe on Phi-4-mini's released geometry, rope base 10000 and 131072
+positions (PHI4_RECIPE.md, model table). Not published for Phi-4-mini (PHI4_RECIPE.md
+has none): its GRPO learning rate, group size, batch and iterations; the numbers above stand as
+documented defaults. `mini-tiny` is tiny's run at Phi-4-mini's geometry, 20 steps of 4
+rows (config_args.apply_mini). `lora`: rank 16, alpha 32 on every projection, a bf16
+backbone off CPU; not published, a documented default.
 """
 
 import ml_collections
 
-from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
+from phi4_jax import config_args
+from phi4_jax.config_args import CPU_SIZES, POST_TRAINING_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size = parse_arg(arg, "configs/grpo.py", {"size": RESEARCH_SIZES})["size"]
+    parts = parse_arg(arg, "configs/grpo.py", {"size": POST_TRAINING_SIZES,
+                                               "adapters": config_args.LORA})
+    size = config_args.research_size(parts["size"])
     c = load_config("configs/reasoning_sft.py", size)
     c.stage = "grpo"
     c.train.update(lr=5e-8, warmup_steps=0, weight_decay=0.0, global_batch=64, steps=90)
@@ -42,4 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.eval.update(every_steps=10, accuracy_problems=32,
                           max_new_tokens=text_tokens(size, 96))
             c.checkpoint.every_steps = 10
+    config_args.apply_mini(c, parts["size"])
+    if parts["adapters"]:
+        config_args.apply_lora(c, parts["size"])
     return c

@@ -13,11 +13,22 @@ Published: lr 1e-6, about 8B tokens, ChatML, 1-5% refusal ("I don't know") data.
 published, so documented defaults here: batch 1024 x 4096 tokens (4.2M per step, 1907 steps
 for 8B tokens), 100 warm-up steps, linear decay, weight decay 0.1 and the refusal share
 (0.03). Every other key is pretraining's for the same size (configs/pretrain.py).
+
+Phi-4-mini (3.8B, the o200k tokenizer its size picks) and LoRA are parts of the argument:
+  python -m phi4_jax.main --config=configs/sft.py:mini --workdir=... --config.init_from=...
+  python -m phi4_jax.main --config=configs/sft.py:mini-tiny,lora --workdir=/tmp/mini-sft   # CPU
+`mini` is this recipe on Phi-4-mini's released geometry, rope base 10000 and 131072
+positions (PHI4_RECIPE.md, model table). Not published for Phi-4-mini (PHI4_RECIPE.md
+has none): its SFT learning rate, batch, tokens and epochs; the numbers above stand as
+documented defaults. `mini-tiny` is tiny's run at Phi-4-mini's geometry, 20 steps of 4
+rows (config_args.apply_mini). `lora`: rank 16, alpha 32 on every projection, a bf16
+backbone off CPU; not published, a documented default.
 """
 
 import ml_collections
 
-from phi4_jax.config_args import CPU_SIZES, RESEARCH_SIZES, parse_arg, text_tokens
+from phi4_jax import config_args
+from phi4_jax.config_args import CPU_SIZES, POST_TRAINING_SIZES, parse_arg, text_tokens
 from phi4_jax.config_base import load_config, source_spec
 
 SFT_TOKENS = 8_000_000_000
@@ -25,7 +36,9 @@ REFUSAL_SHARE = 0.03
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size = parse_arg(arg, "configs/sft.py", {"size": RESEARCH_SIZES})["size"]
+    parts = parse_arg(arg, "configs/sft.py", {"size": POST_TRAINING_SIZES,
+                                              "adapters": config_args.LORA})
+    size = config_args.research_size(parts["size"])
     c = load_config("configs/pretrain.py", size)
     c.stage = "sft"
     c.train.update(lr=1e-6, warmup_steps=100, global_batch=1024, seq_len=4096)
@@ -37,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.at_start = True
     if size:
         _apply_size(c, size)
+    config_args.apply_mini(c, parts["size"])
+    if parts["adapters"]:
+        config_args.apply_lora(c, parts["size"])
     return c
 
 

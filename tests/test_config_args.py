@@ -3,9 +3,11 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from phi4_jax import config_args, config_base
+from phi4_jax import config_args, config_base, stages
+from phi4_jax.data import tokenizer
 from phi4_jax.errors import Phi4Error
 
 CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -91,3 +93,74 @@ def test_dpo_variants_combine_with_a_size(arg, keys):
 def test_dpo_refuses_two_losses():
     with pytest.raises(config_args.ConfigArgError, match=r"two loss choices \(ipo, hinge\)"):
         config_base.load_config("configs/dpo.py", "tiny,ipo,hinge")
+
+
+# Phi-4-mini's released geometry as /work/shared/PHI4_RECIPE.md tabulates it (lines 12-19, 22):
+# layers, hidden, intermediate, query/KV heads, head dim, vocab, max positions and the
+# original context, rope base, rotary fraction, tied embeddings.
+MINI_RELEASE = (32, 3072, 8192, 24, 8, 128, 200064, 131072, 4096, 10000.0, 0.75, True)
+MINI_CONFIGS = ("sft.py", "dpo.py", "grpo.py")
+
+
+def _geometry(m):
+    return (m.num_layers, m.d_model, m.ffn_dim, m.num_heads, m.num_kv_heads, m.head_dim,
+            m.vocab_size, m.max_positions, m.long_rope.original_max_positions, m.rope_theta,
+            m.rotary_fraction, m.tie_embeddings)
+
+
+@pytest.mark.parametrize("config", MINI_CONFIGS)
+@pytest.mark.parametrize("arg", ["mini", "mini-tiny", "mini,lora", "lora,mini-tiny"])
+def test_mini_parts_validate_and_pick_the_mini_model_and_tokenizer(config, arg):
+    c = config_base.load_config(f"configs/{config}", arg)
+    c.init_from = "/runs/start"
+    model_cfg = config_base.validate_config(c)
+    stages.check_sections(c, model_cfg)
+    size = arg.replace("lora", "").strip(",")
+    assert c.model.size == {"mini": "phi4-mini"}.get(size, size)
+    assert tokenizer.tokenizer_for_vocab(model_cfg.vocab_size) == "phi4-mini"
+    assert (c.lora.rank > 0) == ("lora" in arg)
+    if size == "mini":
+        assert _geometry(model_cfg) == MINI_RELEASE
+
+
+@pytest.mark.parametrize("config", MINI_CONFIGS)
+def test_mini_is_the_stage_recipe_on_the_mini_model(config):
+    paper, mini = (_flat(config_base.load_config(f"configs/{config}", arg).to_dict())
+                   for arg in (None, "mini"))
+    assert {k for k in paper if paper[k] != mini[k]} <= {"model.size", "model.rope_theta",
+                                                         "model.max_positions"}
+    if config == "sft.py":  # PHI4_RECIPE.md line 63: "SFT: lr 1e-6, ~8B tokens"
+        assert mini["train.lr"] == 1e-6
+        tokens = mini["train.steps"] * mini["train.global_batch"] * mini["train.seq_len"]
+        assert abs(tokens - 8e9) / 8e9 < 1e-3
+
+
+@pytest.mark.parametrize("config", MINI_CONFIGS)
+def test_mini_tiny_is_a_shorter_tiny_on_the_mini_model(config):
+    tiny, mini = (_flat(config_base.load_config(f"configs/{config}", arg).to_dict())
+                  for arg in ("tiny", "mini-tiny"))
+    changed = {k for k in tiny if tiny[k] != mini[k]}
+    assert changed <= {"model.size", "train.steps", "train.warmup_steps", "train.global_batch",
+                       "train.loss_chunk_tokens", "eval.every_steps", "eval.batches",
+                       "eval.accuracy_problems", "checkpoint.every_steps"}
+    assert mini["train.seq_len"] == tiny["train.seq_len"]
+    assert mini["train.steps"] * mini["train.global_batch"] < tiny["train.steps"] * tiny[
+        "train.global_batch"]
+
+
+def test_an_unknown_part_lists_the_mini_sizes_and_lora():
+    with pytest.raises(config_args.ConfigArgError,
+                       match=r"unknown part 'mni'; choose from size \(.*, mini, mini-tiny\); "
+                             r"adapters \(lora\)"):
+        config_base.load_config("configs/sft.py", "mni")
+
+
+@pytest.mark.slow
+def test_sft_runs_two_steps_at_mini_tiny_with_lora(tmp_path):
+    c = config_base.load_config("configs/sft.py", "mini-tiny,lora")
+    c.train.update(steps=2, warmup_steps=1, global_batch=8)  # the tests' 8 CPU devices
+    c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
+    c.eval.update(every_steps=2, accuracy_problems=0, at_start=False)
+    history = stages.run(c, str(tmp_path))
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 2 and all(np.isfinite(losses))
