@@ -41,37 +41,47 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where every run of the experiment goes.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of SFT and the later stages.")
-_PRETRAIN = flags.DEFINE_string("pretrain", "", "A finished pretraining run to start from "
-                                "instead of pretraining here.")
-_PRETRAIN_SEED = flags.DEFINE_integer("pretrain_seed", 0, "The pretraining run's seed.")
-_FAMILY = flags.DEFINE_string("family", "column_addition_4", "The exercise family of every stage.")
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 1500, "Pretraining steps (16 x 256).")
-_SFT_STEPS = flags.DEFINE_integer("sft_steps", 300, "Reasoning SFT steps (16 x 320).")
-_GRPO_STEPS = flags.DEFINE_integer("grpo_steps", 60, "GRPO steps.")
-_GRPO_PROBLEMS = flags.DEFINE_integer("grpo_problems", 16, "GRPO problems per step.")
-_GRPO_GROUP = flags.DEFINE_integer("grpo_group", 8, "GRPO responses per problem.")
-_GRPO_LR = flags.DEFINE_float("grpo_lr", 1e-4, "GRPO learning rate.")
-_GRPO_REWARD = flags.DEFINE_enum("grpo_reward", "simple", ["simple", "phi4_reasoning"],
-                                 "grpo.reward; phi4_reasoning scales its lengths to the budget.")
-_QUESTIONS = flags.DEFINE_integer("pts_questions", 64, "Training questions PTS searches.")
-_ROLLOUTS = flags.DEFINE_integer("pts_rollouts", 16, "Most rollouts per PTS prefix.")
-_PTS_TEMPERATURE = flags.DEFINE_float("pts_temperature", 0.8, "PTS's sampling temperature "
-                                      "(GRPO samples at 0.8 too).")
-_DPO_STEPS = flags.DEFINE_integer("dpo_steps", 40, "Steps of each DPO run.")
-_DPO_LR = flags.DEFINE_float("dpo_lr", 0.0, "Learning rate of both DPO runs (0: the config's); "
-                             "other than 0 their runs are named `-lr<value>`, so an ablation "
-                             "reuses the workdir's SFT, GRPO and PTS runs.")
-_PROBLEMS = flags.DEFINE_integer("problems", 256, "Held-out problems for greedy accuracy.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 192, "Response budget of every stage.")
-_WITH_PTS = flags.DEFINE_bool("pts", True, "Also run PTS, PTS-DPO and DPO (--nopts: "
-                               "pretraining, SFT and GRPO only, the quick look).")
-_WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Seeds run at once.")
-_WRITE = flags.DEFINE_string("write", "", "Append the report to this markdown file.")
-_PLOT = flags.DEFINE_string("plot", "", "Save the figure here (needs matplotlib).")
+# The script's own flags, apart from absl's global ones: tests import its helpers beside other
+# scripts that define flags of the same names.
+FLAGS = flags.FlagValues()
+
+
+def _define(kind: str, *args):
+    return getattr(flags, f"DEFINE_{kind}")(*args, flag_values=FLAGS)
+
+
+_WORKDIR = _define("string", "workdir", None, "Where every run of the experiment goes.")
+_SEEDS = _define("list", "seeds", ["0", "1", "2"], "Seeds of SFT and the later stages.")
+_PRETRAIN = _define("string", "pretrain", "", "A finished pretraining run to start from "
+                    "instead of pretraining here.")
+_PRETRAIN_SEED = _define("integer", "pretrain_seed", 0, "The pretraining run's seed.")
+_FAMILY = _define("string", "family", "column_addition_4", "The exercise family of every stage.")
+_PRETRAIN_STEPS = _define("integer", "pretrain_steps", 1500, "Pretraining steps (16 x 256).")
+_SFT_STEPS = _define("integer", "sft_steps", 150, "Reasoning SFT steps (16 x 320), at a "
+                     "constant learning rate after warm-up.")
+_GRPO_STEPS = _define("integer", "grpo_steps", 80, "GRPO steps.")
+_GRPO_PROBLEMS = _define("integer", "grpo_problems", 16, "GRPO problems per step.")
+_GRPO_GROUP = _define("integer", "grpo_group", 8, "GRPO responses per problem.")
+_GRPO_LR = _define("float", "grpo_lr", 1e-4, "GRPO learning rate.")
+_GRPO_REWARD = _define("enum", "grpo_reward", "simple", ["simple", "phi4_reasoning"],
+                       "grpo.reward; phi4_reasoning scales its lengths to the budget.")
+_QUESTIONS = _define("integer", "pts_questions", 64, "Training questions PTS searches.")
+_ROLLOUTS = _define("integer", "pts_rollouts", 16, "Most rollouts per PTS prefix.")
+_PTS_TEMPERATURE = _define("float", "pts_temperature", 0.8, "PTS's sampling temperature "
+                           "(GRPO samples at 0.8 too).")
+_DPO_STEPS = _define("integer", "dpo_steps", 40, "Steps of each DPO run.")
+_DPO_LR = _define("float", "dpo_lr", 0.0, "Learning rate of both DPO runs (0: the config's); "
+                  "other than 0 their runs are named `-lr<value>`, so an ablation "
+                  "reuses the workdir's SFT, GRPO and PTS runs.")
+_PROBLEMS = _define("integer", "problems", 256, "Held-out problems for greedy accuracy.")
+_MAX_NEW = _define("integer", "max_new_tokens", 192, "Response budget of every stage.")
+_WITH_PTS = _define("bool", "pts", True, "Also run PTS, PTS-DPO and DPO (--nopts: "
+                    "pretraining, SFT and GRPO only, the quick look).")
+_WORKERS = _define("integer", "workers", os.cpu_count() or 1, "Seeds run at once.")
+_WRITE = _define("string", "write", "", "Append the report to this markdown file.")
+_PLOT = _define("string", "plot", "", "Save the figure here (needs matplotlib).")
 
 # A 2-layer byte model does not learn to read the question's first operand behind the default
 # 194-byte system text within the SFT budget; this one it does (RESULTS_recipe.md, tuning).
@@ -200,6 +210,7 @@ def one_seed(run: Runner, start: Path, seed: int) -> dict:
     sft = run(f"sft-{s}", "configs/reasoning_sft.py:toy", {
         **keys, "init_from": start, "data.sources.chat.families": _FAMILY.value,
         "data.mix": {"chat": 1.0}, "train.steps": _SFT_STEPS.value, "train.global_batch": 16,
+        "train.final_lr_fraction": 1.0,  # constant: N steps are the first N of a longer run
         "eval.every_steps": _SFT_STEPS.value, "checkpoint.every_steps": _SFT_STEPS.value})
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as branches:
         grpo = branches.submit(_grpo, run, keys, sft, s)
@@ -432,5 +443,10 @@ def write(text: str, run: Runner, base: Path, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    try:
+        FLAGS(sys.argv)
+    except flags.Error as error:
+        sys.exit(f"recipe_toy.py: {error}")
+    if not _WORKDIR.value:
+        sys.exit("recipe_toy.py: give --workdir.")
+    main(sys.argv)
