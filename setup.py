@@ -39,7 +39,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Only for interop checks against the reference implementation.
         "hf": ["torch>=2.4", "transformers>=5,<6"],
-        # Only for benchmarks/plot_run.py (a run's loss curves as a PNG).
+        # Only for benchmarks/plot_run.py (a run's loss curves as a PNG) and recipe_toy.py --plot.
         "plot": ["matplotlib>=3.7"],
         "gpu": [f"jax[cuda12]>=0.10.2,<0.11; {OLD_PYTHON}",
                 f"jax[cuda13]>=0.11.2,<0.12; {NEW_PYTHON}",

@@ -61,6 +61,8 @@ _FAMILY = _define("string", "family", "column_addition_4", "The exercise family 
 _PRETRAIN_STEPS = _define("integer", "pretrain_steps", 1500, "Pretraining steps (16 x 256).")
 _SFT_STEPS = _define("integer", "sft_steps", 150, "Reasoning SFT steps (16 x 320), at a "
                      "constant learning rate after warm-up.")
+_SFT_MORE = _define("integer", "sft_more_steps", 50, "A baseline beside GRPO: the same SFT run "
+                    "this many steps longer (0: none).")
 _GRPO_STEPS = _define("integer", "grpo_steps", 80, "GRPO steps.")
 _GRPO_PROBLEMS = _define("integer", "grpo_problems", 16, "GRPO problems per step.")
 _GRPO_GROUP = _define("integer", "grpo_group", 8, "GRPO responses per problem.")
@@ -207,13 +209,12 @@ def pretrain(run: Runner) -> Path:
 def one_seed(run: Runner, start: Path, seed: int) -> dict:
     """SFT from `start`, then from its checkpoint GRPO beside PTS (whose two DPO runs follow)."""
     keys, s = _model_keys(seed), f"s{seed}"
-    sft = run(f"sft-{s}", "configs/reasoning_sft.py:toy", {
-        **keys, "init_from": start, "data.sources.chat.families": _FAMILY.value,
-        "data.mix": {"chat": 1.0}, "train.steps": _SFT_STEPS.value, "train.global_batch": 16,
-        "train.final_lr_fraction": 1.0,  # constant: N steps are the first N of a longer run
-        "eval.every_steps": _SFT_STEPS.value, "checkpoint.every_steps": _SFT_STEPS.value})
+    sft = _sft(run, keys, start, f"sft-{s}", _SFT_STEPS.value)
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as branches:
         grpo = branches.submit(_grpo, run, keys, sft, s)
+        more = _SFT_STEPS.value + _SFT_MORE.value
+        longer = (branches.submit(_sft, run, keys, start, f"sft{more}-{s}", more)
+                  if _SFT_MORE.value else None)
         search, pairs = _search(run, keys, sft, s, branches) if _WITH_PTS.value else (None, {})
         grpo = grpo.result()
         result = {"seed": seed, "sft": final_eval(sft), "grpo": final_eval(grpo),
@@ -221,7 +222,10 @@ def one_seed(run: Runner, start: Path, seed: int) -> dict:
                   "search": _jsonl("questions-*.jsonl", search / "pts") if search else [],
                   "pivots": _jsonl("pairs-*.jsonl", search / "pts") if search else [],
                   "seconds": {n: run.seconds(f"{n}-{s}") for n in ("sft", "grpo")},
-                  "pts_dpo": None, "dpo": None}
+                  "pts_dpo": None, "dpo": None,
+                  "sft_more": final_eval(longer.result()) if longer else None}
+        if longer:
+            result["seconds"]["sft_more"] = run.seconds(f"sft{more}-{s}")
         if search:
             result["seconds"]["pts"] = run.seconds(f"pts-{s}")
         for name, future in pairs.items():
@@ -229,6 +233,14 @@ def one_seed(run: Runner, start: Path, seed: int) -> dict:
     print(json.dumps({k: v for k, v in result.items()
                       if k not in ("grpo_curve", "search", "pivots")}), flush=True)
     return result
+
+
+def _sft(run: Runner, keys: dict, start: Path, name: str, steps: int) -> Path:
+    return run(name, "configs/reasoning_sft.py:toy", {
+        **keys, "init_from": start, "data.sources.chat.families": _FAMILY.value,
+        "data.mix": {"chat": 1.0}, "train.steps": steps, "train.global_batch": 16,
+        "train.final_lr_fraction": 1.0,  # constant: N steps are the first N of a longer run
+        "eval.every_steps": steps, "checkpoint.every_steps": steps})
 
 
 def _search(run: Runner, keys: dict, sft: Path, s: str, pool) -> tuple[Path, dict]:
@@ -288,7 +300,7 @@ def main(argv):
 
 
 STAGES = (("sft", "SFT (start)"), ("grpo", "GRPO"), ("pts_dpo", "PTS-DPO"),
-          ("dpo", "DPO (whole responses)"))
+          ("dpo", "DPO (whole responses)"), ("sft_more", "SFT, more steps"))
 
 
 def _cell(scores: dict | None) -> str:
