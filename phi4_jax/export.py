@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
@@ -36,13 +36,20 @@ from phi4_jax.model.transformer import init_model
 from phi4_jax.parallel import sharding
 from phi4_jax.train import checkpoint, initial_params, state
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's --workdir.")
-_STEP = flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the newest).")
+# Flags of their own, not absl's global set: a process that imports this module beside another
+# entry point (tests do) would otherwise define `--workdir` twice.
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's --workdir.",
+                               flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the "
+                             "newest).", flag_values=FLAGS)
 _ADAPTER = flags.DEFINE_string("adapter", None, "The LoRA adapter to merge into the weights "
-                               "(a name from the run's lora.adapters).")
-_OUT = flags.DEFINE_string("out", None, "A new or empty folder for the Hugging Face model.")
+                               "(a name from the run's lora.adapters).", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "A new or empty folder for the Hugging Face model.",
+                           flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16", "float16"],
-                           "Dtype of the saved weights ('' = the run's model.param_dtype).")
+                           "Dtype of the saved weights ('' = the run's model.param_dtype).",
+                           flag_values=FLAGS)
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -209,7 +216,11 @@ def write(export: ExportPlan, dtype: str = "") -> Path:
 
 
 def main(argv: list[str]) -> int:
-    del argv
+    try:
+        FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     try:
         for name, flag in (("workdir", _WORKDIR), ("out", _OUT)):
             if not flag.value:
@@ -226,4 +237,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main(sys.argv))
