@@ -3,7 +3,6 @@
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from phi4_jax import config_args, config_base, stages
@@ -153,14 +152,3 @@ def test_an_unknown_part_lists_the_mini_sizes_and_lora():
                        match=r"unknown part 'mni'; choose from size \(.*, mini, mini-tiny\); "
                              r"adapters \(lora\)"):
         config_base.load_config("configs/sft.py", "mni")
-
-
-@pytest.mark.slow
-def test_sft_runs_two_steps_at_mini_tiny_with_lora(tmp_path):
-    c = config_base.load_config("configs/sft.py", "mini-tiny,lora")
-    c.train.update(steps=2, warmup_steps=0, global_batch=8, seq_len=128)  # 8 CPU devices
-    c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
-    c.eval.update(every_steps=2, accuracy_problems=0, at_start=False)
-    history = stages.run(c, str(tmp_path))
-    losses = [h["loss"] for h in history if "loss" in h]
-    assert len(losses) == 2 and all(np.isfinite(losses))
