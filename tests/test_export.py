@@ -131,6 +131,7 @@ def _refused(match, **flags):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow  # needs two trained runs
 def test_bad_exports_are_one_line_before_anything_loads(pretrained_toy, lora_toy, tmp_path):
     out = str(tmp_path / "out")
     _refused(r"--workdir=.*holds no checkpoint", workdir=str(tmp_path), out=out)
@@ -147,6 +148,7 @@ def test_bad_exports_are_one_line_before_anything_loads(pretrained_toy, lora_toy
              workdir=str(pretrained_toy), out=out)
 
 
+@pytest.mark.slow  # needs two trained runs
 def test_the_checkpoint_records_the_model_and_the_lora_backbone(pretrained_toy, lora_toy):
     meta = checkpoint.saved_meta(lora_toy / "checkpoints" / "1")
     assert meta["init_from"] == {"kind": "phi4",
@@ -155,6 +157,7 @@ def test_the_checkpoint_records_the_model_and_the_lora_backbone(pretrained_toy, 
     assert (cfg.name, cfg.lora.adapters, cfg.lora.rank) == ("toy", ("default", "spare"), 4)
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_command_line_mistake_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "phi4_jax.export", f"--workdir={tmp_path}",
                              f"--out={tmp_path / 'out'}"], capture_output=True, text=True,
