@@ -18,6 +18,7 @@ be new or empty: an export never overwrites.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from flax import nnx
 
 from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
 from phi4_jax.errors import Phi4Error
-from phi4_jax.interop import hf_checkpoint as hf, hf_tokenizer
+from phi4_jax.interop import hf_checkpoint as hf
 from phi4_jax.model import config as model_config, lora
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.model.transformer import init_model
@@ -73,6 +74,9 @@ def plan(workdir: str, out: str, step: int | None = None, adapter: str | None = 
          ) -> ExportPlan:
     """Every check of the export, on metadata only; ExportError (or ConfigError for a
     damaged backbone) names the first problem."""
+    if importlib.util.find_spec("tokenizers") is None:
+        raise ExportError("export writes the tokenizer with the `tokenizers` library, which is "
+                          "not installed; pip install -e \".[hf]\".")
     step_dir = _step_dir(Path(workdir).expanduser(), step)
     meta = _saved_meta(step_dir)
     model_cfg = _model_config(meta, step_dir)
@@ -83,7 +87,6 @@ def plan(workdir: str, out: str, step: int | None = None, adapter: str | None = 
 
 def _step_dir(workdir: Path, step: int | None) -> Path:
     """The checkpoint folder of `step` (the newest intact one when None), checksums verified."""
-
     folder = workdir / "checkpoints"
     steps = checkpoint.intact_steps(folder)
     if not steps:
@@ -116,7 +119,6 @@ def _saved_meta(step_dir: Path) -> dict:
 
 def _model_config(meta: dict, step_dir: Path) -> ModelConfig:
     """The recorded model config, set to run anywhere (plain attention, no remat)."""
-
     try:
         cfg = model_config.from_record(meta["model"])
     except (TypeError, ValueError) as error:
@@ -203,7 +205,7 @@ def generation_config(tokenizer: Phi4Tokenizer) -> dict:
 
 def write(export: ExportPlan, dtype: str = "") -> Path:
     """Writes the Hugging Face directory of a checked export; returns it."""
-
+    from phi4_jax.interop import hf_tokenizer  # pylint: disable=g-import-not-at-top  # [hf] extra
     cfg = export.model_cfg
     tokenizer = load_tokenizer(tokenizer_for_vocab(cfg.vocab_size))
     hf.save_hf_checkpoint(nnx.State(exported_params(export)), cfg, export.out,

@@ -15,7 +15,6 @@ from flax import nnx
 
 from phi4_jax import config_base, export, stages
 from phi4_jax.data.tokenizer import load_tokenizer
-from phi4_jax.interop import hf_tokenizer
 from phi4_jax.model import config as model_config, lora
 from phi4_jax.model.transformer import init_model
 from phi4_jax.sampling import decode
@@ -111,6 +110,7 @@ def test_a_merged_adapter_decodes_as_the_adapted_model(lora_toy, tmp_path):
 
 def test_the_exported_tokenizer_encodes_and_lays_out_chats_as_phi4_jax():
     transformers = pytest.importorskip("transformers")
+    from phi4_jax.interop import hf_tokenizer  # pylint: disable=g-import-not-at-top  # [hf] extra
     tokenizer = load_tokenizer("bytes")
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=hf_tokenizer.hf_tokenizer(tokenizer),
@@ -174,3 +174,10 @@ def test_a_recorded_model_config_reads_back_equal():
         rank=2, alpha=4.0, targets=("q", "down"), adapters=("a", "b"), backbone_dtype="bfloat16"))
     record = json.loads(json.dumps(model_config.to_record(cfg)))
     assert model_config.from_record(record) == cfg
+
+
+def test_export_without_the_tokenizers_library_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(export.importlib.util, "find_spec",
+                        lambda name: None if name == "tokenizers" else object())
+    with pytest.raises(export.ExportError, match=r"`tokenizers` .* pip install -e \"\.\[hf\]\""):
+        export.plan(str(tmp_path), str(tmp_path / "out"))

@@ -375,9 +375,7 @@ def _cached_tokenizer(name: str) -> Phi4Tokenizer:
 def mergeable_ranks(name: str) -> dict[bytes, int]:
     """A named tokenizer's BPE ranks (token bytes -> id, specials excluded), hash-checked: what
     a converter to another library's format needs."""
-    if name not in _SPECS:
-        raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(_SPECS)}")
-    spec = _SPECS[name]
+    spec = _spec(name)
     if spec.rank_file is None:
         return {bytes([value]): value for value in range(256)}
     return _load_ranks(ASSETS_DIR / spec.rank_file, _packaged_sha256(spec.rank_file))
@@ -385,6 +383,10 @@ def mergeable_ranks(name: str) -> dict[bytes, int]:
 
 def split_pattern(name: str) -> str:
     """The regex a named tokenizer splits text with before merging."""
+    return _spec(name).pat_str
+
+
+def _spec(name: str):
     if name not in _SPECS:
         raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(_SPECS)}")
-    return _SPECS[name].pat_str
+    return _SPECS[name]
