@@ -5,7 +5,8 @@ r"""The recipe in miniature: does each post-training stage make the toy model be
 
 The chain, each step a `python -m phi4_jax.main` command as a user would type it (printed,
 and kept in the report): pretraining on the `column_addition_4` drill (`toy` size, 512-id
-byte tokenizer), reasoning SFT, then from that one SFT checkpoint (a) GRPO, (b) Pivotal Token
+byte tokenizer), reasoning SFT until greedy accuracy on a validation set (held-out problems
+apart from the reported ones) reaches `--sft_stop_accuracy`, then from that one SFT checkpoint (a) GRPO, (b) Pivotal Token
 Search, (c) PTS-DPO on its pivotal-token pairs and (d) whole-response DPO on the correct vs
 incorrect responses of the same rollouts. Pretraining runs once (`--pretrain_seed`, or
 `--pretrain DIR` reuses a finished run); each seed runs SFT and every later stage with
@@ -59,10 +60,16 @@ _PRETRAIN = _define("string", "pretrain", "", "A finished pretraining run to sta
 _PRETRAIN_SEED = _define("integer", "pretrain_seed", 0, "The pretraining run's seed.")
 _FAMILY = _define("string", "family", "column_addition_4", "The exercise family of every stage.")
 _PRETRAIN_STEPS = _define("integer", "pretrain_steps", 1500, "Pretraining steps (16 x 256).")
-_SFT_STEPS = _define("integer", "sft_steps", 150, "Reasoning SFT steps (16 x 320), at a "
-                     "constant learning rate after warm-up.")
+_SFT_MAX_STEPS = _define("integer", "sft_max_steps", 400, "Most reasoning SFT steps (16 x 320), "
+                         "at a constant learning rate after warm-up.")
+_SFT_STOP = _define("float", "sft_stop_accuracy", 0.4, "SFT stops at the first validation eval "
+                    "whose greedy accuracy reaches this (eval.stop_at_accuracy).")
+_SFT_EVAL_EVERY = _define("integer", "sft_eval_every", 10, "SFT's validation eval interval.")
+_VALIDATION = _define("integer", "validation_problems", 64, "Problems of the validation set "
+                      "SFT's stopping rule reads: the eval span's problems from index "
+                      "VALIDATION_OFFSET on, apart from the reported ones.")
 _SFT_MORE = _define("integer", "sft_more_steps", 50, "A baseline beside GRPO: the same SFT run "
-                    "this many steps longer (0: none).")
+                    "this many steps past where it stopped (0: none).")
 _GRPO_STEPS = _define("integer", "grpo_steps", 80, "GRPO steps.")
 _GRPO_PROBLEMS = _define("integer", "grpo_problems", 16, "GRPO problems per step.")
 _GRPO_GROUP = _define("integer", "grpo_group", 8, "GRPO responses per problem.")
@@ -89,6 +96,7 @@ _PLOT = _define("string", "plot", "", "Save the figure here (needs matplotlib)."
 # 194-byte system text within the SFT budget; this one it does (RESULTS_recipe.md, tuning).
 SYSTEM = "Reason inside <think> and </think>, then give the final answer."
 SFT_LEN = 320  # one 4-digit conversation with the short system text is ~300 byte tokens
+VALIDATION_OFFSET = 2**20  # far past the reported problems, which start at index 0
 STEP_LINE = re.compile(r"\] step (\d+): (.*)$")
 
 
@@ -209,15 +217,17 @@ def pretrain(run: Runner) -> Path:
 def one_seed(run: Runner, start: Path, seed: int) -> dict:
     """SFT from `start`, then from its checkpoint GRPO beside PTS (whose two DPO runs follow)."""
     keys, s = _model_keys(seed), f"s{seed}"
-    sft = _sft(run, keys, start, f"sft-{s}", _SFT_STEPS.value)
+    sft = _sft(run, keys, start, f"sft-{s}", _SFT_MAX_STEPS.value, _SFT_STOP.value)
+    stop_step, stopped = [(step, sc) for step, sc in history(sft) if "accuracy" in sc][-1]
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as branches:
         grpo = branches.submit(_grpo, run, keys, sft, s)
-        more = _SFT_STEPS.value + _SFT_MORE.value
+        more = stop_step + _SFT_MORE.value
         longer = (branches.submit(_sft, run, keys, start, f"sft{more}-{s}", more)
                   if _SFT_MORE.value else None)
         search, pairs = _search(run, keys, sft, s, branches) if _WITH_PTS.value else (None, {})
         grpo = grpo.result()
-        result = {"seed": seed, "sft": final_eval(sft), "grpo": final_eval(grpo),
+        evals = [scores for _, scores in history(grpo) if "accuracy" in scores]
+        result = {"seed": seed, "sft": evals[0], "grpo": evals[-1], "sft_stop": (stop_step, stopped["accuracy"]),
                   "grpo_curve": history(grpo),
                   "search": _jsonl("questions-*.jsonl", search / "pts") if search else [],
                   "pivots": _jsonl("pairs-*.jsonl", search / "pts") if search else [],
@@ -235,12 +245,21 @@ def one_seed(run: Runner, start: Path, seed: int) -> dict:
     return result
 
 
-def _sft(run: Runner, keys: dict, start: Path, name: str, steps: int) -> Path:
-    return run(name, "configs/reasoning_sft.py:toy", {
-        **keys, "init_from": start, "data.sources.chat.families": _FAMILY.value,
-        "data.mix": {"chat": 1.0}, "train.steps": steps, "train.global_batch": 16,
-        "train.final_lr_fraction": 1.0,  # constant: N steps are the first N of a longer run
-        "eval.every_steps": steps, "checkpoint.every_steps": steps})
+def _sft(run: Runner, keys: dict, start: Path, name: str, steps: int, stop: float = 0.0
+         ) -> Path:
+    """SFT for `steps`, or with `stop` until its validation accuracy reaches it; the validation
+    problems are not the reported ones, which GRPO's first eval measures on the checkpoint."""
+    overrides = {**keys, "init_from": start, "data.sources.chat.families": _FAMILY.value,
+                 "data.mix": {"chat": 1.0}, "train.steps": steps, "train.global_batch": 16,
+                 # constant: N steps are the first N of a longer run
+                 "train.final_lr_fraction": 1.0,
+                 "eval.every_steps": steps, "checkpoint.every_steps": steps}
+    if stop:
+        overrides.update({"eval.accuracy_problems": _VALIDATION.value,
+                          "eval.accuracy_offset": VALIDATION_OFFSET,
+                          "eval.stop_at_accuracy": stop,
+                          "eval.every_steps": _SFT_EVAL_EVERY.value})
+    return run(name, "configs/reasoning_sft.py:toy", overrides)
 
 
 def _search(run: Runner, keys: dict, sft: Path, s: str, pool) -> tuple[Path, dict]:
@@ -263,7 +282,7 @@ def _grpo(run: Runner, keys: dict, sft: Path, s: str) -> Path:
                  "grpo.max_new_tokens": _MAX_NEW.value, "train.steps": steps,
                  "train.global_batch": _GRPO_PROBLEMS.value, "grpo.group_size": _GRPO_GROUP.value,
                  "train.lr": _GRPO_LR.value, "grpo.reward": _GRPO_REWARD.value,
-                 "eval.at_start": False, "eval.every_steps": max(1, steps // 3),
+                 "eval.at_start": True, "eval.every_steps": max(1, steps // 3),
                  "log.every_steps": max(1, steps // 30), "checkpoint.every_steps": steps}
     if _GRPO_REWARD.value == "phi4_reasoning":
         overrides["grpo.reward_length_scale"] = _MAX_NEW.value / 31744
@@ -320,16 +339,19 @@ def accuracy_table(rows: list[dict]) -> list[str]:
     def gain(a: dict | None, b: dict | None) -> str:
         return f"{(a['accuracy'] - b['accuracy']) * 100:+.1f} pts" if a and b else "-"
 
-    lines = ["| seed | " + " | ".join(title for _, title in STAGES) + " | GRPO - SFT | "
+    lines = ["| seed | SFT stopped at (validation accuracy) | "
+             + " | ".join(title for _, title in STAGES) + " | GRPO - SFT | "
              "GRPO above SFT (intervals apart) | PTS-DPO - DPO |",
-             "|---:|" + "---|" * len(STAGES) + "---:|---|---:|"]
+             "|---:|---:|" + "---|" * len(STAGES) + "---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['seed']} | " + " | ".join(_cell(r[k]) for k, _ in STAGES)
+        step, validation = r["sft_stop"]
+        lines.append(f"| {r['seed']} | step {step} ({validation:.3f}) | "
+                     + " | ".join(_cell(r[k]) for k, _ in STAGES)
                      + f" | {gain(r['grpo'], r['sft'])} | {apart(r['grpo'], r['sft'])} | "
                      f"{gain(r['pts_dpo'], r['dpo'])} |")
     means = [np.mean([r[k]["accuracy"] for r in rows if r[k]]) if any(r[k] for r in rows)
              else float("nan") for k, _ in STAGES]
-    lines.append("| mean | " + " | ".join(f"{m:.3f}" if np.isfinite(m) else "-" for m in means)
+    lines.append("| mean | | " + " | ".join(f"{m:.3f}" if np.isfinite(m) else "-" for m in means)
                  + " | | | |")
     return lines
 
@@ -379,13 +401,13 @@ def curve_table(rows: list[dict]) -> list[str]:
     lines = ["| seed | step | reward | sampled accuracy | held-out accuracy |",
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['seed']} | 0 | | | {r['sft']['accuracy']:.3f} |")
         evals = {step: s["accuracy"] for step, s in r["grpo_curve"] if "accuracy" in s}
         for step, s in r["grpo_curve"]:
-            if "reward" in s and (step in evals or step % max(1, _GRPO_STEPS.value // 6) == 0):
+            if step in evals or step % max(1, _GRPO_STEPS.value // 6) == 0:
                 held = f"{evals[step]:.3f}" if step in evals else ""
-                lines.append(f"| {r['seed']} | {step} | {s['reward']:.3f} | "
-                             f"{s['sample_accuracy']:.3f} | {held} |")
+                sampled = (f"{s['reward']:.3f} | {s['sample_accuracy']:.3f}" if "reward" in s
+                           else " | ")
+                lines.append(f"| {r['seed']} | {step} | {sampled} | {held} |")
     return lines
 
 
@@ -407,9 +429,8 @@ def plot(rows: list[dict], path: str) -> None:
     bars.set_ylabel(f"held-out greedy accuracy ({_PROBLEMS.value} problems, 95% CI)")
     bars.legend(fontsize=7)
     for r in rows:
-        steps = [0] + [st for st, s in r["grpo_curve"] if "accuracy" in s]
-        acc = [r["sft"]["accuracy"]] + [s["accuracy"] for _, s in r["grpo_curve"]
-                                        if "accuracy" in s]
+        steps = [st for st, s in r["grpo_curve"] if "accuracy" in s]
+        acc = [s["accuracy"] for _, s in r["grpo_curve"] if "accuracy" in s]
         line, = curves.plot(steps, acc, marker="o", label=f"seed {r['seed']} held-out (greedy)")
         sampled = [(st, s["sample_accuracy"]) for st, s in r["grpo_curve"] if "reward" in s]
         curves.plot(*zip(*sampled), color=line.get_color(), alpha=0.4, linestyle="--",

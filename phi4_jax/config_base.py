@@ -20,7 +20,7 @@ import ml_collections
 
 from phi4_jax.data import pipeline, synthetic
 from phi4_jax.data.synthetic import reasoning
-from phi4_jax.data.sources import SPEC_DEFAULTS
+from phi4_jax.data.sources import SPEC_DEFAULTS, SYNTHETIC_SPAN
 from phi4_jax.data.tokenizer import TOKENIZER_NAMES, vocab_size_of
 from phi4_jax.errors import ConfigError, require
 from phi4_jax.model.config import SIZE_NAMES, ModelConfig, model_config_for
@@ -119,6 +119,12 @@ def base_config() -> ml_collections.ConfigDict:
     # comma-separated synthetic families to draw them from; '' = all textbook ones
     c.eval.accuracy_families = ""
     c.eval.max_new_tokens = 128
+    # The accuracy problems start this far into the eval span: a validation set apart from the
+    # problems a report quotes (which start at 0).
+    c.eval.accuracy_offset = 0
+    # End the run at the first eval whose greedy `accuracy` reaches this (0 = off): early
+    # stopping, on the problems at eval.accuracy_offset. The last checkpoint is that step.
+    c.eval.stop_at_accuracy = 0.0
     # Held-out loss in this many equal position buckets of the row (0 = off), as metrics
     # `loss_pos<lo>-<hi>`: does the loss keep falling late in long rows? (pretrain stage)
     c.eval.position_buckets = 0
@@ -315,9 +321,16 @@ def load_config(spec: str | Path, arg: str | None = None) -> ml_collections.Conf
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
-    for key in ("accuracy_problems", "max_new_tokens"):
+    for key in ("accuracy_problems", "max_new_tokens", "accuracy_offset"):
         require(isinstance(e[key], int) and e[key] >= 0, f"eval.{key}", e[key],
                 "must be an integer >= 0.")
+    require(e.accuracy_offset + e.accuracy_problems < SYNTHETIC_SPAN, "eval.accuracy_offset",
+            e.accuracy_offset, f"with eval.accuracy_problems must stay within the eval span "
+            f"({SYNTHETIC_SPAN} problems).")
+    require(0 <= e.stop_at_accuracy <= 1, "eval.stop_at_accuracy", e.stop_at_accuracy,
+            "must lie in [0, 1] (0 = off).")
+    require(not e.stop_at_accuracy or e.accuracy_problems, "eval.stop_at_accuracy",
+            e.stop_at_accuracy, "needs greedy accuracy: set eval.accuracy_problems > 0.")
     check_families(e.accuracy_families, "eval.accuracy_families")
 
 

@@ -55,3 +55,10 @@ def test_mode_share_by_hand():
     assert verifiable.mode_share(["3", "3", None, "4"]) == 0.5
     assert verifiable.mode_share([None, None]) == 0.0
     assert verifiable.mode_share(["7"]) == 1.0
+
+
+def test_an_offset_reads_problems_past_the_reported_ones():
+    reported = verifiable.held_out_problems(0, 8, families=("modular",))
+    validation = verifiable.held_out_problems(0, 4, families=("modular",), first=8)
+    assert validation == verifiable.held_out_problems(0, 12, families=("modular",))[8:]
+    assert not {ex.question for ex in validation} & {ex.question for ex in reported}

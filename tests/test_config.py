@@ -54,6 +54,9 @@ def test_unknown_variant_names_the_choices():
     ("data.max_segments_per_row", 0, "data.max_segments_per_row"),
     ("eval.accuracy_families", "modular,trigonometry", r"eval.accuracy_families names unknown "
                                                        r"exercise families \['trigonometry'\]"),
+    ("eval.stop_at_accuracy", 1.5, r"eval.stop_at_accuracy.*\[0, 1\]"),
+    ("eval.stop_at_accuracy", 0.3, r"eval.stop_at_accuracy.*set eval.accuracy_problems > 0"),
+    ("eval.accuracy_offset", 2**40, r"eval.accuracy_offset.*within the eval span"),
 ])
 def test_validation_names_key_and_fix(key, value, message):
     c = _load("tiny")

@@ -16,7 +16,7 @@ import pytest
 from phi4_jax import config_base, stages
 from phi4_jax.train import loop, memory
 from phi4_jax.train import state as state_lib
-from phi4_jax.train.checkpoint import Checkpointer
+from phi4_jax.train.checkpoint import Checkpointer, saved_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,3 +126,22 @@ def test_sigterm_writes_a_checkpoint(tmp_path):
     assert process.wait(timeout=120) == 0, "".join(output)
     steps = Checkpointer(f"{tmp_path}/checkpoints", keep=3, every_steps=1).latest_step()
     assert steps is not None and steps >= 2, "".join(output)
+
+
+@pytest.mark.slow
+def test_early_stopping_at_an_accuracy_saves_that_step_and_ends_the_run(tmp_path, monkeypatch):
+    from phi4_jax.stages import evaluation
+    accuracies = iter([0.1, 0.3, 0.5, 0.9])
+    monkeypatch.setattr(evaluation, "greedy_accuracy",
+                        lambda run, params: {"accuracy": next(accuracies)})
+    config = _toy(20)
+    config.eval.update(every_steps=2, accuracy_problems=8, stop_at_accuracy=0.4)
+    history = stages.run(config, str(tmp_path))
+    assert [h["step"] for h in history if "accuracy" in h] == [2, 4, 6]
+    assert len(_losses(history)) == 6
+    checkpoints = Checkpointer(f"{tmp_path}/checkpoints", keep=3, every_steps=4)
+    assert checkpoints.latest_step() == 6
+    assert saved_meta(f"{tmp_path}/checkpoints/6")["stopped_at_accuracy"] == 0.5
+    checkpoints.close()
+    assert stages.run(config, str(tmp_path)) == []  # finished: no step, no eval
+    assert next(accuracies) == 0.9

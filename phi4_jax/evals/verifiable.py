@@ -22,12 +22,15 @@ from phi4_jax.sampling import decode
 
 
 def held_out_problems(seed: int, count: int, *, unanswerable: bool = False,
-                      families: Sequence[str] = synthetic.FAMILIES) -> list[synthetic.Exercise]:
-    """The first `count` exercises of the synthetic eval span drawn from `families` (or the
-    unanswerable variants, which have their own word-problem families)."""
+                      families: Sequence[str] = synthetic.FAMILIES,
+                      first: int = 0) -> list[synthetic.Exercise]:
+    """`count` exercises of the synthetic eval span from its index `first` on, drawn from
+    `families` (or the unanswerable variants, which have their own word-problem families).
+    A `first` past the reported problems gives a validation set apart from them."""
+    start = SYNTHETIC_SPAN + first
     if unanswerable:
-        return [synthetic.unanswerable_exercise(seed, SYNTHETIC_SPAN + i) for i in range(count)]
-    return [synthetic.exercise(seed, SYNTHETIC_SPAN + i, families) for i in range(count)]
+        return [synthetic.unanswerable_exercise(seed, start + i) for i in range(count)]
+    return [synthetic.exercise(seed, start + i, families) for i in range(count)]
 
 
 def chat_prompt(question: str, tokenizer: Phi4Tokenizer,
@@ -74,7 +77,7 @@ def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
                     tokenizer: Phi4Tokenizer, *, seed: int, problems: int, max_new_tokens: int,
                     batch_size: int, fmt: ReasoningFormat | None = None,
                     families: Sequence[str] = synthetic.FAMILIES,
-                    refusal_problems: int | None = None) -> dict[str, float]:
+                    refusal_problems: int | None = None, first: int = 0) -> dict[str, float]:
     """`accuracy` on answerable held-out problems of `families` and `refusal_accuracy` on
     `refusal_problems` unanswerable ones (by default a quarter as many; 0 skips them). With a
     reasoning format the prompt asks for a think block and the answer is read after it.
@@ -83,7 +86,8 @@ def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
     answer would score, `answer_mode_share`, the share of responses giving the model's own
     most common final answer, and `greedy_response_tokens`, the mean length of a response (its
     decoded text encoded again). A tiny model that learns one answer shows accuracy equal
-    to the baseline and a share near 1: a prior, not a skill."""
+    to the baseline and a share near 1: a prior, not a skill. The problems start at index
+    `first` of the eval span."""
     if refusal_problems is None:
         refusal_problems = max(1, problems // 4)
     scores = {}
@@ -91,7 +95,8 @@ def greedy_accuracy(params: Any, graphdef: nnx.GraphDef, cfg: ModelConfig,
                                       ("refusal_accuracy", True, refusal_problems)):
         if not count:
             continue
-        exercises = held_out_problems(seed, count, unanswerable=unanswerable, families=families)
+        exercises = held_out_problems(seed, count, unanswerable=unanswerable, families=families,
+                                      first=first)
         responses = greedy_responses(params, graphdef, cfg,
                                      [chat_prompt(ex.question, tokenizer, fmt) for ex in exercises],
                                      tokenizer, max_new_tokens=max_new_tokens,

@@ -55,4 +55,4 @@ def greedy_accuracy(run: Run, params) -> dict[str, float]:
         batch_size=min(ACCURACY_BATCH, e.accuracy_problems),
         fmt=reasoning.format_for(run.config),
         families=synthetic.parse_families(e.accuracy_families, "eval.accuracy_families"),
-        refusal_problems=0 if e.accuracy_families else None)
+        refusal_problems=0 if e.accuracy_families else None, first=e.accuracy_offset)

@@ -35,7 +35,7 @@ from phi4_jax.model import config as model_config, lora
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.parallel.sharding import logical_rules
 from phi4_jax.train import flops, initial_params, workdir as workdir_lib
-from phi4_jax.train.checkpoint import Checkpointer
+from phi4_jax.train.checkpoint import Checkpointer, saved_meta
 from phi4_jax.train.metrics import MetricsWriter
 from phi4_jax.train.optimizer import learning_rate_schedule
 from phi4_jax.train.stage import DataShard, Rows, Stage
@@ -181,10 +181,20 @@ def _restore_or_init(run: Run, checkpointer: Checkpointer, data_iter,
 
 
 def _finished(checkpointer: Checkpointer, workdir: str, steps: int) -> bool:
-    """True, with one line saying how to go on, when the workdir's run reached `steps`."""
+    """True, with one line saying how to go on, when the workdir's run reached `steps` or
+    stopped early (eval.stop_at_accuracy)."""
     latest = checkpointer.latest_step()
-    if latest is None or latest < steps:
+    if latest is None:
         return False
+    if latest < steps:
+        meta = saved_meta(f"{checkpointer.directory}/{latest}")
+        if "stopped_at_accuracy" not in meta:
+            return False
+        logging.warning("The run in %s is finished: it stopped early at step %d, where accuracy "
+                        "%.4g reached eval.stop_at_accuracy. To go on from there, start a run "
+                        "in another --workdir with --config.init_from=%s.", workdir, latest,
+                        meta["stopped_at_accuracy"], workdir)
+        return True
     logging.warning("The run in %s is finished: its newest checkpoint is at step %d of "
                     "train.steps=%d. To train on, run again with --config.train.steps=N for some "
                     "N > %d; to start over, choose another --workdir.", workdir, latest, steps,
@@ -366,11 +376,17 @@ class _Loop:
                 self.writer.write(step, logged)
                 history.append({"step": step, **logged})
                 window_start, window_steps = time.perf_counter(), 0
+            reached = None
             if step % config.eval.every_steps == 0 or step == config.train.steps:
                 if scores := self.evaluate(step, state.params):
                     history.append(scores)
+                    reached = _reached_accuracy(scores, config.eval.stop_at_accuracy)
             preempted = self.stop.received or checkpointer.reached_preemption(step)
-            final = step >= min(last_step, config.train.steps)
+            final = step >= min(last_step, config.train.steps) or reached is not None
+            if reached is not None:
+                meta = {**meta, "stopped_at_accuracy": reached}
+                logging.info("Stopping at step %d: accuracy %.4g reached eval.stop_at_accuracy="
+                             "%g.", step, reached, config.eval.stop_at_accuracy)
             if preempted:
                 logging.warning("%s received: saving a checkpoint at step %d, then exiting "
                                 "(Ctrl-C again aborts without saving).",
@@ -382,5 +398,12 @@ class _Loop:
                 checkpointer.wait()
                 logging.warning("Stopped at step %d (%s); checkpoint saved.", step,
                                 self.stop.received or "preemption")
+            if preempted or reached is not None:
                 break
         return history
+
+
+def _reached_accuracy(scores: dict[str, float], threshold: float) -> float | None:
+    """The eval's greedy accuracy when early stopping is on and it reached `threshold`."""
+    accuracy = scores.get("accuracy")
+    return accuracy if threshold and accuracy is not None and accuracy >= threshold else None
