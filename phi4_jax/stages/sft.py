@@ -3,7 +3,8 @@ think-then-answer reasoning traces (Phi-4-reasoning, `sft.template='reasoning'`)
 
 Pretraining's loss with other rows: each conversation is encoded, masked to its assistant
 turns (content and `<|im_end|>`) and packed whole into rows (`phi4_jax.data.chat`), so
-conversations never attend to each other. With `reasoning.teachable_pool` the teachability
+conversations never attend to each other. Under LoRA each conversation trains the adapter
+its record names (`data.adapters`). With `reasoning.teachable_pool` the teachability
 filter picks the problems to train on (`stages.teachability`).
 """
 
@@ -58,7 +59,7 @@ def _data(run: Run, data_cfg, load_initial, workdir: str, *, counts: chat.Counts
         teachability.sampling_params(c, run.tokenizer), load_initial, workdir)
     make = functools.partial(chat.conversation_rows, tokenizer=run.tokenizer,
                              seq_len=c.train.seq_len, truncation=c.sft.truncation, counts=counts,
-                             reasoning_format=fmt)
+                             reasoning_format=fmt, lora=run.model_cfg.lora)
     return StageData({"train": Rows(make, subsets=subsets), "eval": Rows(make)}, kept)
 
 
