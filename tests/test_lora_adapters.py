@@ -187,7 +187,7 @@ def test_a_bad_id_stops_the_run_at_start_up_and_is_not_skipped(tmp_path):
     with pytest.raises(adapters.AdapterFieldError, match=r"chat.jsonl:4: field 'adapter'=5"):
         chat.conversation_rows("chat", records, cfg, tokenizer=BYTES, seq_len=64,
                                truncation="drop", counts=chat.Counts(), reasoning_format=None,
-                               lora=LORA)
+                               adapter_names=LORA.adapters)
 
 
 # --- sampling -------------------------------------------------------------------------------
@@ -201,15 +201,14 @@ def test_generation_follows_each_rows_adapter():
     prompts = [[5, 6, 7], [5, 6, 7], [5, 6, 7]]
     prompt = decode.left_pad(prompts)
     keys = decode.row_keys(0, range(3))
-    mixed = decode.generate(params, {**prompt, "adapter_ids": jnp.asarray([0, 1, -1])}, keys,
-                            graphdef=graphdef, cfg=ADAPTED, sampling=sampling).tokens
+    generate = decode.compiled_generate(graphdef, ADAPTED, sampling)
+    mixed = generate(params, {**prompt, "adapter_ids": np.asarray([0, 1, -1])}, keys).tokens
     for row, k in enumerate([0, 1, -1]):
-        alone = decode.generate(params, {**prompt, "adapter_ids": jnp.full((3,), k)}, keys,
-                                graphdef=graphdef, cfg=ADAPTED, sampling=sampling).tokens
+        alone = generate(params, {**prompt, "adapter_ids": np.full(3, k)}, keys).tokens
         np.testing.assert_array_equal(mixed[row], alone[row])
     plain_graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_model(PLAIN)))
-    backbone_tokens = decode.generate(backbone, prompt, keys, graphdef=plain_graphdef, cfg=PLAIN,
-                                      sampling=sampling).tokens
+    backbone_tokens = decode.compiled_generate(plain_graphdef, PLAIN, sampling)(
+        backbone, prompt, keys).tokens
     np.testing.assert_array_equal(mixed[2], backbone_tokens[2])
 
 
@@ -278,3 +277,27 @@ def test_each_adapter_changed_only_its_own_rows(tmp_path, pretrained_toy):
                                                     adapter=name))
         np.testing.assert_allclose(logits(plain, merged)[rows], both[rows], rtol=1e-4,
                                    atol=1e-4)
+
+
+def test_both_sides_of_a_pair_use_the_pairs_adapter():
+    """DPO's [B, 2, T] rows flatten to [2B, T]: chosen and rejected of pair b on its adapter."""
+    from phi4_jax.stages.dpo import pair_log_probs  # noqa: PLC0415
+
+    moved, backbone = _moved_adapters()
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 97, (3, 2, 9)).astype(np.int32)
+    pairs = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+             "positions": np.broadcast_to(np.arange(8, dtype=np.int32), (3, 2, 8)),
+             "segment_ids": np.ones((3, 2, 8), np.int32),
+             "loss_mask": np.ones((3, 2, 8), np.float32)}
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_model(ADAPTED)))
+    score = jax.jit(functools.partial(pair_log_probs, graphdef=graphdef, chunk_tokens=8,
+                                      pair_format="sequence", length_normalize=False))
+    params = lora.join(moved, backbone)
+    ids = [0, 1, -1]
+    mixed = np.asarray(score(params, {**pairs, "adapter_ids": np.asarray(ids, np.int32)}))
+    alone = [np.asarray(score(params, {**pairs, "adapter_ids": np.full(3, k, np.int32)}))
+             for k in ids]
+    for b in range(3):
+        np.testing.assert_allclose(mixed[b], alone[b][b], rtol=1e-6)
+    assert np.abs(alone[0] - alone[1]).min() > 0 and np.abs(alone[0] - alone[2]).min() > 0

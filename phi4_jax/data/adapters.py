@@ -66,9 +66,10 @@ class Routing:
         return value
 
 
-def routing_for(lora: Any, *, packed: bool = False) -> Routing:
-    """The routing of a run whose model has `lora` (a `LoRAConfig`, or None without LoRA)."""
-    return Routing(tuple(lora.adapters) if lora is not None else (), packed)
+def routing_for(lora: Any) -> Routing:
+    """The routing of unpacked rows in a run whose model has `lora` (its `LoRAConfig`, or
+    None without LoRA)."""
+    return Routing(tuple(lora.adapters) if lora is not None else ())
 
 
 def with_id(row: dict[str, np.ndarray], adapter_id: int | None) -> dict[str, np.ndarray]:

@@ -141,11 +141,11 @@ def pack_examples(examples: grain.IterDataset, seq_len: int, max_segments: int,
 
 def conversation_rows(name: str, records: grain.MapDataset, cfg: Mapping[str, Any], *,
                       tokenizer: Phi4Tokenizer, seq_len: int, truncation: str, counts: Counts,
-                      reasoning_format: ReasoningFormat | None, lora: Any = None
-                      ) -> grain.IterDataset:
-    """One source's conversations packed whole into rows (a `pipeline.RowsFn`); `lora` (the
-    model's `LoRAConfig`, None without LoRA) routes each to its adapter."""
-    routing = adapters.routing_for(lora, packed=cfg["max_segments_per_row"] > 1)
+                      reasoning_format: ReasoningFormat | None,
+                      adapter_names: tuple[str, ...] = ()) -> grain.IterDataset:
+    """One source's conversations packed whole into rows (a `pipeline.RowsFn`), each routed
+    to its adapter among `adapter_names` (`lora.adapters`; none without LoRA)."""
+    routing = adapters.Routing(adapter_names, packed=cfg["max_segments_per_row"] > 1)
     example = functools.partial(sft_example, tokenizer=tokenizer, seq_len=seq_len,
                                 truncation=truncation, counts=counts,
                                 reasoning_format=reasoning_format, routing=routing)

@@ -59,8 +59,13 @@ def _data(run: Run, data_cfg, load_initial, workdir: str, *, counts: chat.Counts
         teachability.sampling_params(c, run.tokenizer), load_initial, workdir)
     make = functools.partial(chat.conversation_rows, tokenizer=run.tokenizer,
                              seq_len=c.train.seq_len, truncation=c.sft.truncation, counts=counts,
-                             reasoning_format=fmt, lora=run.model_cfg.lora)
+                             reasoning_format=fmt, adapter_names=_adapter_names(run))
     return StageData({"train": Rows(make, subsets=subsets), "eval": Rows(make)}, kept)
+
+
+def _adapter_names(run: Run) -> tuple[str, ...]:
+    """The adapters a conversation may name (`data.adapters`); none without LoRA."""
+    return run.model_cfg.lora.adapters if run.model_cfg.lora else ()
 
 
 def _evaluate(run: Run, params, frozen, held_out: list, *, counts: chat.Counts
