@@ -301,3 +301,42 @@ def test_both_sides_of_a_pair_use_the_pairs_adapter():
     for b in range(3):
         np.testing.assert_allclose(mixed[b], alone[b][b], rtol=1e-6)
     assert np.abs(alone[0] - alone[1]).min() > 0 and np.abs(alone[0] - alone[2]).min() > 0
+
+
+@pytest.mark.slow
+def test_grpo_samples_and_trains_problems_on_their_adapters(tmp_path, monkeypatch):
+    """A GRPO step over problems split across 'a', 'b' and none: each group's rows carry its
+    problem's id; with fresh adapters every policy is the backbone, so the KL is zero."""
+    from test_grpo import SHORT_SYSTEM  # noqa: PLC0415
+    from phi4_jax.stages import grpo  # noqa: PLC0415
+
+    laid_out, prepare_batch = [], grpo.prepare_batch
+
+    def recorded(run, batch, params, step):
+        questions = [str(q) for q in batch["question"]]
+        rows, metrics = prepare_batch(run, batch, params, step)
+        laid_out.append((questions, rows["adapter_ids"]))
+        return rows, metrics
+
+    monkeypatch.setattr(grpo, "prepare_batch", recorded)
+
+    lines = [{"question": f"What is {i} + 2?", "answer": str(i + 2), "adapter": i % 3 - 1}
+             for i in range(8)]
+    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    c = config_base.load_config("configs/grpo.py", "toy")
+    c.data.sources.problems = config_base.source_spec("jsonl",
+                                                      paths=str(tmp_path / "problems.jsonl"))
+    c.data.eval_holdout = 0.0
+    c.lora.update(rank=4, alpha=8.0, targets=("q", "v"), adapters=("a", "b"))
+    c.reasoning.system = SHORT_SYSTEM
+    c.train.update(steps=1, global_batch=8, seq_len=256)
+    c.grpo.update(group_size=2, max_new_tokens=8)
+    c.log.update(every_steps=1, tensorboard=False, progress_bar=False)
+    c.eval.update(every_steps=1, accuracy_problems=0, at_start=False)
+    trained = [h for h in stages.run(c, str(tmp_path / "run")) if "loss" in h]
+    assert len(trained) == 1 and np.isfinite(trained[0]["loss"])
+    assert abs(trained[0]["kl"]) < 1e-6
+    (questions, ids), = laid_out
+    expected = {x["question"]: x["adapter"] for x in lines}
+    np.testing.assert_array_equal(ids, [[expected[q]] * 2 for q in questions])
+    assert {expected[q] for q in questions} == {-1, 0, 1}
