@@ -1,7 +1,8 @@
 """Per-row LoRA adapters read from the data: each row's update against float64 NumPy, the
 backbone's own output for id -1, gradients only into a row's own adapter, ids carried from
-records through packing into rows, the one-line refusals, and a two-adapter SFT run whose
-adapters each changed only their own rows (and export merges either)."""
+records through packing into SFT, DPO and GRPO rows and the sampler, the one-line refusals,
+and a two-adapter SFT run whose adapters each changed only their own rows (and export merges
+either)."""
 
 import functools
 import json
@@ -188,6 +189,20 @@ def test_a_bad_id_stops_the_run_at_start_up_and_is_not_skipped(tmp_path):
         chat.conversation_rows("chat", records, cfg, tokenizer=BYTES, seq_len=64,
                                truncation="drop", counts=chat.Counts(), reasoning_format=None,
                                adapter_names=LORA.adapters)
+
+
+def test_pivotal_token_search_refuses_adapters_in_one_line():
+    """Its shared-prefix sampler routes no adapters: merge one first."""
+    from phi4_jax.search import job  # noqa: PLC0415
+
+    config = config_base.load_config("configs/pts_search.py", "toy")
+    config.init_from = "/some/run"
+    config.lora.rank = 4
+    with pytest.raises(config_base.ConfigError,
+                       match=r"^lora.rank=4: Pivotal Token Search samples one whole model and "
+                             r"routes no adapters; merge the adapter \(python -m "
+                             r"phi4_jax.export --adapter=NAME\)"):
+        job.check(config, config_base.validate_config(config))
 
 
 # --- sampling -------------------------------------------------------------------------------
