@@ -75,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"
 
     # Low-rank adapters on a frozen backbone (phi4_jax.model.lora); rank 0 trains the whole
-    # model. Targets from q, k, v, o, gate, up, down; the first adapter is the one trained.
+    # model. Targets from q, k, v, o, gate, up, down. A record picks its adapter with
+    # `"adapter": k` (an index into lora.adapters, -1 for none; no field: the first), and a
+    # row's loss trains that adapter alone (phi4_jax.data.adapters).
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0
     c.lora.alpha = 16.0

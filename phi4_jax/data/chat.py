@@ -8,7 +8,8 @@ encoded with Phi-4's ChatML (`tokenizer.encode_chat`), trained on the assistant 
 content and their `<|im_end|>` only, shifted once (`losses.lm.shift_for_next_token`) and
 packed first-fit into rows without splitting a conversation, at most
 `data.max_segments_per_row` to a row: each conversation is its own segment, so none attends
-to another.
+to another. Under LoRA each conversation carries its adapter id (`data.adapters`) through
+packing, one per token, and its row keeps one `adapter_ids` (packed rows never mix adapters).
 
 Over-long conversations (more than `seq_len + 1` tokens) follow `truncation`: `drop` skips
 them, `truncate` keeps their first `seq_len + 1` tokens if an assistant token survives (else
@@ -28,7 +29,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax.data import bad_records, synthetic
+from phi4_jax.data import adapters, bad_records, synthetic
 from phi4_jax.data.packing import training_row
 from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.sources import BadRecordError
@@ -103,10 +104,12 @@ def encode_conversation(messages: Sequence[Mapping[str, str]], tokenizer: Phi4To
 
 
 def sft_example(record: Any, *, tokenizer: Phi4Tokenizer, seq_len: int, truncation: str,
-                counts: Counts, reasoning_format: ReasoningFormat | None = None
+                counts: Counts, reasoning_format: ReasoningFormat | None = None,
+                routing: adapters.Routing = adapters.Routing(())
                 ) -> dict[str, np.ndarray] | None:
-    """One conversation's `inputs`, `targets`, `loss_mask` (at most `seq_len` long), or None
-    when it is skipped as over-long."""
+    """One conversation's `inputs`, `targets`, `loss_mask` (at most `seq_len` long) and under
+    LoRA its adapter id per token (for packing), or None when it is skipped as over-long."""
+    adapter_id = routing.id_of(record, where(record))
     ids, mask = encode_conversation(messages_of(record, reasoning_format), tokenizer,
                                     source=where(record))
     counts.add(examples=1)
@@ -117,30 +120,38 @@ def sft_example(record: Any, *, tokenizer: Phi4Tokenizer, seq_len: int, truncati
         counts.add(truncated=1)
         ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
     inputs, targets, loss_mask = shift_for_next_token(ids, mask)
-    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+    example = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+    if adapter_id is not None:
+        example["adapter_ids"] = np.full(len(inputs), adapter_id, np.int32)
+    return example
 
 
-def pack_examples(examples: grain.IterDataset, seq_len: int, max_segments: int
-                  ) -> grain.IterDataset:
+def pack_examples(examples: grain.IterDataset, seq_len: int, max_segments: int,
+                  with_adapter_ids: bool = False) -> grain.IterDataset:
     """Rows of `seq_len` holding whole examples first-fit, each its own segment
     (`packing.ROW_KEYS`), at most `max_segments` per row (`data.max_segments_per_row`, the
-    slots cuDNN's packed attention compiles in); padding is segment 0 with no loss."""
+    slots cuDNN's packed attention compiles in); padding is segment 0 with no loss.
+    `with_adapter_ids`: the examples carry adapter ids, and so do the rows."""
+    keys = ("inputs", "targets", "loss_mask", *(("adapter_ids",) if with_adapter_ids else ()))
     packed = grain.experimental.FirstFitPackIterDataset(
-        examples, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
+        examples, length_struct={key: seq_len for key in keys},
         num_packing_bins=PACKING_BINS, shuffle_bins=False, max_sequences_per_bin=max_segments)
     return packed.map(training_row)
 
 
 def conversation_rows(name: str, records: grain.MapDataset, cfg: Mapping[str, Any], *,
                       tokenizer: Phi4Tokenizer, seq_len: int, truncation: str, counts: Counts,
-                      reasoning_format: ReasoningFormat | None) -> grain.IterDataset:
-    """One source's conversations packed whole into rows (a `pipeline.RowsFn`)."""
+                      reasoning_format: ReasoningFormat | None,
+                      adapter_names: tuple[str, ...] = ()) -> grain.IterDataset:
+    """One source's conversations packed whole into rows (a `pipeline.RowsFn`), each routed
+    to its adapter among `adapter_names` (`lora.adapters`; none without LoRA)."""
+    routing = adapters.Routing(adapter_names, packed=cfg["max_segments_per_row"] > 1)
     example = functools.partial(sft_example, tokenizer=tokenizer, seq_len=seq_len,
                                 truncation=truncation, counts=counts,
-                                reasoning_format=reasoning_format)
+                                reasoning_format=reasoning_format, routing=routing)
     examples = bad_records.convert(name, records, example, cfg["sources"][name])
     examples = examples.filter(lambda e: e is not None)
     read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
                                      prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
     return pack_examples(examples.to_iter_dataset(read_options), seq_len,
-                         cfg["max_segments_per_row"])
+                         cfg["max_segments_per_row"], with_adapter_ids=bool(routing.adapters))

@@ -115,15 +115,20 @@ def training_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A packed element in the trainer's names; inputs and targets share segments and positions.
 
     The loss covers every real token, or only those a packed `loss_mask` marks (chat data).
+    Packed per-token `adapter_ids` (chat data under LoRA, never mixed in a row) become the
+    row's one id, its first token's.
     """
     segment_ids = packed["inputs_segment_ids"]
     loss_mask = (segment_ids > 0).astype(np.float32)
     if "loss_mask" in packed:
         loss_mask *= packed["loss_mask"]
-    return {
+    row = {
         "inputs": packed["inputs"],
         "targets": packed["targets"],
         "segment_ids": segment_ids,
         "positions": packed["inputs_positions"],
         "loss_mask": loss_mask,
     }
+    if "adapter_ids" in packed:
+        row["adapter_ids"] = packed["adapter_ids"][0]
+    return row

@@ -17,7 +17,8 @@ Sequence pairs become [2, T] rows (chosen, rejected), each the prompt followed b
 response, shifted once (`losses.lm.shift_for_next_token`), with the loss mask on the
 response's targets only, built from lengths, never from token values, so a pad id equal to
 the end token cannot mask the real end. Pivotal pairs become one prompt row and the two
-candidate tokens, scored at the prompt's last position by a single forward.
+candidate tokens, scored at the prompt's last position by a single forward. Any record may
+name its LoRA adapter (`"adapter": k`, `data.adapters`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax.data import bad_records, synthetic
+from phi4_jax.data import adapters, bad_records, synthetic
 from phi4_jax.data.chat import Counts, prompt_messages, where
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import Phi4Tokenizer
@@ -282,9 +283,12 @@ def _padded_row(inputs: np.ndarray, targets: np.ndarray, loss_mask: np.ndarray, 
 
 
 def pair_example(record: Any, *, tokenizer: Phi4Tokenizer, pair_format: str, judged: bool,
-                 weighting: JudgeWeighting, seq_len: int, counts: Counts
+                 weighting: JudgeWeighting, seq_len: int, counts: Counts,
+                 routing: adapters.Routing = adapters.Routing(())
                  ) -> dict[str, np.ndarray] | None:
-    """One record's pair rows, or None when over-long (counted as dropped)."""
+    """One record's pair rows (under LoRA with the pair's `adapter_ids`, `data.adapters`), or
+    None when over-long (counted as dropped)."""
+    adapter_id = routing.id_of(record, where(record))
     pair = pair_from_record(record, tokenizer, pair_format=pair_format, judged=judged)
     counts.add(examples=1)
     make_rows = pivotal_rows if pair_format == "pivotal_token" else sequence_rows
@@ -292,7 +296,8 @@ def pair_example(record: Any, *, tokenizer: Phi4Tokenizer, pair_format: str, jud
                      weight=weighting.weight(pair, getattr(record, "where", "a record")))
     if rows is None:
         counts.add(dropped=1)
-    return rows
+        return None
+    return adapters.with_id(rows, adapter_id)
 
 
 def with_reference(table: np.ndarray, example: Callable, indexed: tuple[int, Any]

@@ -1,7 +1,8 @@
 """Problems with a checkable answer (GRPO, the teachability filter) and the training rows
 of responses sampled to them.
 
-A problem is a built-in exercise or a JSON record `{"question": ..., "answer": ...}`. Its row
+A problem is a built-in exercise or a JSON record `{"question": ..., "answer": ...}` (which
+may name its LoRA adapter, `"adapter": k`, `data.adapters`). Its row
 is the reasoning prompt left-padded to a fixed length, with the question and answer text
 kept for the reward. After sampling, `response_rows` lays prompt and response out as
 training rows in the same slots the sampler used.
@@ -15,7 +16,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax.data import bad_records, synthetic
+from phi4_jax.data import adapters, bad_records, synthetic
 from phi4_jax.data.chat import Counts, where
 from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.sources import BadRecordError
@@ -38,8 +39,11 @@ def problem_of(record: Any) -> synthetic.Exercise:
 
 
 def problem_row(record: Any, *, tokenizer: Phi4Tokenizer, fmt: ReasoningFormat,
-                prompt_len: int, counts: Counts) -> dict[str, np.ndarray] | None:
-    """A problem's left-padded prompt (reasoning template) and its question and answer text."""
+                prompt_len: int, counts: Counts,
+                routing: adapters.Routing = adapters.Routing(())) -> dict[str, np.ndarray] | None:
+    """A problem's left-padded prompt (reasoning template), its question and answer text and
+    under LoRA its `adapter_ids` (`data.adapters`)."""
+    adapter_id = routing.id_of(record, where(record))
     ex = problem_of(record)
     ids = tokenizer.encode_chat(fmt.messages(ex.question), add_generation_prompt=True).ids
     counts.add(examples=1)
@@ -47,8 +51,9 @@ def problem_row(record: Any, *, tokenizer: Phi4Tokenizer, fmt: ReasoningFormat,
         counts.add(dropped=1)
         return None
     padded = decode.left_pad([ids], prompt_len, tokenizer.pad_id)
-    return {**{f"prompt_{key}": value[0] for key, value in padded.items()},
-            "question": np.asarray(ex.question), "answer": np.asarray(ex.answer)}
+    return adapters.with_id({**{f"prompt_{key}": value[0] for key, value in padded.items()},
+                             "question": np.asarray(ex.question),
+                             "answer": np.asarray(ex.answer)}, adapter_id)
 
 
 def problem_rows(name: str, records: grain.MapDataset, cfg: Mapping[str, Any], *,

@@ -142,16 +142,18 @@ def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
     """Continues each left-padded prompt row (`left_pad`) by up to `max_new_tokens` tokens.
 
     Pure and jittable (bind everything after `*` with `functools.partial`); `row_keys` [B]
-    are typed PRNG keys (`jax.random.key`), one per row.
+    are typed PRNG keys (`jax.random.key`), one per row. Under LoRA the prompt may hold each
+    row's adapter, `adapter_ids` [B] (`data.adapters`; without it every row uses adapter 0).
     """
     model = nnx.merge(graphdef, params)
-    tokens_BP = prompt["tokens"]
+    tokens_BP, adapter_ids_B = prompt["tokens"], prompt.get("adapter_ids")
     b, p = tokens_BP.shape
     n = sampling.max_new_tokens
     cache = KVCache.zeros(cfg, b, p + n)
-    logits_BPV, cache = model.forward(tokens_BP, prompt["positions"], prompt["segment_ids"], cache)
+    logits_BPV, cache = model.forward(tokens_BP, prompt["positions"], prompt["segment_ids"], cache,
+                                      adapter_ids_B)
     return _decode(model, logits_BPV[:, -1], cache, prompt["positions"][:, -1] + 1, row_keys,
-                   jnp.full((b,), n, jnp.int32), sampling)
+                   jnp.full((b,), n, jnp.int32), sampling, adapter_ids_B)
 
 
 def prefill(params: Any, prompt: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
@@ -189,9 +191,11 @@ def generate_from_shared(params: Any, shared: KVCache, suffix: dict[str, jax.Arr
 
 
 def _decode(model, logits_BV: jax.Array, cache: KVCache, position_B: jax.Array,
-            row_keys: jax.Array, budget_B: jax.Array, sampling: SamplingParams) -> Generation:
+            row_keys: jax.Array, budget_B: jax.Array, sampling: SamplingParams,
+            adapter_ids_B: jax.Array | None = None) -> Generation:
     """The token-by-token loop after a prefill: row b emits until a stop id or `budget_B[b]`
-    tokens, and the loop ends when every row has stopped."""
+    tokens (each row through its adapter, `adapter_ids_B`), and the loop ends when every row
+    has stopped."""
     b, n = logits_BV.shape[0], sampling.max_new_tokens
     stops = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
 
@@ -207,7 +211,8 @@ def _decode(model, logits_BV: jax.Array, cache: KVCache, position_B: jax.Array,
                out[2].at[:, i].set(live_B.astype(jnp.int32)))
         done_B = done_B | jnp.isin(token_B, stops) | (i + 1 >= budget_B)
         step_logits, cache = model.forward(token_B[:, None], position_B[:, None],
-                                           live_B[:, None].astype(jnp.int32), cache)
+                                           live_B[:, None].astype(jnp.int32), cache,
+                                           adapter_ids_B)
         return i + 1, step_logits[:, 0], cache, position_B + 1, done_B, out
 
     def running(carry):

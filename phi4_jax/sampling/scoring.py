@@ -19,10 +19,12 @@ def target_log_probs(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.A
     """log p(targets[b, t] | inputs[b, :t+1] in its segment) [B, T], float32.
 
     `batch` holds `inputs`, `targets`, `positions` and `segment_ids` [B, T], already shifted
-    (`losses.lm.shift_for_next_token`).
+    (`losses.lm.shift_for_next_token`), and under LoRA each row's adapter, `adapter_ids` [B]
+    (`data.adapters`; rows without them use adapter 0).
     """
     model = nnx.merge(graphdef, params)
-    x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                            adapter_ids_B=batch.get("adapter_ids"))
     return chunked_token_log_probs(x_BTD, model.head_DV(), batch["targets"],
                                    chunk_tokens=chunk_tokens)
 
@@ -32,11 +34,12 @@ def next_token_candidate_log_probs(params: Any, graphdef: nnx.GraphDef,
     """log p(candidate | prompt) [B, C] for C candidate next tokens of each prompt row.
 
     `batch` holds `inputs`, `positions`, `segment_ids` [B, T] (the prompt, right-padded),
-    `last_index` [B] (its last token) and `candidates` [B, C]: one forward scores every
-    candidate at the prompt's end, as a pivotal-token pair needs.
+    `last_index` [B] (its last token), `candidates` [B, C] and under LoRA `adapter_ids` [B]:
+    one forward scores every candidate at the prompt's end, as a pivotal-token pair needs.
     """
     model = nnx.merge(graphdef, params)
-    x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                            adapter_ids_B=batch.get("adapter_ids"))
     x_BD = jnp.take_along_axis(x_BTD, batch["last_index"][:, None, None], axis=1)[:, 0]
     logits_BV = model.logits(x_BD[:, None])[:, 0]
     log_probs_BV = jax.nn.log_softmax(logits_BV, axis=-1)

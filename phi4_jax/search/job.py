@@ -256,6 +256,10 @@ def check(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
     require(bool(config.init_from), "init_from", config.init_from,
             "Pivotal Token Search samples a trained model; set --config.init_from to an SFT "
             "run's workdir (or a Hugging Face directory).")
+    require(config.lora.rank == 0, "lora.rank", config.lora.rank,
+            "Pivotal Token Search samples one whole model and routes no adapters; merge the "
+            "adapter (python -m phi4_jax.export --adapter=NAME), point --config.init_from at "
+            "the export and set lora.rank=0.")
 
 
 

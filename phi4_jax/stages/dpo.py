@@ -8,6 +8,8 @@ every pair once before training (`stages.reference_scores`), stores the log-prob
 and attaches them to the batches, so the reference never sits in accelerator memory while
 training. `dpo.variant='reference_free'` reads no reference: none is loaded or scored. Sequence pairs put chosen and rejected through one forward ([2B, T] rows);
 pivotal pairs score both candidate tokens at the prompt's last position of one forward.
+Under LoRA each pair trains the adapter its record names (`data.adapters`); the reference is
+the backbone for every pair.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from phi4_jax.errors import require
-from phi4_jax.data import preference
+from phi4_jax.data import adapters, preference
 from phi4_jax.data.chat import Counts
 from phi4_jax.losses.lm import sequence_log_probs
 from phi4_jax.losses.preference import VARIANTS, dpo_losses, weighted_sums
@@ -43,6 +45,8 @@ def pair_log_probs(params, batch, *, graphdef, chunk_tokens: int, pair_format: s
         return next_token_candidate_log_probs(params, graphdef, batch)
     b, sides, t = batch["inputs"].shape
     flat = {key: batch[key].reshape(b * sides, t) for key in SEQUENCE_KEYS}
+    if "adapter_ids" in batch:  # LoRA: both sides of a pair on the pair's adapter
+        flat["adapter_ids"] = jnp.repeat(batch["adapter_ids"], sides)
     log_probs = target_log_probs(params, graphdef, flat, chunk_tokens=chunk_tokens)
     per_side = sequence_log_probs(log_probs, flat["loss_mask"], length_normalized=length_normalize)
     return per_side.reshape(b, sides)
@@ -140,7 +144,8 @@ def example_fn(run: Run, counts: Counts):
     return functools.partial(
         preference.pair_example, tokenizer=run.tokenizer, pair_format=d.pair_format,
         judged=d.judge_weighting != "none", weighting=weighting,
-        seq_len=run.config.train.seq_len, counts=counts)
+        seq_len=run.config.train.seq_len, counts=counts,
+        routing=adapters.routing_for(run.model_cfg.lora))
 
 
 def _data(run: Run, data_cfg, load_initial, workdir: str, *, reference: str, counts: Counts

@@ -8,7 +8,9 @@ group-relative advantages and trains on [P, G, T] rows: the prompt (left-padded 
 `train.seq_len + 1 - grpo.max_new_tokens` tokens) followed by the response, laid out in the
 same slots as when it was sampled. The loss is the clipped-ratio objective with a KL term to
 the frozen starting model (`losses.policy_gradient`). Sampling keys derive from the seed, the
-step and the problem, so a resumed run samples exactly what the uninterrupted one did.
+step and the problem, so a resumed run samples exactly what the uninterrupted one did. Under
+LoRA a problem's responses are sampled and trained with the adapter its record names
+(`data.adapters`); the KL reference is the backbone for every row.
 Logged each step: `reward`, `sample_accuracy` and `well_formed` (shares of the sampled
 responses), `response_tokens`, `kl` to the reference, and `sample_time_s` apart from the
 step time; each evaluation: held-out greedy `accuracy` (`eval.accuracy_problems`).
@@ -28,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from phi4_jax.config_base import ConfigError
-from phi4_jax.data import problems, synthetic
+from phi4_jax.data import adapters, problems, synthetic
 from phi4_jax.data.synthetic import reasoning
 from phi4_jax.data.chat import Counts
 from phi4_jax.errors import require
@@ -100,6 +102,8 @@ def grpo_loss(params, batch, frozen, *, graphdef, chunk_tokens, clip_low, clip_h
     p, g, t = batch["inputs"].shape
     flat = {key: batch[key].reshape(p * g, t) for key in (*SEQUENCE_KEYS, "loss_mask",
                                                           "old_log_probs")}
+    if "adapter_ids" in batch:  # LoRA: [P, G], a group on its problem's adapter
+        flat["adapter_ids"] = batch["adapter_ids"].reshape(p * g)
     score = functools.partial(target_log_probs, graphdef=graphdef, batch=flat,
                               chunk_tokens=chunk_tokens)
     log_probs = score(params)
@@ -128,7 +132,7 @@ def _data(run: Run, data_cfg, load_initial, workdir: str, *, counts: Counts) -> 
         teachability.sampling_params(c, run.tokenizer), load_initial, workdir)
     example = functools.partial(problems.problem_row, tokenizer=run.tokenizer, fmt=fmt,
                                 prompt_len=c.train.seq_len + 1 - c.grpo.max_new_tokens,
-                                counts=counts)
+                                counts=counts, routing=adapters.routing_for(run.model_cfg.lora))
     return StageData({"train": Rows(functools.partial(problems.problem_rows, example=example),
                                     subsets=subsets)}, kept)
 
@@ -139,6 +143,8 @@ def prepare_batch(run: Run, batch, params, step: int):
     start = time.perf_counter()
     prompt = {key: np.repeat(batch.pop(f"prompt_{key}"), g.group_size, axis=0)
               for key in ("tokens", "positions", "segment_ids")}
+    if "adapter_ids" in batch:  # LoRA: each response sampled with its problem's adapter
+        prompt["adapter_ids"] = np.repeat(batch.pop("adapter_ids"), g.group_size)
     keys = _row_keys(run.config.seed, step, batch["question"], g.group_size)
     generate = decode.compiled_generate(run.graphdef, run.model_cfg,
                                         teachability.sampling_params(run.config, tokenizer))
@@ -148,6 +154,8 @@ def prepare_batch(run: Run, batch, params, step: int):
     advantages = np.asarray(group_advantages(jnp.asarray(scores["total"]),
                                              scale_by_std=g.scale_by_std))
     rows = problems.response_rows(prompt, out, advantages.reshape(-1))
+    if "adapter_ids" in prompt:
+        rows["adapter_ids"] = prompt["adapter_ids"]
     p = len(batch["question"])
     rows = {key: value.reshape(p, g.group_size, *value.shape[1:]) for key, value in rows.items()}
     metrics = {"reward": float(scores["total"].mean()),

@@ -3,7 +3,8 @@ think-then-answer reasoning traces (Phi-4-reasoning, `sft.template='reasoning'`)
 
 Pretraining's loss with other rows: each conversation is encoded, masked to its assistant
 turns (content and `<|im_end|>`) and packed whole into rows (`phi4_jax.data.chat`), so
-conversations never attend to each other. With `reasoning.teachable_pool` the teachability
+conversations never attend to each other. Under LoRA each conversation trains the adapter
+its record names (`data.adapters`). With `reasoning.teachable_pool` the teachability
 filter picks the problems to train on (`stages.teachability`).
 """
 
@@ -58,8 +59,13 @@ def _data(run: Run, data_cfg, load_initial, workdir: str, *, counts: chat.Counts
         teachability.sampling_params(c, run.tokenizer), load_initial, workdir)
     make = functools.partial(chat.conversation_rows, tokenizer=run.tokenizer,
                              seq_len=c.train.seq_len, truncation=c.sft.truncation, counts=counts,
-                             reasoning_format=fmt)
+                             reasoning_format=fmt, adapter_names=_adapter_names(run))
     return StageData({"train": Rows(make, subsets=subsets), "eval": Rows(make)}, kept)
+
+
+def _adapter_names(run: Run) -> tuple[str, ...]:
+    """The adapters a conversation may name (`data.adapters`); none without LoRA."""
+    return run.model_cfg.lora.adapters if run.model_cfg.lora else ()
 
 
 def _evaluate(run: Run, params, frozen, held_out: list, *, counts: chat.Counts
