@@ -208,13 +208,31 @@ def write_results(eval_plan: EvalPlan, results: dict) -> None:
     print(f"TensorBoard: lm_eval/* at step {eval_plan.step} in {eval_plan.workdir / 'tensorboard'}")
 
 
+def _flag_problem(argv: list[str], error: BaseException) -> str:
+    """The `--config.*` override naming an undeclared key (with the closest keys), else the
+    error's last line."""
+    from phi4_jax import config_base  # pylint: disable=g-import-not-at-top
+
+    spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+    if spec is not None and Path(spec.split(":", 1)[0]).is_file():
+        config = config_base.load_config(spec)
+        for arg in argv:
+            if arg.startswith("--config."):
+                dotted, _, value = arg[len("--config."):].partition("=")
+                try:
+                    config_base.check_override(config, dotted, value or "...")
+                except config_base.ConfigError as unknown:
+                    return str(unknown)
+    return ([line.strip() for line in str(error).splitlines() if line.strip()] or
+            [repr(error)])[-1]
+
+
 def main(argv: list[str]) -> int:
     try:
         values = parse_flags(argv)
         config = values.config
     except (flags.Error, AttributeError, KeyError, OSError) as error:
-        line = ([s.strip() for s in str(error).splitlines() if s.strip()] or [repr(error)])[-1]
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {_flag_problem(argv, error)}", file=sys.stderr)
         return 1
     from phi4_jax.train import metrics  # pylint: disable=g-import-not-at-top
 

@@ -135,4 +135,118 @@ def test_phi4_jax_scores_and_generates_as_lm_evals_hf_backend(reference, hf_dir,
     assert scalars["lm_eval/phi4_toy_choice/acc"] == {0: pytest.approx(
         reference["results"]["phi4_toy_choice"]["acc,none"])}
     generated = [s["resps"][0][0] for s in ours["samples"]["phi4_toy_continue"]]
-    print(generated)
+    assert any(0 < len(text) < 16 for text in generated)  # some stop at '.' (16 bytes: budget)
+
+
+@pytest.mark.hf
+def test_a_checkpoint_of_another_size_is_one_line_before_loading(offline, hf_dir, monkeypatch):
+    from phi4_jax.interop import hf_checkpoint  # pylint: disable=g-import-not-at-top
+
+    monkeypatch.setattr(hf_checkpoint, "_read_parameter",
+                        lambda *a: pytest.fail("read before the shapes were checked"))
+    config = _phi4_config(hf_dir)
+    config.model.size = "tiny"  # Phi-4's vocabulary; the checkpoint has the bytes one
+    with pytest.raises(Phi4Error, match=r"does not fit model.size='tiny': .*model.embed_tokens"
+                       r".weight has shape \[512, 64\], expected \[100352, 64\]") as error:
+        evaluate.plan(config, TASKS, include_path=str(TASKS_DIR))
+    assert "\n" not in str(error.value)
+
+
+def _phi4_config(init_from):
+    config = config_base.load_config("configs/pretrain.py", "toy")
+    config.init_from = str(init_from)
+    return config
+
+
+def test_an_unknown_task_is_one_line_with_close_names(offline):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(evaluate.EvaluateError, match=r"^--tasks: unknown task 'phi4_toy_choise' "
+                       r"\(close names: phi4_toy_choice, "):
+        evaluate.task_manager(["phi4_toy_choise"], str(TASKS_DIR), builtin=False)
+    manager = evaluate.task_manager(["phi4_toy_*"], str(TASKS_DIR), builtin=False)
+    assert sorted(manager.all_tasks) == sorted(TASKS)
+
+
+def test_the_missing_extra_is_one_line(monkeypatch):
+    monkeypatch.setattr(evaluate.importlib.util, "find_spec",
+                        lambda name: None if name == "lm_eval" else object())
+    with pytest.raises(evaluate.EvaluateError, match=r"not installed; pip install -e \"\.\[eval\]\""):
+        evaluate.plan(_phi4_config(""), TASKS)
+
+
+def test_command_line_mistakes_are_one_line(offline, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    base = ["evaluate", "--config=configs/pretrain.py:toy", "--tasks=phi4_toy_choice",
+            f"--include_path={TASKS_DIR}"]
+    cases = {
+        f"--config.init_from={tmp_path / 'nothing'}": "error: init_from=",
+        "--config.model.layers=3": "error: --config.model.layers: no such key; ",
+        "--config.init_from=": "error: init_from='': evaluation scores a trained model",
+    }
+    for flag, start in cases.items():
+        assert evaluate.main([*base, flag]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), (flag, lines)
+
+
+@pytest.mark.parametrize("length, largest, expected", [
+    (1, None, 16), (16, None, 16), (17, None, 32), (100, None, 128), (40, 48, 48), (48, 48, 48)])
+def test_lengths_round_up_to_a_power_of_two_within_the_context(length, largest, expected):
+    assert buckets.bucket(length, largest) == expected
+
+
+def test_batches_are_longest_first_within_rows_and_tokens():
+    # lengths 40 and 33 pad to 64: one row each in 64 tokens; 17 and 5 pad to 32 and 16
+    assert buckets.batches([5, 40, 17, 3, 33], max_rows=2, max_tokens=64) == [
+        [1], [4], [2, 0], [3]]
+    assert buckets.batches([3, 3, 3, 3, 3], max_rows=3, max_tokens=1024) == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("count, multiple, expected", [
+    (1, 1, 1), (3, 1, 4), (3, 8, 8), (5, 2, 8), (9, 4, 16), (1, 2, 2)])
+def test_rows_pad_to_a_power_of_two_and_the_batch_devices(count, multiple, expected):
+    assert buckets.padded_rows(count, multiple) == expected
+
+
+def test_tokens_that_hold_a_stop_string_end_decoding():
+    pytest.importorskip("lm_eval")
+    from phi4_jax.evals import harness  # pylint: disable=g-import-not-at-top  # [eval]
+
+    token_bytes = [b"a", b"b.", b"", b"..", b"\n\n", b"x\n", "é".encode()]
+    assert harness.stop_token_ids(token_bytes, [".", "\n\n", ""]) == (1, 3, 4)
+    assert harness.stop_token_ids(token_bytes, ["é"]) == (6,)
+
+
+def test_generated_text_drops_special_tokens_and_ends_before_the_first_stop():
+    pytest.importorskip("lm_eval")
+    from phi4_jax.evals import harness  # pylint: disable=g-import-not-at-top  # [eval]
+
+    tokenizer = load_tokenizer("bytes")
+    ids = [*b"a b", tokenizer.im_start_id, *b"c. d\n\ne.", tokenizer.eot_id]
+    assert harness.generated_text(tokenizer, ids, ["\n\n"]) == "a bc. d"
+    assert harness.generated_text(tokenizer, ids, ["\n\n", "."]) == "a bc"
+    assert harness.generated_text(tokenizer, ids, []) == "a bc. d\n\ne."
+
+
+def test_chat_prompts_are_chatml_text_that_encodes_to_the_chat_ids():
+    pytest.importorskip("lm_eval")
+    from phi4_jax.evals import harness  # pylint: disable=g-import-not-at-top  # [eval]
+
+    tokenizer = load_tokenizer("bytes")
+    chat = [{"role": "user", "content": "2+2?"}]
+    prompt = harness.chat_text(tokenizer, chat, add_generation_prompt=True)
+    assert prompt == ("<|im_start|>user<|im_sep|>2+2?<|im_end|>"
+                      "<|im_start|>assistant<|im_sep|>")
+    prefill = harness.chat_text(tokenizer, [*chat, {"role": "assistant", "content": "It is"}],
+                                add_generation_prompt=False)
+    assert prefill == ("<|im_start|>user<|im_sep|>2+2?<|im_end|>"
+                       "<|im_start|>assistant<|im_sep|>It is")
+    assert tokenizer.encoding.encode(prompt, allowed_special="all") == [
+        257, *b"user", 259, *b"2+2?", 258, 257, *b"assistant", 259]
+
+
+def test_numeric_metrics_become_tensorboard_tags():
+    results = {"results": {"arc": {"alias": "arc", "acc,none": 0.5, "acc_stderr,none": "N/A",
+                                   "exact_match,flexible-extract": 0.25, "n": True}}}
+    assert evaluate.numeric_metrics(results) == {"lm_eval/arc/acc": 0.5,
+                                                 "lm_eval/arc/exact_match_flexible-extract": 0.25}
