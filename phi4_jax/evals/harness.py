@@ -124,6 +124,12 @@ def _token_bytes(tokenizer_name: str) -> tuple[bytes, ...]:
                  for i in range(tokenizer.encoding.n_vocab))
 
 
+@functools.lru_cache(maxsize=64)
+def _stop_ids(tokenizer_name: str, stops: tuple[str, ...]) -> tuple[int, ...]:
+    """`stop_token_ids` of a tokenizer, once per set of stops (a scan of its vocabulary)."""
+    return stop_token_ids(_token_bytes(tokenizer_name), stops)
+
+
 def stop_token_ids(token_bytes: Sequence[bytes], stops: Sequence[str]) -> tuple[int, ...]:
     """Ids of the tokens whose bytes hold a whole stop string: emitting one ends the text at
     that stop, so decoding may end there. (A stop spread over tokens is cut afterwards.)"""
@@ -294,7 +300,7 @@ class Phi4LM(TemplateLM):
         prompts = [self.tok_encode(context)[-(self.max_length - budget):] or [self.prefix_token_id]
                    for context in contexts]
         stops = (self.tokenizer_.end_of_turn_id, self.tokenizer_.eot_id,
-                 *stop_token_ids(_token_bytes(self.tokenizer_.name), until))
+                 *_stop_ids(self.tokenizer_.name, tuple(until)))
         sampling = decode.SamplingParams(max_new_tokens=budget, temperature=0.0,
                                          stop_ids=tuple(sorted(set(stops))),
                                          pad_id=self.tokenizer_.pad_id)
