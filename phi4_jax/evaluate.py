@@ -2,7 +2,8 @@ r"""Scores a trained model on lm-evaluation-harness tasks with phi4_jax's own mo
 
     python -m phi4_jax.evaluate --config=configs/<stage>.py[:arg] --config.init_from=DIR \
         --tasks=a,b [--include_path=DIR] [--limit=N] [--num_fewshot=K] \
-        [--apply_chat_template] [--output=FILE] [--log_samples] [--workdir=DIR]
+        [--apply_chat_template] [--batch_size=N] [--max_length=N] [--output=FILE] \
+        [--log_samples] [--workdir=DIR] [--verbose]
 
 `init_from` names a run's workdir, a step folder or a Hugging Face directory, read as
 training reads it (`train.initial_params`); the config's `model.size` must match it and its

@@ -99,6 +99,14 @@ def reference(offline, hf_dir):
                                      task_manager=evaluate.task_manager(TASKS, str(TASKS_DIR)))
 
 
+@pytest.fixture
+def console(monkeypatch):
+    """`main` as the command line runs it, but leaving pytest's log handlers in place."""
+    from phi4_jax.train import metrics  # pylint: disable=g-import-not-at-top
+
+    monkeypatch.setattr(metrics, "configure_console", lambda verbose: None)
+
+
 def _samples(results):
     """(task, doc_id) -> the filtered responses of each request."""
     return {(task, s["doc_id"]): s["filtered_resps"]
@@ -107,7 +115,7 @@ def _samples(results):
 
 @pytest.mark.hf
 def test_phi4_jax_scores_and_generates_as_lm_evals_hf_backend(reference, hf_dir, tmp_path,
-                                                               capsys):
+                                                               capsys, console):
     output = tmp_path / "results.json"
     status = evaluate.main([
         "evaluate", "--config=configs/pretrain.py:toy", f"--config.init_from={hf_dir}",
@@ -174,7 +182,7 @@ def test_the_missing_extra_is_one_line(monkeypatch):
         evaluate.plan(_phi4_config(""), TASKS)
 
 
-def test_command_line_mistakes_are_one_line(offline, tmp_path, capsys):
+def test_command_line_mistakes_are_one_line(offline, tmp_path, capsys, console):
     pytest.importorskip("lm_eval")
     base = ["evaluate", "--config=configs/pretrain.py:toy", "--tasks=phi4_toy_choice",
             f"--include_path={TASKS_DIR}"]
@@ -182,6 +190,7 @@ def test_command_line_mistakes_are_one_line(offline, tmp_path, capsys):
         f"--config.init_from={tmp_path / 'nothing'}": "error: init_from=",
         "--config.model.layers=3": "error: --config.model.layers: no such key; ",
         "--config.init_from=": "error: init_from='': evaluation scores a trained model",
+        "--config.lora.rank=4": "error: lora.rank=4: a LoRA run's checkpoints hold its adapters",
     }
     for flag, start in cases.items():
         assert evaluate.main([*base, flag]) == 1

@@ -93,6 +93,10 @@ def plan_model(config: ml_collections.ConfigDict) -> ModelPlan:
     """Checks the config and `init_from` on metadata alone: a missing or damaged checkpoint,
     or one of another size than `model.size`, is refused before anything is compiled."""
     model_cfg = config_base.validate_config(config)
+    require(config.lora.rank == 0, "lora.rank", config.lora.rank,
+            "a LoRA run's checkpoints hold its adapters only; export it with one adapter merged "
+            "(python -m phi4_jax.export --adapter=NAME) and evaluate that directory with "
+            "lora.rank=0.")
     require(bool(config.init_from), "init_from", config.init_from,
             "evaluation scores a trained model; set --config.init_from to a run's workdir, a "
             "step folder or a Hugging Face directory.")
@@ -286,41 +290,46 @@ class Phi4LM(TemplateLM):
         return results
 
     def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
-        kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
-        if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
-            raise HarnessError(f"generation settings {gen_kwargs}: the phi4_jax backend decodes "
-                               f"greedily; set do_sample=false / temperature=0 in the task's "
-                               f"generation_kwargs (or --gen_kwargs).")
-        eos = self.tokenizer_.decode([self.eot_token_id])
-        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-        budget = int(kwargs.pop("max_gen_toks"))
-        if budget >= self.max_length:
-            raise HarnessError(f"max_gen_toks={budget} leaves no room for the prompt in the "
-                               f"model's {self.max_length} positions; lower it.")
-        prompts = [self.tok_encode(context)[-(self.max_length - budget):] or [self.prefix_token_id]
+        """Greedy texts of contexts that share generation settings, in batches of a few
+        shapes; a context is cut from the left to leave room for `max_gen_toks`."""
+        until, sampling = self._greedy(gen_kwargs)
+        room = self.max_length - sampling.max_new_tokens
+        prompts = [self.tok_encode(context)[-room:] or [self.prefix_token_id]
                    for context in contexts]
-        stops = (self.tokenizer_.end_of_turn_id, self.tokenizer_.eot_id,
-                 *_stop_ids(self.tokenizer_.name, tuple(until)))
-        sampling = decode.SamplingParams(max_new_tokens=budget, temperature=0.0,
-                                         stop_ids=tuple(sorted(set(stops))),
-                                         pad_id=self.tokenizer_.pad_id)
         generate = decode.compiled_generate(self.model.plan.graphdef, self.model.plan.cfg,
                                             sampling)
         texts: list = [None] * len(prompts)
         for indices in buckets.batches([len(p) for p in prompts], max_rows=self.batch_size,
-                                       max_tokens=self.batch_tokens,
-                                       largest=self.max_length - budget):
-            rows = self._padded(len(indices))
-            batch = [prompts[i] for i in indices]
-            width = buckets.bucket(len(batch[0]), self.max_length - budget)
-            prompt = decode.left_pad(batch + batch[:1] * (rows - len(batch)), width,
-                                     self.tokenizer_.pad_id)
+                                       max_tokens=self.batch_tokens, largest=room):
+            rows, batch = self._padded(len(indices)), [prompts[i] for i in indices]
+            prompt = decode.left_pad(batch + batch[:1] * (rows - len(batch)),
+                                     buckets.bucket(len(batch[0]), room), self.tokenizer_.pad_id)
             out = jax.device_get(self._run(generate, self.model.params, prompt,
                                            decode.row_keys(0, range(rows))))
             for row, i in enumerate(indices):
                 texts[i] = generated_text(self.tokenizer_, out.tokens[row][out.mask[row] == 1],
                                           until)
         return texts
+
+    def _greedy(self, gen_kwargs: dict) -> tuple[list[str], decode.SamplingParams]:
+        """The stop strings (the end of a turn's text added, as lm-eval adds the eos) and the
+        greedy sampler of a task's generation settings; HarnessError for sampling."""
+        kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+        if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
+            raise HarnessError(f"generation settings {gen_kwargs}: the phi4_jax backend decodes "
+                               f"greedily; set do_sample=false / temperature=0 in the task's "
+                               f"generation_kwargs.")
+        until = handle_stop_sequences(kwargs.pop("until", None),
+                                      eos=self.tokenizer_.decode([self.eot_token_id]))
+        budget = int(kwargs.pop("max_gen_toks"))
+        if budget >= self.max_length:
+            raise HarnessError(f"max_gen_toks={budget} leaves no room for the prompt in the "
+                               f"model's {self.max_length} positions; lower it.")
+        stops = (self.tokenizer_.end_of_turn_id, self.tokenizer_.eot_id,
+                 *_stop_ids(self.tokenizer_.name, tuple(until)))
+        return until, decode.SamplingParams(max_new_tokens=budget, temperature=0.0,
+                                            stop_ids=tuple(sorted(set(stops))),
+                                            pad_id=self.tokenizer_.pad_id)
 
     def _padded(self, count: int) -> int:
         return buckets.padded_rows(count, self.model.batch_devices)
