@@ -37,8 +37,11 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        # Only for interop checks against the reference implementation.
-        "hf": ["torch>=2.4", "transformers>=5,<6"],
+        # Only for interop checks against the reference implementation (accelerate: lm-eval's
+        # Hugging Face backend, the reference of the `phi4_jax` lm-eval backend's test).
+        "hf": ["torch>=2.4", "transformers>=5,<6", "accelerate>=0.26"],
+        # `python -m phi4_jax.evaluate`: lm-evaluation-harness tasks on phi4_jax's own model.
+        "eval": ["lm-eval>=0.4.8,<0.5"],
         # Only for benchmarks/plot_run.py (a run's loss curves as a PNG) and recipe_toy.py --plot.
         "plot": ["matplotlib>=3.7"],
         "gpu": [f"jax[cuda12]>=0.10.2,<0.11; {OLD_PYTHON}",

@@ -12,9 +12,10 @@ Layers, lowest first (a module may import its own unit and the units of lower la
   evals | interop  evaluations; checkpoint conversion (neither imports the other)
   config_base      every key and the shared keys' checks
   train            the engine: state, step, loop, memory, the stage contract
-  search           Pivotal Token Search and its job
+  search | evals.harness   Pivotal Token Search and its job; the lm-eval backend (both
+                   load a trained model through train's start-up pieces)
   stages           the stage modules and the registry
-  main | export | parallel.launch   entry points
+  main | export | evaluate | parallel.launch   entry points
 """
 
 import ast
@@ -26,7 +27,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "phi4_jax"
 LAYERS = (("data.synthetic",), ("errors",), ("parallel",), ("model",), ("losses",),
           ("sampling",), ("data",), ("evals", "interop"), ("config_base", "config_args"), ("train",),
-          ("search",), ("stages",), ("main", "export", "parallel.launch"))
+          ("search", "evals.harness"), ("stages",),
+          ("main", "export", "evaluate", "parallel.launch"))
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 
 

@@ -42,6 +42,31 @@ def chunked_token_log_probs(x_BTD: jax.Array, head_DV: jax.Array, targets_BT: ja
     (B * chunk * V floats) instead of three copies of the whole. `head_DV` stays in its
     parameter dtype (cast per chunk), so its gradient accumulates in that dtype.
     """
+    return _over_chunks(_picked_log_probs, x_BTD, head_DV, targets_BT, chunk_tokens)
+
+
+def chunked_token_log_probs_and_greedy(x_BTD: jax.Array, head_DV: jax.Array,
+                                       targets_BT: jax.Array, *, chunk_tokens: int
+                                       ) -> tuple[jax.Array, jax.Array]:
+    """`chunked_token_log_probs` and, per position, whether the target has the highest logit
+    (greedy decoding would emit it), as multiple-choice evaluation asks; same memory."""
+    def log_probs_and_greedy(logits_BCV, targets_BC):
+        picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+        return (picked_BC - jax.nn.logsumexp(logits_BCV, axis=-1),
+                picked_BC >= jnp.max(logits_BCV, axis=-1))
+
+    return _over_chunks(log_probs_and_greedy, x_BTD, head_DV, targets_BT, chunk_tokens)
+
+
+def _picked_log_probs(logits_BCV: jax.Array, targets_BC: jax.Array) -> jax.Array:
+    picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    return picked_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
+
+
+def _over_chunks(score, x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Array,
+                 chunk_tokens: int):
+    """`score(logits_BCV, targets_BC)` (arrays [B, C]) over chunks of positions, each chunk's
+    float32 logits formed, scored and rematerialized in the backward; results [B, T]."""
     b, t, d = x_BTD.shape
     chunk = max(1, min(chunk_tokens, t))
     pad = -t % chunk
@@ -52,16 +77,14 @@ def chunked_token_log_probs(x_BTD: jax.Array, head_DV: jax.Array, targets_BT: ja
     targets_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
-    def chunk_log_probs(x_BCD, targets_BC):
+    def chunk_scores(x_BCD, targets_BC):
         logits_BCV = jnp.einsum("bcd,dv->bcv", x_BCD, head_DV.astype(x_BCD.dtype),
                                 preferred_element_type=jnp.float32)
-        logits_BCV = constrain(logits_BCV, ("batch", "seq", "vocab"))
-        picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-        return picked_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
+        return score(constrain(logits_BCV, ("batch", "seq", "vocab")), targets_BC)
 
-    _, log_probs_NBC = jax.lax.scan(lambda _, xs: (None, chunk_log_probs(*xs)), None,
-                                    (x_NBCD, targets_NBC))
-    return log_probs_NBC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    _, scores_NBC = jax.lax.scan(lambda _, xs: (None, chunk_scores(*xs)), None,
+                                 (x_NBCD, targets_NBC))
+    return jax.tree.map(lambda s: s.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], scores_NBC)
 
 
 def next_token_loss_sum(log_probs_BT: jax.Array, weights_BT: jax.Array

@@ -150,10 +150,16 @@ def generate(params: Any, prompt: dict[str, jax.Array], row_keys: jax.Array, *,
     b, p = tokens_BP.shape
     n = sampling.max_new_tokens
     cache = KVCache.zeros(cfg, b, p + n)
-    logits_BPV, cache = model.forward(tokens_BP, prompt["positions"], prompt["segment_ids"], cache,
-                                      adapter_ids_B)
-    return _decode(model, logits_BPV[:, -1], cache, prompt["positions"][:, -1] + 1, row_keys,
-                   jnp.full((b,), n, jnp.int32), sampling, adapter_ids_B)
+    x_BPD, cache = model.hidden(tokens_BP, prompt["positions"], prompt["segment_ids"], cache,
+                                adapter_ids_B)
+    return _decode(model, _last_logits(model, x_BPD), cache, prompt["positions"][:, -1] + 1,
+                   row_keys, jnp.full((b,), n, jnp.int32), sampling, adapter_ids_B)
+
+
+def _last_logits(model, x_BTD: jax.Array) -> jax.Array:
+    """Logits [B, V] of the last position alone: a prefill forms no [B, T, V] logits (at
+    Phi-4's 100k vocabulary those cost more than a small model's layers)."""
+    return model.logits(x_BTD[:, -1:])[:, 0]
 
 
 def prefill(params: Any, prompt: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
@@ -162,7 +168,7 @@ def prefill(params: Any, prompt: dict[str, jax.Array], *, graphdef: nnx.GraphDef
     `generate_from_shared` to broadcast to many rows."""
     model = nnx.merge(graphdef, params)
     cache = KVCache.zeros(cfg, 1, prompt["tokens"].shape[1])
-    return model.forward(prompt["tokens"], prompt["positions"], prompt["segment_ids"], cache)[1]
+    return model.hidden(prompt["tokens"], prompt["positions"], prompt["segment_ids"], cache)[1]
 
 
 def generate_from_shared(params: Any, shared: KVCache, suffix: dict[str, jax.Array],
@@ -184,10 +190,11 @@ def generate_from_shared(params: Any, shared: KVCache, suffix: dict[str, jax.Arr
                     empty.v_LBSKH.at[:, :, :p].set(shared.v_LBSKH),
                     empty.segment_ids_BS.at[:, :p].set(shared.segment_ids_BS),
                     jnp.asarray(p, jnp.int32))
-    logits_BLV, cache = model.forward(suffix["tokens"], suffix["positions"],
-                                      suffix["segment_ids"], cache)
-    return _decode(model, logits_BLV[:, -1], cache, suffix["positions"][:, -1] + 1, row_keys,
-                   jnp.minimum(budgets, sampling.max_new_tokens).astype(jnp.int32), sampling)
+    x_BLD, cache = model.hidden(suffix["tokens"], suffix["positions"], suffix["segment_ids"],
+                                cache)
+    return _decode(model, _last_logits(model, x_BLD), cache, suffix["positions"][:, -1] + 1,
+                   row_keys, jnp.minimum(budgets, sampling.max_new_tokens).astype(jnp.int32),
+                   sampling)
 
 
 def _decode(model, logits_BV: jax.Array, cache: KVCache, position_B: jax.Array,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi4_jax.losses.lm import chunked_token_log_probs
+from phi4_jax.losses.lm import chunked_token_log_probs, chunked_token_log_probs_and_greedy
 
 
 def target_log_probs(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *,
@@ -27,6 +27,16 @@ def target_log_probs(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.A
                             adapter_ids_B=batch.get("adapter_ids"))
     return chunked_token_log_probs(x_BTD, model.head_DV(), batch["targets"],
                                    chunk_tokens=chunk_tokens)
+
+
+def target_log_probs_and_greedy(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
+                                *, chunk_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """`target_log_probs` [B, T] and whether each target is the model's argmax there [B, T]:
+    the (log-likelihood, is-greedy) pair a multiple-choice evaluation scores with."""
+    model = nnx.merge(graphdef, params)
+    x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return chunked_token_log_probs_and_greedy(x_BTD, model.head_DV(), batch["targets"],
+                                              chunk_tokens=chunk_tokens)
 
 
 def next_token_candidate_log_probs(params: Any, graphdef: nnx.GraphDef,

@@ -66,7 +66,8 @@ def check(source: InitialCheckpoint, abstract_params: Any, model_cfg: ModelConfi
         try:
             hf.check_hf_checkpoint(source.path, model_cfg)
         except hf.HFCheckpointError as error:
-            raise ConfigError(f"init_from: {error}") from error
+            raise ConfigError(f"init_from={str(source.path)!r} does not fit model.size="
+                              f"{model_cfg.name!r}: {error}") from error
         return
     if problem := checkpoint.damage(source.path, verify=True):
         raise ConfigError(
