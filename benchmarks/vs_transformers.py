@@ -41,7 +41,14 @@ cost), and `synthetic+code`, the research sizes' mix (0.6 exercises generated in
 0.4 standard-library files). Measurements are interleaved, `--repeats` rounds of every
 condition, so a busy shared machine slows all alike; each ratio is per round (the pipeline
 over the faster raw run of the same round), given as median [min, max] with the load
-average before and after.
+average before and after. Then, at `CPU_SHAPES` (125m, seq 256 x 2, at Phi-4's vocabulary and
+at 1,024), the train step of the three contenders in float32 without checkpointing, where
+phi4_jax's worker writes its initial weights (Hugging Face format) and transformers starts
+from them, each row giving its first loss; and greedy generation from those weights,
+phi4_jax's KV-cache sampler against transformers' `generate`, with the new tokens compared.
+The CPU run recorded in RESULTS_cpu.md (~15 minutes on 2 cores):
+  python benchmarks/vs_transformers.py --cpu --pipeline_tokens=2000000 --repeats=5 \
+      --steps=3 --warmup=1 --timeout=900 --write=benchmarks/RESULTS_cpu.md
 """
 
 from __future__ import annotations
