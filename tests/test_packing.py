@@ -187,6 +187,14 @@ def test_packed_iterator_resumes_exactly_after_any_row(group_size):
                 np.testing.assert_array_equal(want[key], got[key])
 
 
+def test_a_state_of_another_packer_is_refused_by_name():
+    iterator = iter(_dataset([[1, 2, 3]], 8))
+    concat_then_split = {"parent_state": {}, "remainder_slices": {},
+                         "elements_from_buffer_after_checkpoint": 0}
+    with pytest.raises(ValueError, match="saved by another packer"):
+        iterator.set_state(concat_then_split)
+
+
 def test_seq_len_must_be_positive():
     with pytest.raises(ValueError, match="seq_len"):
         _dataset([[1, 2]], 0)

@@ -87,6 +87,9 @@ class _PackedRows(grain.IterDataset):
         return _PackedRowsIterator(self._parent.__iter__(), self.seq_len, self.max_segments)
 
 
+_STATE_KEYS = ("parent", "skip_tokens", "skip_rows")
+
+
 class _PackedRowsIterator(grain.DatasetIterator):
     """Reads groups until a row is full, then cuts every full row of what it read at once.
 
@@ -112,6 +115,11 @@ class _PackedRowsIterator(grain.DatasetIterator):
         return self._state
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if set(state) != set(_STATE_KEYS):
+            raise ValueError(
+                f"a packed-rows state has keys {sorted(state)}, expected {list(_STATE_KEYS)}: it "
+                f"was saved by another packer (before grouped reading, grain's ConcatThenSplit); "
+                f"resume that run with the code that saved it")
         self._parent.set_state(state["parent"])
         self._state = state
         self._tokens = {key: np.zeros(0, np.int32) for key in ("inputs", "targets")}
