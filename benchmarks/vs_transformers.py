@@ -1,7 +1,9 @@
-r"""phi4_jax's real train step against transformers' Phi3ForCausalLM, same shapes, one GPU.
+r"""phi4_jax's real train step against transformers' Phi3ForCausalLM, same shapes, one GPU;
+and on CPU (`--cpu`) the data pipeline against raw tiktoken.
 
   python benchmarks/vs_transformers.py --write benchmarks/RESULTS_gpu.md     # on a GPU
   python benchmarks/vs_transformers.py --dry_run                             # CPU, ~2 min
+  python benchmarks/vs_transformers.py --cpu --write benchmarks/RESULTS_cpu.md
 
 Both sides run with the same activation checkpointing (`--checkpointing`, each of `none` and
 `full`, recorded in every row): phi4_jax's `model.remat_policy` (`full` recomputes each
@@ -29,6 +31,24 @@ XLA's `memory_analysis()` of the compiled step (arguments + outputs - aliased + 
 
 `--dry_run` runs the same code on CPU at the tiny size (seq 64, batch 2, 2 steps), torch on
 CPU, so the script itself is known to work where no GPU is at hand.
+
+`--cpu` measures the pretraining pipeline's tokens/s (`pipeline.make_train_iterator`, rows
+of 1024, batches of 8, after 2 warm-up batches) against tiktoken's `encode_ordinary_batch`
+on the documents the timed pipeline read, on the same cores, for each of `--read_threads`.
+Sources: `text`, a JSONL corpus of the standard library's `.py` files cut at blank lines into
+documents of at least 1,500 characters (ready text, so the ratio is the pipeline's own
+cost), and `synthetic+code`, the research sizes' mix (0.6 exercises generated in Python,
+0.4 standard-library files). Measurements are interleaved, `--repeats` rounds of every
+condition, so a busy shared machine slows all alike; each ratio is per round (the pipeline
+over the faster raw run of the same round), given as median [min, max] with the load
+average before and after. Then, at `CPU_SHAPES` (125m, seq 256 x 2, at Phi-4's vocabulary and
+at 1,024), the train step of the three contenders in float32 without checkpointing, where
+phi4_jax's worker writes its initial weights (Hugging Face format) and transformers starts
+from them, each row giving its first loss; and greedy generation from those weights,
+phi4_jax's KV-cache sampler against transformers' `generate`, with the new tokens compared.
+The CPU run recorded in RESULTS_cpu.md (~15 minutes on 2 cores):
+  python benchmarks/vs_transformers.py --cpu --pipeline_tokens=2000000 --repeats=5 \
+      --steps=3 --warmup=1 --timeout=900 --write=benchmarks/RESULTS_cpu.md
 """
 
 from __future__ import annotations
@@ -51,6 +71,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"14b-4l@4k": ("14b-4l", 4096, 4), "1b@4k": ("1b", 4096, 8),
           "14b-4l@16k": ("14b-4l", 16384, 1)}
 DRY_SHAPES = {"tiny@64": ("tiny", 64, 2)}
+# --cpu: float32 on both sides, one set of initial weights, 125m's geometry at its vocabulary
+# and at a small one (the step's cost without the vocabulary's matmuls and softmax).
+CPU_SHAPES = {"125m@256": ("125m", 256, 2), "125m-v1024@256": ("125m", 256, 2)}
+VOCAB_OVERRIDES = {"125m-v1024@256": 1024}
+# --cpu generation: greedy, random prompts, no stop token (every row decodes to the end).
+GENERATORS = ("phi4_jax_generate", "torch_generate")
+GENERATE_BATCH, GENERATE_PROMPT, GENERATE_NEW = 1, 64, 64
 CONTENDERS = ("phi4_jax", "torch_compile", "torch_eager")
 CHECKPOINTING = ("full", "none")
 # The issue's goals: phi4_jax / torch.compile tokens/s, and phi4_jax MFU.
@@ -71,6 +98,16 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Tiny size on CPU: checks the scr
                              allow_override=True)
 _WRITE = flags.DEFINE_string("write", "", "Markdown file to append the results to.")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run one contender at one shape.")
+_CPU = flags.DEFINE_bool("cpu", False, "CPU comparison: the data pipeline against tiktoken, "
+                         "then the train step at CPU_SHAPES.")
+_INIT_DIR = flags.DEFINE_string("init_dir", "", "Internal: phi4_jax writes its initial weights "
+                                "here (Hugging Face format), transformers starts from them.")
+_READ_THREADS = flags.DEFINE_list("read_threads", ["0", "1", "2", "4"],
+                                  "--cpu: data.read_threads values to time (2: the CPU sizes', "
+                                  "4: data's default).")
+_PIPELINE_TOKENS = flags.DEFINE_integer("pipeline_tokens", 1_000_000,
+                                        "--cpu: tokens timed per pipeline or tiktoken run.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "--cpu: interleaved rounds of every condition.")
 
 
 @dataclasses.dataclass
@@ -84,10 +121,20 @@ class Result:
     peak_bytes: int | None = None
     notes: str = ""
     error: str = ""
+    tokens: list[int] = dataclasses.field(default_factory=list)  # generated, greedy
 
 
 def _shape(name: str) -> tuple[str, int, int]:
-    return {**SHAPES, **DRY_SHAPES}[name]
+    return {**SHAPES, **DRY_SHAPES, **CPU_SHAPES}[name]
+
+
+def _model_cfg(name: str, checkpointing: str = "full"):
+    """The model config of a shape: the size's, with the shape's vocabulary."""
+    from phi4_jax.config_base import build_model_config  # pylint: disable=g-import-not-at-top
+    cfg = build_model_config(_pretrain_config(name, checkpointing))
+    if name in VOCAB_OVERRIDES:
+        cfg = dataclasses.replace(cfg, vocab_size=VOCAB_OVERRIDES[name])
+    return cfg
 
 
 def _pretrain_config(name: str, checkpointing: str = "full"):
@@ -99,6 +146,8 @@ def _pretrain_config(name: str, checkpointing: str = "full"):
     config.train.update(seq_len=seq_len, global_batch=batch, microbatches=1, warmup_steps=0)
     config.model.max_positions = max(config.model.max_positions, seq_len)
     config.model.remat_policy = checkpointing
+    if name in CPU_SHAPES:
+        config.model.compute_dtype = "float32"
     return config
 
 
@@ -130,7 +179,7 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
     from phi4_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
     config = _pretrain_config(name, checkpointing)
-    run = state_lib.build_run(config, jax.devices()[:1])
+    run = state_lib.build_run(config, jax.devices()[:1], model_cfg=_model_cfg(name, checkpointing))
     t, cfg = config.train, run.model_cfg
     tokens = _tokens(name, cfg.vocab_size)
     rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -141,6 +190,7 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
         train_fn, _ = loop.compile_steps(run, evaluation.language_model_loss(run), None)
         state = state_lib.init_state(run)
+        initial = jax.device_get(state.params) if _INIT_DIR.value else None  # before donation
         batch = state_lib.to_global_batch(rows, run.batch_sharding)
         compiled = train_fn.lower(state, batch, None).compile()
         holder = {"state": state}
@@ -149,8 +199,16 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
             holder["state"], holder["metrics"] = compiled(holder["state"], batch, None)
 
         sync = lambda: jax.block_until_ready(holder["state"])  # noqa: E731
-        _timed(step, _WARMUP.value, sync)
+        _timed(step, 1, sync)
+        first_loss = float(holder["metrics"]["loss"])
+        _timed(step, _WARMUP.value - 1, sync)
         times = _timed(step, _STEPS.value, sync)
+    if initial is not None:
+        from flax import nnx  # pylint: disable=g-import-not-at-top
+        from phi4_jax.interop import hf_checkpoint  # pylint: disable=g-import-not-at-top
+        no_ids = hf_checkpoint.SpecialTokenIds(None, None, None)  # a vocabulary no release has
+        hf_checkpoint.save_hf_checkpoint(nnx.State(initial), cfg, _INIT_DIR.value, dtype="float32",
+                                         token_ids=no_ids if name in VOCAB_OVERRIDES else None)
     estimate = memory.estimate_train_memory(
         cfg, seq_len=t.seq_len, per_device_batch=t.global_batch, mesh_shape=dict(run.mesh.shape),
         loss_chunk_tokens=t.loss_chunk_tokens).total
@@ -160,7 +218,8 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
     stats = jax.devices()[0].memory_stats() or {}
     loss = float(holder["metrics"]["loss"])
     return Result("phi4_jax", name, checkpointing, times, stats.get("peak_bytes_in_use"),
-                  notes=f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, loss {loss:.2f}; "
+                  notes=f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, first loss "
+                        f"{first_loss:.5f}, loss {loss:.2f}; "
                         f"memory estimate / XLA analysis {estimate / compiled_bytes:.2f} "
                         f"({estimate / 2**30:.1f} / {compiled_bytes / 2**30:.1f} GiB)")
 
@@ -170,15 +229,18 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     checkpointing when `checkpointing` is `full`."""
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
-    from phi4_jax.config_base import build_model_config  # pylint: disable=g-import-not-at-top
     from phi4_jax.interop.hf_checkpoint import hf_config_dict  # pylint: disable=g-import-not-at-top
 
-    cfg = build_model_config(_pretrain_config(name))
+    cfg = _model_cfg(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_config = transformers.Phi3Config.from_dict(hf_config_dict(cfg))
-    hf_config._attn_implementation = "sdpa"  # pylint: disable=protected-access
-    with torch.device(device):  # initialize on the GPU: 2.4B parameters are slow on CPU
-        model = transformers.Phi3ForCausalLM(hf_config)
+    if _INIT_DIR.value:  # phi4_jax's initial weights
+        model = transformers.Phi3ForCausalLM.from_pretrained(
+            _INIT_DIR.value, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    else:
+        hf_config = transformers.Phi3Config.from_dict(hf_config_dict(cfg))
+        hf_config._attn_implementation = "sdpa"  # pylint: disable=protected-access
+        with torch.device(device):  # initialize on the GPU: 2.4B parameters are slow on CPU
+            model = transformers.Phi3ForCausalLM(hf_config)
     if checkpointing == "full":
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -186,15 +248,20 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
                                   fused=device == "cuda")
     forward = torch.compile(model) if compiled else model
-    tokens = torch.from_numpy(_tokens(name, cfg.vocab_size)[:, :-1].astype("int64")).to(device)
+    tokens = torch.from_numpy(_tokens(name, cfg.vocab_size).astype("int64")).to(device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # phi4_jax's pairs: every input has a target
+    autocast = cfg.compute_dtype == "bfloat16"
+    losses = []
 
     def step():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = forward(input_ids=tokens, labels=tokens).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            logits = forward(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
@@ -204,8 +271,64 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     contender = "torch_compile" if compiled else "torch_eager"
     return Result(contender, name, checkpointing, times, peak,
-                  notes=f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                  notes=f"first loss {losses[0]:.5f}, {'bf16 autocast' if autocast else 'float32'}; "
+                        f"torch {torch.__version__}, transformers {transformers.__version__}, "
                         f"{device}")
+
+
+def _prompts(name: str):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    vocab = _model_cfg(name).vocab_size
+    return np.random.default_rng(1).integers(0, vocab, (GENERATE_BATCH, GENERATE_PROMPT), np.int32)
+
+
+def generate_phi4_jax(name: str) -> Result:
+    """Greedy KV-cache generation (`sampling.decode.compiled_generate`) from the initial weights
+    in --init_dir; times the second call (the first compiles)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from phi4_jax.interop.hf_checkpoint import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
+    from phi4_jax.model.transformer import init_model  # pylint: disable=g-import-not-at-top
+    from phi4_jax.sampling import decode  # pylint: disable=g-import-not-at-top
+
+    cfg = _model_cfg(name)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_model(cfg)))
+    params = nnx.to_pure_dict(load_hf_checkpoint(_INIT_DIR.value, cfg))
+    generate = decode.compiled_generate(
+        graphdef, cfg, decode.SamplingParams(max_new_tokens=GENERATE_NEW, temperature=0.0))
+    prompt = decode.left_pad(_prompts(name).tolist())
+    keys = decode.row_keys(0, range(GENERATE_BATCH))
+    times, out = [], None
+    for _ in range(2):
+        start = time.perf_counter()
+        out = jax.block_until_ready(generate(params, prompt, keys))
+        times.append(time.perf_counter() - start)
+    return Result("phi4_jax_generate", name, "none", times[1:],
+                  notes=f"compile + first call {times[0]:.1f} s",
+                  tokens=[int(t) for t in jax.device_get(out.tokens)[0]])
+
+
+def generate_torch(name: str) -> Result:
+    """transformers' `generate` (greedy, its KV cache) from the initial weights in --init_dir;
+    times the second call."""
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    model = transformers.Phi3ForCausalLM.from_pretrained(_INIT_DIR.value, dtype=torch.float32,
+                                                         attn_implementation="sdpa").eval()
+    prompt = torch.from_numpy(_prompts(name).astype("int64"))
+    times, out = [], None
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=GENERATE_NEW, min_new_tokens=GENERATE_NEW,
+                                 eos_token_id=None, pad_token_id=0)
+        times.append(time.perf_counter() - start)
+    return Result("torch_generate", name, "none", times[1:],
+                  notes=f"first call {times[0]:.1f} s; torch {torch.__version__}, "
+                        f"transformers {transformers.__version__}",
+                  tokens=[int(t) for t in out[0, GENERATE_PROMPT:]])
 
 
 def worker(contender: str, name: str, checkpointing: str) -> None:
@@ -213,6 +336,10 @@ def worker(contender: str, name: str, checkpointing: str) -> None:
     try:
         if contender == "phi4_jax":
             result = run_phi4_jax(name, checkpointing)
+        elif contender == "phi4_jax_generate":
+            result = generate_phi4_jax(name)
+        elif contender == "torch_generate":
+            result = generate_torch(name)
         else:
             result = run_transformers(name, contender == "torch_compile", checkpointing)
     except Exception as error:  # pylint: disable=broad-except  # reported in the table
@@ -223,13 +350,14 @@ def worker(contender: str, name: str, checkpointing: str) -> None:
 
 # --- the table -------------------------------------------------------------------------------
 
-def run_one(contender: str, name: str, checkpointing: str) -> Result:
-    """`worker` in a fresh process, bounded by --timeout."""
+def run_one(contender: str, name: str, checkpointing: str, init_dir: str = "") -> Result:
+    """`worker` in a fresh process, bounded by --timeout; with `init_dir`, phi4_jax writes its
+    initial weights there and transformers starts from them."""
     command = [sys.executable, __file__, f"--worker={contender}", f"--shapes={name}",
                f"--checkpointing={checkpointing}", f"--steps={_STEPS.value}",
-               f"--warmup={_WARMUP.value}"]
+               f"--warmup={_WARMUP.value}", f"--init_dir={init_dir}"]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    if _DRY_RUN.value:
+    if _DRY_RUN.value or _CPU.value:
         env["JAX_PLATFORMS"] = "cpu"
     print(f"{name}: {contender}, checkpointing {checkpointing} ...", file=sys.stderr, flush=True)
     try:
@@ -268,7 +396,6 @@ def tokens_per_s(result: Result) -> float | None:
 def row(result: Result, earlier: list[Result], peak: float | None) -> str:
     """One result's table row; the ratio is to torch.compile at the same shape and
     checkpointing when that was measured (earlier, or in this row)."""
-    from phi4_jax.config_base import build_model_config  # pylint: disable=g-import-not-at-top
     from phi4_jax.train import flops  # pylint: disable=g-import-not-at-top
 
     r = result
@@ -276,7 +403,7 @@ def row(result: Result, earlier: list[Result], peak: float | None) -> str:
     if rate is None:
         return (f"| {r.shape} | {r.checkpointing} | {r.contender} | - | - | - | - | - | "
                 f"failed: {r.error} |")
-    mfu = flops.mfu(rate, build_model_config(_pretrain_config(r.shape)), _shape(r.shape)[1], peak)
+    mfu = flops.mfu(rate, _model_cfg(r.shape), _shape(r.shape)[1], peak)
     base = next((tokens_per_s(e) for e in [*earlier, r] if e.contender == "torch_compile"
                  and (e.shape, e.checkpointing) == (r.shape, r.checkpointing)), None)
     return (f"| {r.shape} | {r.checkpointing} | {r.contender} | "
@@ -288,7 +415,6 @@ def row(result: Result, earlier: list[Result], peak: float | None) -> str:
 
 def goals(results: list[Result], peak: float | None) -> list[str]:
     """The issue's goals, per checkpointing setting measured on both sides."""
-    from phi4_jax.config_base import build_model_config  # pylint: disable=g-import-not-at-top
     from phi4_jax.train import flops  # pylint: disable=g-import-not-at-top
 
     rates = {(r.shape, r.checkpointing, r.contender): tokens_per_s(r) for r in results
@@ -302,7 +428,7 @@ def goals(results: list[Result], peak: float | None) -> list[str]:
             goal = SPEEDUP_GOALS[shape]
             lines.append(f"- {where}: phi4_jax / torch.compile = {rate / base:.2f} (goal >= "
                          f"{goal}): {'met' if rate / base >= goal else 'NOT met'}")
-        mfu = flops.mfu(rate, build_model_config(_pretrain_config(shape)), _shape(shape)[1], peak)
+        mfu = flops.mfu(rate, _model_cfg(shape), _shape(shape)[1], peak)
         if shape in MFU_GOALS and mfu is not None:
             goal = MFU_GOALS[shape]
             lines.append(f"- {where}: phi4_jax MFU {mfu:.1%} (goal >= {goal:.0%}): "
@@ -329,6 +455,227 @@ def versions() -> str:
     return ", ".join(found)
 
 
+# --- CPU: the data pipeline against raw tiktoken ----------------------------------------------
+
+PIPELINE_SEQ_LEN, PIPELINE_BATCH, PIPELINE_WARMUP = 1024, 8, 2
+CORPUS_MIN_CHARS = 1500
+
+
+def write_corpus(path: Path) -> int:
+    """The `text` source: the standard library's `.py` files cut at blank lines into documents
+    of at least `CORPUS_MIN_CHARS` characters, one JSON line each; returns their count."""
+    from phi4_jax.data import sources  # pylint: disable=g-import-not-at-top
+    count = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for name in sources.stdlib_python_files():
+            piece = ""
+            for paragraph in Path(name).read_text(encoding="utf-8", errors="replace").split("\n\n"):
+                piece += paragraph + "\n\n"
+                if len(piece) >= CORPUS_MIN_CHARS:
+                    out.write(json.dumps({"text": piece}) + "\n")
+                    piece, count = "", count + 1
+            if piece:
+                out.write(json.dumps({"text": piece}) + "\n")
+                count += 1
+    return count
+
+
+def pipeline_sources(corpus: Path) -> dict[str, tuple[dict, dict]]:
+    """name -> (data.sources, data.mix) of each pipeline measured."""
+    text = {"kind": "jsonl", "paths": str(corpus), "text_key": "text"}
+    mix = {"synthetic": {"kind": "synthetic"}, "code": {"kind": "python_stdlib"}}
+    return {"text": ({"text": text}, {"text": 1.0}),
+            "synthetic+code": (mix, {"synthetic": 0.6, "code": 0.4})}
+
+
+def data_config(specs: dict, mix: dict, read_threads: int) -> dict:
+    from phi4_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return {**pipeline.DATA_DEFAULTS, "sources": specs, "mix": mix, "read_threads": read_threads}
+
+
+def pipeline_rate(cfg: dict, tokens: int) -> float:
+    """Tokens/s of the pipeline's batches after the warm-up batches."""
+    from phi4_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    iterator = pipeline.make_train_iterator(cfg, seq_len=PIPELINE_SEQ_LEN, batch_size=PIPELINE_BATCH)
+    for _ in range(PIPELINE_WARMUP):
+        next(iterator)
+    batches = max(1, tokens // (PIPELINE_SEQ_LEN * PIPELINE_BATCH))
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    iterator.close()
+    return batches * PIPELINE_SEQ_LEN * PIPELINE_BATCH / seconds
+
+
+def timed_ranges(cfg: dict, tokens: int) -> dict[str, tuple[int, int]]:
+    """Per source, the [first, last) positions in its read order of the documents a timed
+    pipeline run reads after its warm-up (each source up to its share of the tokens)."""
+    from phi4_jax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+    encoding = load_tokenizer("phi4").encoding
+    warmup = PIPELINE_WARMUP * PIPELINE_SEQ_LEN * PIPELINE_BATCH
+    total = sum(cfg["mix"].values())
+    ranges = {}
+    for name, weight in cfg["mix"].items():
+        ordered = _ordered_documents(cfg, name)
+        read, index, first = 0, 0, None
+        while read < weight / total * (warmup + tokens):
+            if first is None and read >= weight / total * warmup:
+                first = index
+            read += len(encoding.encode_ordinary(ordered[index])) + 1
+            index += 1
+        ranges[name] = (index if first is None else first, index)
+    return ranges
+
+
+def _ordered_documents(cfg: dict, name: str):
+    from phi4_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.shard_documents(name, cfg, split="train", process_index=0, process_count=1)
+
+
+def make_documents(cfg: dict, ranges: dict[str, tuple[int, int]]) -> list[str]:
+    """The documents in `ranges`, made as the pipeline makes them (exercises generated, files
+    and lines read)."""
+    documents = []
+    for name, (first, last) in ranges.items():
+        ordered = _ordered_documents(cfg, name)
+        documents += [ordered[index] for index in range(first, last)]
+    return documents
+
+
+def make_and_encode_rate(cfg: dict, ranges: dict[str, tuple[int, int]]) -> float:
+    """Tokens/s of making the documents and encoding them on one thread: the work the
+    pipeline cannot skip."""
+    start = time.perf_counter()
+    documents = make_documents(cfg, ranges)
+    seconds = time.perf_counter() - start
+    return tiktoken_rate(documents, 1, extra_seconds=seconds)
+
+
+def tiktoken_rate(documents: list[str], num_threads: int, extra_seconds: float = 0.0) -> float:
+    """Tokens/s (end tokens counted, as the pipeline's rows hold them) of tiktoken's
+    `encode_ordinary_batch` on ready documents, `extra_seconds` added to its time."""
+    from phi4_jax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+    encoding = load_tokenizer("phi4").encoding
+    start = time.perf_counter()
+    encoded = encoding.encode_ordinary_batch(documents, num_threads=num_threads)
+    seconds = time.perf_counter() - start + extra_seconds
+    return sum(len(ids) + 1 for ids in encoded) / seconds
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'median [min, max]'."""
+    return (f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, "
+            f"{max(values):.{digits}f}]")
+
+
+def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
+    """One source's interleaved rounds: raw tiktoken on 1 and all cores, then the pipeline at
+    each read-thread count; rates and per-round ratios to the round's faster raw run."""
+    threads = [int(t) for t in _READ_THREADS.value]
+    cores = len(os.sched_getaffinity(0))
+    tokens = _PIPELINE_TOKENS.value
+    cfg = data_config(specs, mix, 0)
+    ranges = timed_ranges(cfg, tokens)
+    documents = make_documents(cfg, ranges)
+    raw_threads = sorted({1, cores})
+    rates = {("raw", t): [] for t in raw_threads} | {("pipeline", t): [] for t in threads}
+    rates["made", 1] = []
+    ratios = {t: [] for t in threads}
+    to_made = {t: [] for t in threads}
+    load_before = os.getloadavg()[0]
+    for _ in range(_REPEATS.value):
+        for t in raw_threads:
+            rates["raw", t].append(tiktoken_rate(documents, t))
+        rates["made", 1].append(make_and_encode_rate(cfg, ranges))
+        best_raw = max(rates["raw", t][-1] for t in raw_threads)
+        for t in threads:
+            rates["pipeline", t].append(pipeline_rate(data_config(specs, mix, t), tokens))
+            ratios[t].append(rates["pipeline", t][-1] / best_raw)
+            to_made[t].append(rates["pipeline", t][-1] / rates["made", 1][-1])
+    lines = [f"### {name}: {len(documents):,} documents timed, load average {load_before:.2f} "
+             f"before, {os.getloadavg()[0]:.2f} after", "",
+             "| run | tokens/s, median [min, max] | / raw tiktoken (same round) | "
+             "/ make + tiktoken (same round) |", "|---|---:|---:|---:|"]
+    for t in raw_threads:
+        values = [v / 1e6 for v in rates["raw", t]]
+        lines.append(f"| raw `encode_ordinary_batch`, {t} thread(s) | {spread(values)}M | | |")
+    values = [v / 1e6 for v in rates["made", 1]]
+    lines.append(f"| make the documents + `encode_ordinary_batch`, 1 thread | {spread(values)}M "
+                 f"| | |")
+    for t in threads:
+        values = [v / 1e6 for v in rates["pipeline", t]]
+        lines.append(f"| pipeline, read_threads={t} | {spread(values)}M | {spread(ratios[t])} | "
+                     f"{spread(to_made[t])} |")
+    return [*lines, ""]
+
+
+def run_cpu() -> None:
+    """`--cpu`: the pipeline against raw tiktoken, a table per source."""
+    import tempfile  # pylint: disable=g-import-not-at-top
+    import tiktoken  # pylint: disable=g-import-not-at-top
+    import grain  # pylint: disable=g-import-not-at-top
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    emit([f"## CPU run of {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", "",
+          f"- machine: {model}, {len(os.sched_getaffinity(0))} cores usable (shared with other "
+          f"work: timings are noisy, hence interleaved rounds and the load average); "
+          f"{platform.platform()}; Python {platform.python_version()}",
+          f"- versions: {versions()}, grain {grain.__version__}, tiktoken {tiktoken.__version__}",
+          f"- command: `python {' '.join(sys.argv)}`",
+          f"- pipeline: rows of {PIPELINE_SEQ_LEN}, batches of {PIPELINE_BATCH}, "
+          f"{_PIPELINE_TOKENS.value:,} tokens per run after {PIPELINE_WARMUP} warm-up batches, "
+          f"{_REPEATS.value} interleaved rounds", ""])
+    with tempfile.TemporaryDirectory() as directory:
+        corpus = Path(directory) / "stdlib_pieces.jsonl"
+        write_corpus(corpus)
+        for name, (specs, mix) in pipeline_sources(corpus).items():
+            emit(pipeline_table(name, specs, mix))
+    train_step_tables()
+
+
+def train_step_tables() -> None:
+    """The train step at each of CPU_SHAPES: phi4_jax first (it writes the initial weights),
+    then transformers eager and compiled from the same weights, no checkpointing."""
+    import tempfile  # pylint: disable=g-import-not-at-top
+    emit([f"### Train step, float32, {_WARMUP.value} untimed step(s) then the median of "
+          f"{_STEPS.value}; load average {os.getloadavg()[0]:.2f} before", "", *HEADER])
+    results: list[Result] = []
+    generated: list[Result] = []
+    for shape in CPU_SHAPES:
+        with tempfile.TemporaryDirectory() as directory:
+            init_dir = str(Path(directory) / "init")
+            for contender in ("phi4_jax", "torch_eager", "torch_compile"):
+                result = run_one(contender, shape, "none", init_dir)
+                emit([row(result, results, None)])
+                results.append(result)
+            generated += [run_one(contender, shape, "none", init_dir) for contender in GENERATORS]
+    emit(["", f"- load average after: {os.getloadavg()[0]:.2f}", "", *generation_table(generated)])
+
+
+def generation_table(results: list[Result]) -> list[str]:
+    """Greedy generation rows: time, new tokens/s, the ratio to transformers' `generate` and
+    how many of the new tokens equal phi4_jax's."""
+    lines = [f"### Greedy generation, batch {GENERATE_BATCH}, {GENERATE_PROMPT} prompt tokens, "
+             f"{GENERATE_NEW} new tokens, float32, the same initial weights; the second call timed",
+             "", "| shape | contender | seconds | new tokens/s | vs transformers | tokens equal to "
+             "phi4_jax's | notes |", "|---|---|---:|---:|---:|---:|---|"]
+    by = {(r.shape, r.contender): r for r in results}
+    for r in results:
+        if r.error or not r.step_s:
+            lines.append(f"| {r.shape} | {r.contender} | - | - | - | - | failed: {r.error} |")
+            continue
+        base = by.get((r.shape, "torch_generate"))
+        ours = by.get((r.shape, "phi4_jax_generate"))
+        ratio = (f"{base.step_s[0] / r.step_s[0]:.2f}" if base and base.step_s else "")
+        equal = (f"{sum(a == b for a, b in zip(r.tokens, ours.tokens))}/{len(r.tokens)}"
+                 if ours and ours.tokens else "")
+        lines.append(f"| {r.shape} | {r.contender} | {r.step_s[0]:.2f} | "
+                     f"{GENERATE_BATCH * GENERATE_NEW / r.step_s[0]:.1f} | {ratio} | {equal} | "
+                     f"{r.notes} |")
+    return [*lines, f"- load average after: {os.getloadavg()[0]:.2f}", ""]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -339,6 +686,9 @@ def main(argv: list[str]) -> None:
                              f"unknown; choose from {list(CHECKPOINTING)}.")
     if _WORKER.value:
         worker(_WORKER.value, shapes[0], _CHECKPOINTING.value[0])
+        return
+    if _CPU.value:
+        run_cpu()
         return
     if _DRY_RUN.value:
         flags.FLAGS.steps, flags.FLAGS.warmup = min(_STEPS.value, 2), 1

@@ -45,6 +45,14 @@ def test_jsonl_missing_field_names_the_record(tmp_path):
         _train("j", spec)
 
 
+def test_jsonl_good_records_never_count_lines(tmp_path, monkeypatch):
+    # A line number costs a scan of the file up to the record; only error messages need one.
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    monkeypatch.setattr(sources, "_line_location", lambda *_: pytest.fail("counted lines"))
+    spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
+    assert _train("j", spec) == DOCS
+
+
 def test_jsonl_bad_line_names_the_file(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n\n\nnot json\n', encoding="utf-8")
     spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}

@@ -337,9 +337,12 @@ def _line_spans(path: str) -> np.ndarray:
     return np.stack([starts[keep], stops[keep]], axis=1).astype(np.int64)
 
 
-def _text_field(record: Any, text_key: str, where: str) -> str:
-    """The text of a decoded JSON record, or BadRecordError naming the record and the key."""
+def _text_field(record: Any, text_key: str, name: str) -> str:
+    """The text of a decoded JSON record, or BadRecordError naming the record and the key. The
+    record's place is looked up only for an error: a jsonl line number counts the newlines
+    before it, which would cost a scan of the file per record."""
     if not isinstance(record, dict) or text_key not in record:
+        where = _where(record, name)
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise BadRecordError(
             f"{where} has no {text_key!r} field (it has {keys}); fix the record or the source's text_key"
@@ -348,8 +351,14 @@ def _text_field(record: Any, text_key: str, where: str) -> str:
     if isinstance(text, bytes):
         return text.decode("utf-8", errors="replace")
     if not isinstance(text, str):
-        raise BadRecordError(f"{where}: field {text_key!r} is a {type(text).__name__}, expected text")
+        raise BadRecordError(f"{_where(record, name)}: field {text_key!r} is a "
+                             f"{type(text).__name__}, expected text")
     return text
+
+
+def _where(record: Any, name: str) -> str:
+    """Where a record was read, for an error message."""
+    return getattr(record, "where", "") or f"data.sources.{name}: a record"
 
 
 def _open_records(name: str, spec: Mapping[str, Any]) -> grain.MapDataset:
@@ -418,8 +427,7 @@ def document_text(name: str, spec: Mapping[str, Any], record: Any) -> str:
         return synthetic.render_document(record)
     if isinstance(record, str):
         return record
-    where = getattr(record, "where", "") or f"data.sources.{name}: a record"
-    return _text_field(record, spec.get("text_key") or "text", where)
+    return _text_field(record, spec.get("text_key") or "text", name)
 
 
 def _record_at(records: grain.MapDataset, index: np.integer) -> str:
