@@ -268,8 +268,8 @@ def test_each_process_feeds_its_own_shard_into_the_global_batch(straight):
             next(data_iter)
         assert json.loads(json.dumps(data_iter.get_state())) == saved, process_id
         data_iter.close()
-    states = iterator_states(straight.workdir, CHECKPOINT_EVERY)
-    assert states[0] != states[1]
+    # A saved state holds positions only (the shard is the process index given at restore), so
+    # two shards may save equal states; which rows each process read is what must differ.
     assert not np.array_equal(first_batches[0]["inputs"], first_batches[1]["inputs"])
 
     # Step 1's loss is the initial model's loss on both shards' rows together.
