@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seq_len = 4096
     c.train.global_batch = 8
     c.train.microbatches = 1
-    c.train.steps = 100
+    c.train.steps = 100  # 0: evaluate init_from once, train and save nothing
     c.train.lr = 3e-4
     c.train.warmup_steps = 10
     c.train.schedule = "linear"
@@ -257,17 +257,21 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
             f"its vocabulary of {model_cfg.vocab_size} matches no tokenizer "
             f"({vocabularies}); choose a size with one of those.")
     t = config.train
-    for key in ("seq_len", "global_batch", "microbatches", "steps", "loss_chunk_tokens"):
+    for key in ("seq_len", "global_batch", "microbatches", "loss_chunk_tokens"):
         require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key],
                 "must be a positive integer.")
+    require(isinstance(t.steps, int) and t.steps >= 0, "train.steps", t.steps,
+            "must be an integer >= 0 (0 evaluates --config.init_from and trains nothing).")
+    require(t.steps or config.init_from, "train.steps", t.steps,
+            "0 evaluates the starting checkpoint; give it with --config.init_from=DIR.")
     require(t.seq_len <= model_cfg.max_positions, "train.seq_len", t.seq_len,
             f"exceeds model.max_positions={model_cfg.max_positions}; raise "
             f"--config.model.max_positions or shorten the sequence.")
     require(t.global_batch % t.microbatches == 0, "train.microbatches", t.microbatches,
             f"must divide train.global_batch={t.global_batch}.")
     require(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be a positive number.")
-    require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
-            f"must lie in [0, train.steps={t.steps}].")
+    require(0 <= t.warmup_steps and (t.steps == 0 or t.warmup_steps <= t.steps),
+            "train.warmup_steps", t.warmup_steps, f"must lie in [0, train.steps={t.steps}].")
     require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"choose one of {SCHEDULES}.")
     require(0.0 <= t.final_lr_fraction <= 1.0, "train.final_lr_fraction", t.final_lr_fraction,
             "must lie in [0, 1].")

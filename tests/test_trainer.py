@@ -145,3 +145,22 @@ def test_early_stopping_at_an_accuracy_saves_that_step_and_ends_the_run(tmp_path
     checkpoints.close()
     assert stages.run(config, str(tmp_path)) == []  # finished: no step, no eval
     assert next(accuracies) == 0.9
+
+
+def test_zero_steps_evaluates_the_starting_checkpoint_and_writes_nothing(tmp_path):
+    trained = stages.run(_toy(1, warmup_steps=1), str(tmp_path / "trained"))
+    measured = [h["eval_loss"] for h in trained if "eval_loss" in h]  # at step 1, as it saved it
+    config = _toy(1, warmup_steps=1)
+    config.train.steps = 0
+    config.init_from = str(tmp_path / "trained")
+    history = stages.run(config, str(tmp_path / "eval"))
+    assert [h["step"] for h in history] == [0]
+    np.testing.assert_allclose(history[0]["eval_loss"], measured[-1], rtol=1e-5)
+    assert not list((tmp_path / "eval").glob("checkpoints/*"))
+
+
+def test_zero_steps_without_a_starting_checkpoint_is_refused():
+    config = _toy(1)
+    config.train.steps = 0
+    with pytest.raises(config_base.ConfigError, match=r"train.steps.*--config.init_from"):
+        config_base.validate_config(config)

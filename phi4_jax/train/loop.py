@@ -345,7 +345,7 @@ class _Loop:
         config, checkpointer, meta = self.run.config, self.checkpointer, self.meta
         step = self.step = int(state.step)
         pending, history = None, []
-        if step == 0 and config.eval.at_start:
+        if step == 0 and (config.eval.at_start or config.train.steps == 0):
             history.append(self.evaluate(0, state.params))
         window_start, window_steps = time.perf_counter(), 0
         host_metrics: dict[str, list[float]] = {}
