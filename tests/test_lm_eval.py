@@ -189,8 +189,8 @@ def test_command_line_mistakes_are_one_line(offline, tmp_path, capsys, console):
     cases = {
         f"--config.init_from={tmp_path / 'nothing'}": "error: init_from=",
         "--config.model.layers=3": "error: --config.model.layers: no such key; ",
-        "--config.init_from=": "error: init_from='': evaluation scores a trained model",
-        "--config.lora.rank=4": "error: lora.rank=4: a LoRA run's checkpoints hold its adapters",
+        "--config.init_from=": "error: init_from='': evaluation needs a trained model",
+        "--config.lora.rank=4": "error: lora.rank=4: evaluation runs one whole model and routes no adapters",
     }
     for flag, start in cases.items():
         assert evaluate.main([*base, flag]) == 1

@@ -199,7 +199,7 @@ def test_pivotal_token_search_refuses_adapters_in_one_line():
     config.init_from = "/some/run"
     config.lora.rank = 4
     with pytest.raises(config_base.ConfigError,
-                       match=r"^lora.rank=4: Pivotal Token Search samples one whole model and "
+                       match=r"^lora.rank=4: Pivotal Token Search runs one whole model and "
                              r"routes no adapters; merge the adapter \(python -m "
                              r"phi4_jax.export --adapter=NAME\)"):
         job.check(config, config_base.validate_config(config))

@@ -38,7 +38,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, \
 
 from phi4_jax import config_base
 from phi4_jax.data.tokenizer import Phi4Tokenizer, load_tokenizer, tokenizer_for_vocab
-from phi4_jax.errors import Phi4Error, require
+from phi4_jax.errors import Phi4Error
 from phi4_jax.evals import buckets
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.parallel.sharding import MESH_AXES, logical_rules, logical_to_spec, make_mesh
@@ -93,16 +93,7 @@ def plan_model(config: ml_collections.ConfigDict) -> ModelPlan:
     """Checks the config and `init_from` on metadata alone: a missing or damaged checkpoint,
     or one of another size than `model.size`, is refused before anything is compiled."""
     model_cfg = config_base.validate_config(config)
-    require(config.lora.rank == 0, "lora.rank", config.lora.rank,
-            "a LoRA run's checkpoints hold its adapters only; export it with one adapter merged "
-            "(python -m phi4_jax.export --adapter=NAME) and evaluate that directory with "
-            "lora.rank=0.")
-    require(bool(config.init_from), "init_from", config.init_from,
-            "evaluation scores a trained model; set --config.init_from to a run's workdir, a "
-            "step folder or a Hugging Face directory.")
-    require(config.mesh.sequence == 1, "mesh.sequence", config.mesh.sequence,
-            "evaluation decodes, and decoding does not split rows over a sequence axis; set "
-            "--config.mesh.sequence=1.")
+    initial_params.require_whole_trained_model(config, "evaluation")
     source = initial_params.locate(config.init_from)
     mesh = make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}, jax.local_devices())
     model_cfg = resolve_attention(model_cfg, model_cfg.max_positions)

@@ -250,16 +250,7 @@ def check(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
             (p.temperature, p.top_p), "rollouts sample: temperature > 0 and top_p in (0, 1].")
     require(p.code_time_limit_s > 0, "pts.code_time_limit_s", p.code_time_limit_s,
             "must be positive.")
-    require(config.mesh.sequence == 1, "mesh.sequence", config.mesh.sequence,
-            "Pivotal Token Search decodes, and decoding does not split rows over a sequence "
-            "axis; set --config.mesh.sequence=1.")
-    require(bool(config.init_from), "init_from", config.init_from,
-            "Pivotal Token Search samples a trained model; set --config.init_from to an SFT "
-            "run's workdir (or a Hugging Face directory).")
-    require(config.lora.rank == 0, "lora.rank", config.lora.rank,
-            "Pivotal Token Search samples one whole model and routes no adapters; merge the "
-            "adapter (python -m phi4_jax.export --adapter=NAME), point --config.init_from at "
-            "the export and set lora.rank=0.")
+    initial_params.require_whole_trained_model(config, "Pivotal Token Search")
 
 
 

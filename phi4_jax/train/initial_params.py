@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from phi4_jax.config_base import ConfigError
+from phi4_jax.errors import require
 from phi4_jax.interop import hf_checkpoint as hf
 from phi4_jax.model.config import ModelConfig
 from phi4_jax.train import checkpoint
@@ -30,6 +31,21 @@ class InitialCheckpoint:
 
     kind: str
     path: Path
+
+
+def require_whole_trained_model(config: Any, tool: str) -> None:
+    """What a tool that decodes one trained model (evaluation, Pivotal Token Search) needs of
+    the config, checked at start-up: no adapters to route, a checkpoint, no sequence split."""
+    require(config.lora.rank == 0, "lora.rank", config.lora.rank,
+            f"{tool} runs one whole model and routes no adapters; merge the adapter (python -m "
+            f"phi4_jax.export --adapter=NAME), point --config.init_from at the export and set "
+            f"lora.rank=0.")
+    require(bool(config.init_from), "init_from", config.init_from,
+            f"{tool} needs a trained model; set --config.init_from to a run's workdir, a step "
+            f"folder or a Hugging Face directory.")
+    require(config.mesh.sequence == 1, "mesh.sequence", config.mesh.sequence,
+            f"{tool} decodes, and decoding does not split rows over a sequence axis; set "
+            f"--config.mesh.sequence=1.")
 
 
 def locate(init_from: str) -> InitialCheckpoint | None:
