@@ -47,19 +47,32 @@ def test_values_equal_float64_reference(chunk):
     np.testing.assert_allclose(got, _numpy_log_probs(x, head, targets), atol=2e-5)
 
 
-@pytest.mark.parametrize("chunk", [8])
-def test_gradients_equal_the_plain_path(chunk):
+@pytest.mark.parametrize("chunk, remat", [(8, True), (8, False), (64, False)])
+def test_gradients_equal_the_plain_path(chunk, remat):
     x, head, targets = _inputs(seed=1)
     weights = jax.random.uniform(jax.random.key(9), (B, T))
 
     def loss(fn):
         return lambda x, head: jnp.sum(fn(x, head) * weights)
 
-    got = jax.grad(loss(lambda x, h: chunked_token_log_probs(x, h, targets, chunk_tokens=chunk)),
+    got = jax.grad(loss(lambda x, h: chunked_token_log_probs(x, h, targets, chunk_tokens=chunk,
+                                                             remat=remat)),
                    argnums=(0, 1))(x, head)
     want = jax.grad(loss(lambda x, h: _plain(x, h, targets)), argnums=(0, 1))(x, head)
     for name, a, b in zip(("x", "head"), got, want):
         np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"d{name}")
+
+
+def test_without_remat_the_backward_reuses_the_logits():
+    """remat=False drops exactly the recomputed forward matmul of the head from the gradient."""
+    x, head, targets = _inputs(seed=3)
+
+    def matmuls(remat):
+        grad = jax.grad(lambda x, h: jnp.sum(chunked_token_log_probs(
+            x, h, targets, chunk_tokens=8, remat=remat)), argnums=(0, 1))
+        return str(jax.make_jaxpr(grad)(x, head)).count("dot_general")
+
+    assert matmuls(remat=True) == matmuls(remat=False) + 1 == 4
 
 
 def test_sharded_equals_unsharded():

@@ -136,7 +136,8 @@ def _xla_temp_bytes(cfg, batch, seq, chunk):
         positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         model = nnx.merge(graphdef, params)
         x, _ = model.hidden(tokens, positions, jnp.ones_like(tokens))
-        return -chunked_token_log_probs(x, model.head_DV(), tokens, chunk_tokens=chunk).mean()
+        return -chunked_token_log_probs(x, model.head_DV(), tokens, chunk_tokens=chunk,
+                                        remat=cfg.remat_policy != "none").mean()
 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()

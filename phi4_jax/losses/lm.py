@@ -33,21 +33,23 @@ def token_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def chunked_token_log_probs(x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Array, *,
-                            chunk_tokens: int) -> jax.Array:
+                            chunk_tokens: int, remat: bool = True) -> jax.Array:
     """log p(target) per position from final hidden states and the LM head, in float32.
 
-    The [B, T, V] logits are never held at once: a scan over chunks of `chunk_tokens`
-    positions forms each chunk's float32 logits, keeps only log p(target), and is
-    rematerialized in the backward, so the loss's extra memory is one chunk's logits
-    (B * chunk * V floats) instead of three copies of the whole. `head_DV` stays in its
+    A scan over chunks of `chunk_tokens` positions forms each chunk's float32 logits and
+    keeps only log p(target). With `remat` each chunk is recomputed in the backward, so the
+    loss's extra memory is one chunk's logits (B * chunk * V floats) instead of three copies
+    of the whole; without it the backward reuses every chunk's saved logits (B * T * V
+    floats) and skips the head's second forward matmul, where memory allows
+    (`model.remat_policy` none; `train.memory` counts them). `head_DV` stays in its
     parameter dtype (cast per chunk), so its gradient accumulates in that dtype.
     """
-    return _over_chunks(_picked_log_probs, x_BTD, head_DV, targets_BT, chunk_tokens)
+    return _over_chunks(_picked_log_probs, x_BTD, head_DV, targets_BT, chunk_tokens, remat)
 
 
 def chunked_token_log_probs_and_greedy(x_BTD: jax.Array, head_DV: jax.Array,
-                                       targets_BT: jax.Array, *, chunk_tokens: int
-                                       ) -> tuple[jax.Array, jax.Array]:
+                                       targets_BT: jax.Array, *, chunk_tokens: int,
+                                       remat: bool = True) -> tuple[jax.Array, jax.Array]:
     """`chunked_token_log_probs` and, per position, whether the target has the highest logit
     (greedy decoding would emit it), as multiple-choice evaluation asks; same memory."""
     def log_probs_and_greedy(logits_BCV, targets_BC):
@@ -55,7 +57,7 @@ def chunked_token_log_probs_and_greedy(x_BTD: jax.Array, head_DV: jax.Array,
         return (picked_BC - jax.nn.logsumexp(logits_BCV, axis=-1),
                 picked_BC >= jnp.max(logits_BCV, axis=-1))
 
-    return _over_chunks(log_probs_and_greedy, x_BTD, head_DV, targets_BT, chunk_tokens)
+    return _over_chunks(log_probs_and_greedy, x_BTD, head_DV, targets_BT, chunk_tokens, remat)
 
 
 def _picked_log_probs(logits_BCV: jax.Array, targets_BC: jax.Array) -> jax.Array:
@@ -64,9 +66,10 @@ def _picked_log_probs(logits_BCV: jax.Array, targets_BC: jax.Array) -> jax.Array
 
 
 def _over_chunks(score, x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Array,
-                 chunk_tokens: int):
+                 chunk_tokens: int, remat: bool):
     """`score(logits_BCV, targets_BC)` (arrays [B, C]) over chunks of positions, each chunk's
-    float32 logits formed, scored and rematerialized in the backward; results [B, T]."""
+    float32 logits formed, scored and (with `remat`) recomputed in the backward; results
+    [B, T]."""
     b, t, d = x_BTD.shape
     chunk = max(1, min(chunk_tokens, t))
     pad = -t % chunk
@@ -76,11 +79,13 @@ def _over_chunks(score, x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Ar
     x_NBCD = x_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
     targets_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def chunk_scores(x_BCD, targets_BC):
         logits_BCV = jnp.einsum("bcd,dv->bcv", x_BCD, head_DV.astype(x_BCD.dtype),
                                 preferred_element_type=jnp.float32)
         return score(constrain(logits_BCV, ("batch", "seq", "vocab")), targets_BC)
+
+    if remat:
+        chunk_scores = jax.checkpoint(chunk_scores)
 
     _, scores_NBC = jax.lax.scan(lambda _, xs: (None, chunk_scores(*xs)), None,
                                  (x_NBCD, targets_NBC))

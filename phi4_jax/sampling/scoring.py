@@ -26,7 +26,7 @@ def target_log_probs(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.A
     x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                             adapter_ids_B=batch.get("adapter_ids"))
     return chunked_token_log_probs(x_BTD, model.head_DV(), batch["targets"],
-                                   chunk_tokens=chunk_tokens)
+                                   chunk_tokens=chunk_tokens, remat=_remat_logits(model))
 
 
 def target_log_probs_and_greedy(params: Any, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
@@ -36,7 +36,14 @@ def target_log_probs_and_greedy(params: Any, graphdef: nnx.GraphDef, batch: dict
     model = nnx.merge(graphdef, params)
     x_BTD, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
     return chunked_token_log_probs_and_greedy(x_BTD, model.head_DV(), batch["targets"],
-                                              chunk_tokens=chunk_tokens)
+                                              chunk_tokens=chunk_tokens,
+                                              remat=_remat_logits(model))
+
+
+def _remat_logits(model) -> bool:
+    """The LM head's chunks are recomputed in the backward unless the layers keep every
+    activation (`remat_policy` none: the memory estimate has room for the logits too)."""
+    return model.cfg.remat_policy != "none"
 
 
 def next_token_candidate_log_probs(params: Any, graphdef: nnx.GraphDef,

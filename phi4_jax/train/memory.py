@@ -39,7 +39,9 @@ for them). The assumptions, per device:
   The loss forms the logits in chunks of `loss_chunk_tokens` positions
   (`losses.lm.chunked_token_log_probs`): float32 [chunk, V] per row, vocab sharded over
   tensor, twice while a chunk's backward runs (the logits and their gradient, into which
-  XLA fuses the softmax; XLA's CPU analysis agrees within a few percent).
+  XLA fuses the softmax; XLA's CPU analysis agrees within a few percent). Under remat
+  `none` the chunks are not recomputed: every chunk's float32 logits are kept for the
+  backward and counted with the activations.
 - workspace: cuDNN's flash-attention backward scratch, live while one layer's attention
   backward runs (`cudnn_workspace_bytes`). cudnn-frontend's SDPA backward node
   (`include/cudnn_frontend/node/scaled_dot_product_flash_attention.h`) names the buffers: a
@@ -254,6 +256,8 @@ def _activation_bytes(inputs: TrainMemoryInputs) -> tuple[float, float]:
     in_flight = layer * (1.0 if cfg.remat_policy == "none" else _REMAT_IN_FLIGHT)
     tokens = inputs.per_device_batch * inputs.seq_len / inputs.sequence
     saved, in_flight = tokens * cfg.num_layers * saved, tokens * in_flight
+    if cfg.remat_policy == "none":  # the loss keeps every chunk's float32 logits (losses.lm)
+        saved += tokens * math.ceil(cfg.vocab_size / t) * _FLOAT32
     if inputs.sequence > 1:  # the row's K and V gathered, and their float32 gradients
         kv_row = inputs.per_device_batch * inputs.seq_len * 2 * cfg.num_kv_heads / t * cfg.head_dim
         in_flight += kv_row * (c + _FLOAT32)
