@@ -107,7 +107,12 @@ _READ_THREADS = flags.DEFINE_list("read_threads", ["0", "1", "2", "4"],
                                   "4: data's default).")
 _PIPELINE_TOKENS = flags.DEFINE_integer("pipeline_tokens", 1_000_000,
                                         "--cpu: tokens timed per pipeline or tiktoken run.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "--cpu: interleaved rounds of every condition.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "--cpu: interleaved rounds of every pipeline "
+                                "condition.")
+_STEP_ROUNDS = flags.DEFINE_integer("step_rounds", 3, "--cpu: rounds of the three train-step "
+                                    "contenders in turn at each shape; ratios within a round.")
+_CPU_PARTS = flags.DEFINE_list("cpu_parts", ["pipeline", "step", "generate"],
+                               "--cpu: which comparisons to run.")
 
 
 @dataclasses.dataclass
@@ -190,7 +195,9 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
     with jax.set_mesh(run.mesh), logical_rules(run.rules):
         train_fn, _ = loop.compile_steps(run, evaluation.language_model_loss(run), None)
         state = state_lib.init_state(run)
-        initial = jax.device_get(state.params) if _INIT_DIR.value else None  # before donation
+        # before donation; written once per shape (later rounds start from the same seed)
+        writes = _INIT_DIR.value and not Path(_INIT_DIR.value).exists()
+        initial = jax.device_get(state.params) if writes else None
         batch = state_lib.to_global_batch(rows, run.batch_sharding)
         compiled = train_fn.lower(state, batch, None).compile()
         holder = {"state": state}
@@ -611,7 +618,8 @@ def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
 
 
 def run_cpu() -> None:
-    """`--cpu`: the pipeline against raw tiktoken, a table per source."""
+    """`--cpu`: the pipeline against raw tiktoken (a table per source), the train step and
+    greedy generation against transformers (`--cpu_parts` picks)."""
     import tempfile  # pylint: disable=g-import-not-at-top
     import tiktoken  # pylint: disable=g-import-not-at-top
     import grain  # pylint: disable=g-import-not-at-top
@@ -626,31 +634,66 @@ def run_cpu() -> None:
           f"- pipeline: rows of {PIPELINE_SEQ_LEN}, batches of {PIPELINE_BATCH}, "
           f"{_PIPELINE_TOKENS.value:,} tokens per run after {PIPELINE_WARMUP} warm-up batches, "
           f"{_REPEATS.value} interleaved rounds", ""])
-    with tempfile.TemporaryDirectory() as directory:
-        corpus = Path(directory) / "stdlib_pieces.jsonl"
-        write_corpus(corpus)
-        for name, (specs, mix) in pipeline_sources(corpus).items():
-            emit(pipeline_table(name, specs, mix))
-    train_step_tables()
-
-
-def train_step_tables() -> None:
-    """The train step at each of CPU_SHAPES: phi4_jax first (it writes the initial weights),
-    then transformers eager and compiled from the same weights, no checkpointing."""
-    import tempfile  # pylint: disable=g-import-not-at-top
-    emit([f"### Train step, float32, {_WARMUP.value} untimed step(s) then the median of "
-          f"{_STEPS.value}; load average {os.getloadavg()[0]:.2f} before", "", *HEADER])
-    results: list[Result] = []
-    generated: list[Result] = []
-    for shape in CPU_SHAPES:
+    if "pipeline" in _CPU_PARTS.value:
         with tempfile.TemporaryDirectory() as directory:
-            init_dir = str(Path(directory) / "init")
-            for contender in ("phi4_jax", "torch_eager", "torch_compile"):
-                result = run_one(contender, shape, "none", init_dir)
-                emit([row(result, results, None)])
+            corpus = Path(directory) / "stdlib_pieces.jsonl"
+            write_corpus(corpus)
+            for name, (specs, mix) in pipeline_sources(corpus).items():
+                emit(pipeline_table(name, specs, mix))
+    with tempfile.TemporaryDirectory() as directory:
+        init_dirs = {shape: str(Path(directory) / shape) for shape in CPU_SHAPES}
+        if "step" in _CPU_PARTS.value:
+            train_step_tables(init_dirs)
+        if "generate" in _CPU_PARTS.value:
+            generated = []
+            for shape in CPU_SHAPES:
+                if not Path(init_dirs[shape]).exists():  # no step run wrote the weights yet
+                    run_one("phi4_jax", shape, "none", init_dirs[shape])
+                generated += [run_one(c, shape, "none", init_dirs[shape]) for c in GENERATORS]
+            emit(generation_table(generated))
+
+
+STEP_CONTENDERS = ("phi4_jax", "torch_eager", "torch_compile")
+
+
+def train_step_tables(init_dirs: dict[str, str]) -> None:
+    """The train step at each of CPU_SHAPES, no checkpointing: `--step_rounds` rounds, each
+    running the three contenders in turn at every shape (phi4_jax first: it writes the initial
+    weights transformers starts from), so a busy machine slows all of a round alike; the
+    ratios are taken within each round."""
+    emit([f"### Train step, float32, {_WARMUP.value} untimed step(s) then the median of "
+          f"{_STEPS.value}, {_STEP_ROUNDS.value} interleaved rounds; load average "
+          f"{os.getloadavg()[0]:.2f} before", "", *HEADER])
+    results: list[Result] = []
+    for _ in range(_STEP_ROUNDS.value):
+        for shape in CPU_SHAPES:
+            for contender in STEP_CONTENDERS:
+                result = run_one(contender, shape, "none", init_dirs[shape])
+                emit([row(result, [], None)])
                 results.append(result)
-            generated += [run_one(contender, shape, "none", init_dir) for contender in GENERATORS]
-    emit(["", f"- load average after: {os.getloadavg()[0]:.2f}", "", *generation_table(generated)])
+    emit(["", *step_ratio_table(results), f"- load average after: {os.getloadavg()[0]:.2f}", ""])
+
+
+def step_ratio_table(results: list[Result]) -> list[str]:
+    """phi4_jax's tokens/s over each transformers contender's, per round, as median
+    [min, max] over the rounds, with every contender's median step time."""
+    lines = ["| shape | phi4_jax / torch eager | phi4_jax / torch.compile | median step s "
+             "(phi4_jax / eager / compile) |", "|---|---:|---:|---|"]
+    for shape in CPU_SHAPES:
+        rounds = [results[i:i + len(STEP_CONTENDERS)] for i in range(0, len(results),
+                                                                   len(STEP_CONTENDERS))]
+        rounds = [{r.contender: tokens_per_s(r) for r in group} for group in rounds
+                  if group[0].shape == shape]
+        ratios = {other: [r["phi4_jax"] / r[other] for r in rounds
+                          if r.get("phi4_jax") and r.get(other)]
+                  for other in STEP_CONTENDERS[1:]}
+        steps = [statistics.median([s for r in results if r.shape == shape and r.contender == c
+                                    and not r.error for s in r.step_s] or [float("nan")])
+                 for c in STEP_CONTENDERS]
+        lines.append(f"| {shape} | {spread(ratios['torch_eager']) if ratios['torch_eager'] else '-'}"
+                     f" | {spread(ratios['torch_compile']) if ratios['torch_compile'] else '-'} | "
+                     + " / ".join(f"{s:.2f}" for s in steps) + " |")
+    return lines
 
 
 def generation_table(results: list[Result]) -> list[str]:
