@@ -84,7 +84,11 @@ _DPO_STEPS = _define("integer", "dpo_steps", 40, "Steps of each DPO run.")
 _DPO_LR = _define("float", "dpo_lr", 0.0, "Learning rate of both DPO runs (0: the config's); "
                   "other than 0 their runs are named `-lr<value>`, so an ablation "
                   "reuses the workdir's SFT, GRPO and PTS runs.")
-_PROBLEMS = _define("integer", "problems", 256, "Held-out problems for greedy accuracy.")
+_PROBLEMS = _define("integer", "problems", 256, "Held-out problems of the stage runs' own "
+                    "evals (GRPO's curve).")
+_FINAL_PROBLEMS = _define("integer", "final_problems", 1024, "Held-out problems of the reported "
+                          "accuracies: an evaluate-only run (train.steps=0) on each stage's "
+                          "final checkpoint.")
 _MAX_NEW = _define("integer", "max_new_tokens", 192, "Response budget of every stage.")
 _WITH_PTS = _define("bool", "pts", True, "Also run PTS, PTS-DPO and DPO (--nopts: "
                     "pretraining, SFT and GRPO only, the quick look).")
@@ -126,7 +130,7 @@ class Runner:
     """Runs main commands, one per core at a time, each once (`<run>.done` marks it)."""
 
     def __init__(self, root: Path, workers: int):
-        self.root, self.log = root, []
+        self.root, self.log, self.names = root, [], []
         self.cores = queue.Queue()
         for core in range(workers):
             self.cores.put(core)
@@ -138,6 +142,7 @@ class Runner:
         workdir = self.root / name
         line = command(spec, workdir, overrides)
         self.log.append(line)
+        self.names.append(name)
         done = self.root / f"{name}.done"
         if done.exists():
             return workdir
@@ -215,7 +220,8 @@ def pretrain(run: Runner) -> Path:
 
 
 def one_seed(run: Runner, start: Path, seed: int) -> dict:
-    """SFT from `start`, then from its checkpoint GRPO beside PTS (whose two DPO runs follow)."""
+    """SFT from `start`, then from its checkpoint GRPO beside PTS (whose two DPO runs follow),
+    then every stage's final checkpoint evaluated on the same `--final_problems` problems."""
     keys, s = _model_keys(seed), f"s{seed}"
     sft = _sft(run, keys, start, f"sft-{s}", _SFT_MAX_STEPS.value, _SFT_STOP.value)
     stop_step, stopped = [(step, sc) for step, sc in history(sft) if "accuracy" in sc][-1]
@@ -225,24 +231,34 @@ def one_seed(run: Runner, start: Path, seed: int) -> dict:
         longer = (branches.submit(_sft, run, keys, start, f"sft{more}-{s}", more)
                   if _SFT_MORE.value else None)
         search, pairs = _search(run, keys, sft, s, branches) if _WITH_PTS.value else (None, {})
-        grpo = grpo.result()
-        evals = [scores for _, scores in history(grpo) if "accuracy" in scores]
-        result = {"seed": seed, "sft": evals[0], "grpo": evals[-1], "sft_stop": (stop_step, stopped["accuracy"]),
-                  "grpo_curve": history(grpo),
+        runs = {"sft": sft, "grpo": grpo.result(), "sft_more": longer and longer.result()}
+        result = {"seed": seed, "sft_stop": (stop_step, stopped["accuracy"]),
+                  "grpo_curve": history(runs["grpo"]),
                   "search": _jsonl("questions-*.jsonl", search / "pts") if search else [],
                   "pivots": _jsonl("pairs-*.jsonl", search / "pts") if search else [],
-                  "seconds": {n: run.seconds(f"{n}-{s}") for n in ("sft", "grpo")},
-                  "pts_dpo": None, "dpo": None,
-                  "sft_more": final_eval(longer.result()) if longer else None}
+                  "seconds": {n: run.seconds(f"{n}-{s}") for n in ("sft", "grpo")}}
         if longer:
             result["seconds"]["sft_more"] = run.seconds(f"sft{more}-{s}")
         if search:
             result["seconds"]["pts"] = run.seconds(f"pts-{s}")
         for name, future in pairs.items():
-            result[f"{name}_pairs"], result[name], result["seconds"][name] = future.result()
+            result[f"{name}_pairs"], runs[name], result["seconds"][name] = future.result()
+        finals = {name: branches.submit(_evaluate, run, keys, workdir)
+                  for name, workdir in runs.items() if workdir}
+        for key, _ in STAGES:
+            result[key] = finals[key].result() if key in finals else None
     print(json.dumps({k: v for k, v in result.items()
                       if k not in ("grpo_curve", "search", "pivots")}), flush=True)
     return result
+
+
+def _evaluate(run: Runner, keys: dict, workdir: Path) -> dict:
+    """The final eval of a stage's checkpoint on `--final_problems` held-out problems: an
+    evaluate-only run (train.steps=0), the same for every stage."""
+    return final_eval(run(f"eval-{workdir.name}", "configs/reasoning_sft.py:toy", {
+        **keys, "init_from": workdir, "train.steps": 0,
+        "eval.accuracy_problems": _FINAL_PROBLEMS.value,
+        "data.sources.chat.families": _FAMILY.value, "data.mix": {"chat": 1.0}}))
 
 
 def _sft(run: Runner, keys: dict, start: Path, name: str, steps: int, stop: float = 0.0
@@ -290,8 +306,8 @@ def _grpo(run: Runner, keys: dict, sft: Path, s: str) -> Path:
 
 
 def _dpo(run: Runner, keys: dict, sft: Path, name: str, spec: str, pairs: Path
-         ) -> tuple[int, dict | None, float]:
-    """(pair count, final eval, seconds) of a DPO run on `pairs` (none under 2 pairs)."""
+         ) -> tuple[int, Path | None, float]:
+    """(pair count, workdir, seconds) of a DPO run on `pairs` (none under 2 pairs)."""
     count = len(_jsonl(pairs.name, pairs.parent))
     if count < 2:
         return count, None, float("nan")
@@ -303,7 +319,7 @@ def _dpo(run: Runner, keys: dict, sft: Path, name: str, spec: str, pairs: Path
                  "data.eval_holdout": _holdout(count)}
     if _DPO_LR.value:
         overrides["train.lr"] = _DPO_LR.value
-    return count, final_eval(run(name, spec, overrides)), run.seconds(name)
+    return count, run(name, spec, overrides), run.seconds(name)
 
 
 def main(argv):
@@ -325,12 +341,12 @@ STAGES = (("sft", "SFT (start)"), ("grpo", "GRPO"), ("pts_dpo", "PTS-DPO"),
 def _cell(scores: dict | None) -> str:
     if scores is None:
         return "-"
-    lo, hi = wilson(scores["accuracy"], _PROBLEMS.value)
+    lo, hi = wilson(scores["accuracy"], _FINAL_PROBLEMS.value)
     return f"{scores['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def accuracy_table(rows: list[dict]) -> list[str]:
-    n = _PROBLEMS.value
+    n = _FINAL_PROBLEMS.value
 
     def apart(a: dict, b: dict) -> str:
         """Whether a's interval lies wholly above b's."""
@@ -398,11 +414,12 @@ def search_table(rows: list[dict]) -> tuple[list[str], list[str]]:
 
 
 def curve_table(rows: list[dict]) -> list[str]:
-    lines = ["| seed | step | reward | sampled accuracy | held-out accuracy |",
+    lines = [f"| seed | step | reward | sampled accuracy | held-out accuracy ({_PROBLEMS.value}) |",
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
         evals = {step: s["accuracy"] for step, s in r["grpo_curve"] if "accuracy" in s}
-        for step, s in r["grpo_curve"]:
+        logged = {step: s for step, s in r["grpo_curve"] if "reward" in s}
+        for step, s in sorted({**{st: {} for st in evals}, **logged}.items()):
             if step in evals or step % max(1, _GRPO_STEPS.value // 6) == 0:
                 held = f"{evals[step]:.3f}" if step in evals else ""
                 sampled = (f"{s['reward']:.3f} | {s['sample_accuracy']:.3f}" if "reward" in s
@@ -421,12 +438,12 @@ def plot(rows: list[dict], path: str) -> None:
     for i, (key, title) in enumerate(STAGES):
         x = np.arange(len(rows)) + (i - (len(STAGES) - 1) / 2) * width
         acc = np.array([r[key]["accuracy"] if r[key] else np.nan for r in rows])
-        bounds = np.array([wilson(a, _PROBLEMS.value) if np.isfinite(a) else (np.nan, np.nan)
+        bounds = np.array([wilson(a, _FINAL_PROBLEMS.value) if np.isfinite(a) else (np.nan, np.nan)
                            for a in acc])
         bars.bar(x, acc, width, yerr=[acc - bounds[:, 0], bounds[:, 1] - acc], capsize=2,
                  label=title)
     bars.set_xticks(np.arange(len(rows)), [f"seed {r['seed']}" for r in rows])
-    bars.set_ylabel(f"held-out greedy accuracy ({_PROBLEMS.value} problems, 95% CI)")
+    bars.set_ylabel(f"held-out greedy accuracy ({_FINAL_PROBLEMS.value} problems, 95% CI)")
     bars.legend(fontsize=7)
     for r in rows:
         steps = [st for st, s in r["grpo_curve"] if "accuracy" in s]
@@ -467,7 +484,9 @@ def write(text: str, run: Runner, base: Path, seconds: float) -> None:
     header = (f"\n## Run of {now}\n\n"
               f"- machine: {platform.machine()}, {os.cpu_count()} cores, "
               f"{jax.devices()[0].device_kind}; load average at the end {os.getloadavg()}; "
-              f"{seconds / 60:.0f} min in all, {run.cores.qsize()} runs at a time\n"
+              f"{seconds / 60:.0f} min in this invocation (runs finished earlier are reused), "
+              f"{sum(map(run.seconds, dict.fromkeys(run.names))) / 60:.0f} min of runs in all, "
+              f"{run.cores.qsize()} at a time\n"
               f"- versions: Python {platform.python_version()}, jax {jax.__version__}\n"
               f"- command: `python {argv}`\n- pretraining: {base}\n\n")
     runs = "\n\nThe runs, as commands:\n\n```\n" + "\n".join(dict.fromkeys(run.log)) + "\n```\n"
