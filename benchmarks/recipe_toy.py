@@ -440,15 +440,18 @@ def plot(rows: list[dict], path: str) -> None:
         acc = np.array([r[key]["accuracy"] if r[key] else np.nan for r in rows])
         bounds = np.array([wilson(a, _FINAL_PROBLEMS.value) if np.isfinite(a) else (np.nan, np.nan)
                            for a in acc])
+        if key in ("pts_dpo", "dpo") and _DPO_LR.value:
+            title += f", lr {_DPO_LR.value:g}"
         bars.bar(x, acc, width, yerr=[acc - bounds[:, 0], bounds[:, 1] - acc], capsize=2,
                  label=title)
     bars.set_xticks(np.arange(len(rows)), [f"seed {r['seed']}" for r in rows])
     bars.set_ylabel(f"held-out greedy accuracy ({_FINAL_PROBLEMS.value} problems, 95% CI)")
-    bars.legend(fontsize=7)
+    bars.set_ylim(0, 1.15)
+    bars.legend(fontsize=7, loc="upper center", ncol=3)
     for r in rows:
         steps = [st for st, s in r["grpo_curve"] if "accuracy" in s]
         acc = [s["accuracy"] for _, s in r["grpo_curve"] if "accuracy" in s]
-        line, = curves.plot(steps, acc, marker="o", label=f"seed {r['seed']} held-out (greedy)")
+        line, = curves.plot(steps, acc, marker="o", label=f"seed {r['seed']} held-out (greedy, {_PROBLEMS.value})")
         sampled = [(st, s["sample_accuracy"]) for st, s in r["grpo_curve"] if "reward" in s]
         curves.plot(*zip(*sampled), color=line.get_color(), alpha=0.4, linestyle="--",
                     label=f"seed {r['seed']} sampled (T 0.8)")
