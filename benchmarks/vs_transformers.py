@@ -631,9 +631,10 @@ def run_cpu() -> None:
           f"{platform.platform()}; Python {platform.python_version()}",
           f"- versions: {versions()}, grain {grain.__version__}, tiktoken {tiktoken.__version__}",
           f"- command: `python {' '.join(sys.argv)}`",
-          f"- pipeline: rows of {PIPELINE_SEQ_LEN}, batches of {PIPELINE_BATCH}, "
-          f"{_PIPELINE_TOKENS.value:,} tokens per run after {PIPELINE_WARMUP} warm-up batches, "
-          f"{_REPEATS.value} interleaved rounds", ""])
+          *([f"- pipeline: rows of {PIPELINE_SEQ_LEN}, batches of {PIPELINE_BATCH}, "
+             f"{_PIPELINE_TOKENS.value:,} tokens per run after {PIPELINE_WARMUP} warm-up "
+             f"batches, {_REPEATS.value} interleaved rounds"]
+            if "pipeline" in _CPU_PARTS.value else []), ""])
     if "pipeline" in _CPU_PARTS.value:
         with tempfile.TemporaryDirectory() as directory:
             corpus = Path(directory) / "stdlib_pieces.jsonl"
