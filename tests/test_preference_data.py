@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phi4_jax.data import preference, synthetic
+from phi4_jax.data import chat, preference, synthetic
 from phi4_jax.data.sources import BadRecordError, JsonRecord
 from phi4_jax.errors import ConfigError
 from phi4_jax.data.tokenizer import load_tokenizer
@@ -45,6 +45,29 @@ def _pair(record, pair_format="sequence"):
 def test_bad_pairs_name_the_record_and_the_problem(fields, message):
     with pytest.raises(BadRecordError, match=f"pairs.jsonl line 7.*{message}|{message}"):
         _pair(_record(**fields))
+
+
+def test_good_records_never_look_up_where_they_were_read():
+    """A JSONL record's line number costs a scan of its file up to the record; only a message
+    about a bad record may ask for it."""
+    def record(**fields):
+        read = JsonRecord(fields)
+        read.where = lambda: pytest.fail("looked up a good record's line")
+        return read
+
+    example = preference.pair_example(
+        record(prompt="2+2?", chosen="4", rejected="5"), tokenizer=TOKENIZER,
+        pair_format="sequence", judged=False, weighting=preference.JudgeWeighting(), seq_len=64,
+        counts=chat.Counts())
+    assert example is not None
+    assert chat.sft_example(record(messages=[{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "4"}]),
+                            tokenizer=TOKENIZER, seq_len=64, truncation="drop",
+                            counts=chat.Counts()) is not None
+    bad = JsonRecord(prompt="q", chosen="a", rejected=" ")
+    bad.where = lambda: "pairs.jsonl:9"
+    with pytest.raises(BadRecordError, match="^pairs.jsonl:9 rejected is empty"):
+        _pair(bad)
 
 
 def test_pivotal_record_ids_are_checked():

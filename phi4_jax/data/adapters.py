@@ -45,7 +45,7 @@ class Routing:
     adapters: tuple[str, ...]
     packed: bool = False
 
-    def id_of(self, record: Any, where: str) -> int | None:
+    def id_of(self, record: Any, where: object) -> int | None:
         """The record's adapter id, 0 when it names none; None without LoRA (rows carry no
         id). `where` names the record in errors."""
         value = record.get(FIELD) if isinstance(record, Mapping) else None

@@ -60,9 +60,20 @@ class Counts:
                 f"{prefix}_dropped_over_length": float(self.dropped)}
 
 
-def where(record: Any) -> str:
-    """Where a record came from, for messages."""
-    return getattr(record, "where", "") or "a record"
+class RecordPlace:
+    """Where a record came from, formatted only when a message is: a JSONL record's line number
+    counts the newlines before it (`sources.JsonRecord`), a scan of the file per record."""
+
+    def __init__(self, record: Any):
+        self._record = record
+
+    def __str__(self) -> str:
+        return getattr(self._record, "where", "") or "a record"
+
+
+def where(record: Any) -> RecordPlace:
+    """Where a record came from, for messages (looked up when one is formatted)."""
+    return RecordPlace(record)
 
 
 def messages_of(record: Any, reasoning_format: ReasoningFormat | None = None
@@ -88,7 +99,7 @@ def prompt_messages(question: str) -> list[dict[str, str]]:
 
 
 def encode_conversation(messages: Sequence[Mapping[str, str]], tokenizer: Phi4Tokenizer, *,
-                        source: str) -> tuple[np.ndarray, np.ndarray]:
+                        source: str | RecordPlace) -> tuple[np.ndarray, np.ndarray]:
     """ChatML ids and the 0/1 mask of the tokens trained on; BadRecordError for a conversation
     without a non-empty assistant turn."""
     try:
@@ -109,9 +120,10 @@ def sft_example(record: Any, *, tokenizer: Phi4Tokenizer, seq_len: int, truncati
                 ) -> dict[str, np.ndarray] | None:
     """One conversation's `inputs`, `targets`, `loss_mask` (at most `seq_len` long) and under
     LoRA its adapter id per token (for packing), or None when it is skipped as over-long."""
-    adapter_id = routing.id_of(record, where(record))
+    source = where(record)
+    adapter_id = routing.id_of(record, source)
     ids, mask = encode_conversation(messages_of(record, reasoning_format), tokenizer,
-                                    source=where(record))
+                                    source=source)
     counts.add(examples=1)
     if len(ids) > seq_len + 1:
         if truncation == "drop" or not mask[:seq_len + 1][1:].any():

@@ -36,7 +36,7 @@ import grain
 import numpy as np
 
 from phi4_jax.data import adapters, bad_records, synthetic
-from phi4_jax.data.chat import Counts, prompt_messages, where
+from phi4_jax.data.chat import Counts, RecordPlace, prompt_messages, where
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import Phi4Tokenizer
 from phi4_jax.losses.lm import shift_for_next_token
@@ -65,7 +65,7 @@ class JudgeWeighting:
     margin_scale: float = 5.0
     min_weight: float = 0.1
 
-    def weight(self, pair: Pair, source: str) -> float:
+    def weight(self, pair: Pair, source: RecordPlace | str) -> float:
         if self.scheme == "none":
             return 1.0
         if pair.scores is None:
@@ -97,7 +97,7 @@ def pair_from_record(record: Any, tokenizer: Phi4Tokenizer, *, pair_format: str,
     return pair
 
 
-def _pivotal_record(record: Mapping, tokenizer: Phi4Tokenizer, source: str) -> Pair:
+def _pivotal_record(record: Mapping, tokenizer: Phi4Tokenizer, source: RecordPlace) -> Pair:
     missing = [k for k in ("prompt_ids", "chosen_id", "rejected_id") if k not in record]
     if missing:
         raise BadRecordError(f"{source} lacks {missing}; a pivotal-token pair has prompt_ids, "
@@ -111,7 +111,7 @@ def _pivotal_record(record: Mapping, tokenizer: Phi4Tokenizer, source: str) -> P
                 _scores(record, source))
 
 
-def _sequence_record(record: Mapping, tokenizer: Phi4Tokenizer, source: str) -> Pair:
+def _sequence_record(record: Mapping, tokenizer: Phi4Tokenizer, source: RecordPlace) -> Pair:
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
     if missing:
         raise BadRecordError(f"{source} lacks {missing}; a preference record is "
@@ -124,24 +124,25 @@ def _sequence_record(record: Mapping, tokenizer: Phi4Tokenizer, source: str) -> 
         prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=True).ids
     except (TypeError, ValueError) as error:
         raise BadRecordError(f"{source}: prompt: {error}") from error
-    return Pair(tuple(prompt_ids), _response_ids(record["chosen"], tokenizer, f"{source} chosen"),
-                _response_ids(record["rejected"], tokenizer, f"{source} rejected"),
+    return Pair(tuple(prompt_ids), _response_ids(record["chosen"], tokenizer, source, "chosen"),
+                _response_ids(record["rejected"], tokenizer, source, "rejected"),
                 _scores(record, source))
 
 
-def _response_ids(response: Any, tokenizer: Phi4Tokenizer, source: str) -> tuple[int, ...]:
+def _response_ids(response: Any, tokenizer: Phi4Tokenizer, source: RecordPlace, side: str
+                  ) -> tuple[int, ...]:
     """An assistant response (text, or messages whose last is the assistant's) as the tokens
     after the generation prompt: its content and the turn end (`<|im_end|>`; Phi-4-mini `<|end|>`)."""
     if isinstance(response, list) and response and isinstance(response[-1], Mapping):
         if response[-1].get("role") != "assistant":
-            raise BadRecordError(f"{source}: the last message must be the assistant's")
+            raise BadRecordError(f"{source} {side}: the last message must be the assistant's")
         response = response[-1].get("content")
     if not isinstance(response, str) or not response.strip():
-        raise BadRecordError(f"{source} is empty; both responses need text")
+        raise BadRecordError(f"{source} {side} is empty; both responses need text")
     return (*tokenizer.encode(response), tokenizer.end_of_turn_id)
 
 
-def _scores(record: Mapping, source: str) -> dict | None:
+def _scores(record: Mapping, source: RecordPlace) -> dict | None:
     scores = record.get("scores")
     if scores is None:
         return None
@@ -288,12 +289,13 @@ def pair_example(record: Any, *, tokenizer: Phi4Tokenizer, pair_format: str, jud
                  ) -> dict[str, np.ndarray] | None:
     """One record's pair rows (under LoRA with the pair's `adapter_ids`, `data.adapters`), or
     None when over-long (counted as dropped)."""
-    adapter_id = routing.id_of(record, where(record))
+    source = where(record)
+    adapter_id = routing.id_of(record, source)
     pair = pair_from_record(record, tokenizer, pair_format=pair_format, judged=judged)
     counts.add(examples=1)
     make_rows = pivotal_rows if pair_format == "pivotal_token" else sequence_rows
     rows = make_rows(pair, seq_len=seq_len, pad_id=tokenizer.pad_id,
-                     weight=weighting.weight(pair, getattr(record, "where", "a record")))
+                     weight=weighting.weight(pair, source))
     if rows is None:
         counts.add(dropped=1)
         return None
