@@ -451,7 +451,8 @@ def plot(rows: list[dict], path: str) -> None:
     for r in rows:
         steps = [st for st, s in r["grpo_curve"] if "accuracy" in s]
         acc = [s["accuracy"] for _, s in r["grpo_curve"] if "accuracy" in s]
-        line, = curves.plot(steps, acc, marker="o", label=f"seed {r['seed']} held-out (greedy, {_PROBLEMS.value})")
+        line, = curves.plot(steps, acc, marker="o",
+                            label=f"seed {r['seed']} held-out (greedy, {_PROBLEMS.value})")
         sampled = [(st, s["sample_accuracy"]) for st, s in r["grpo_curve"] if "reward" in s]
         curves.plot(*zip(*sampled), color=line.get_color(), alpha=0.4, linestyle="--",
                     label=f"seed {r['seed']} sampled (T 0.8)")
