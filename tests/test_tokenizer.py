@@ -132,8 +132,11 @@ def test_round_trip(phi4, text):
     assert phi4.decode(phi4.encode(text)) == text
 
 
-def test_encode_batch_equals_encode(phi4):
-    assert phi4.encode_batch(SAMPLE_TEXTS, num_threads=2) == [phi4.encode(t) for t in SAMPLE_TEXTS]
+@pytest.mark.parametrize("text", [*SAMPLE_TEXTS, "lone \ud800 surrogate", ""])
+def test_encode_array_equals_encode(phi4, text):
+    ids = phi4.encode_array(text)
+    assert ids.dtype == np.int32
+    assert ids.tolist() == phi4.encode(text)
 
 
 def test_decode_accepts_numpy_ids(phi4):
@@ -198,7 +201,7 @@ def test_special_strings_in_data_are_plain_text(phi4, text):
     ids = phi4.encode(text)
     assert not CONTROL_IDS & set(ids)
     assert phi4.decode(ids) == text
-    assert not CONTROL_IDS & set(phi4.encode_batch([text])[0])
+    assert phi4.encode_array(text).tolist() == ids
 
 
 @pytest.mark.parametrize("role", ["user", "assistant", "system"])
@@ -369,7 +372,7 @@ def test_bytes_ids_are_the_utf8_bytes(byte_tokenizer):
     for text in SAMPLE_TEXTS + INJECTIONS + ["x" * 1000, " " * 300]:
         assert byte_tokenizer.encode(text) == list(text.encode("utf-8"))
         assert byte_tokenizer.decode(byte_tokenizer.encode(text)) == text
-    assert byte_tokenizer.encode_batch(SAMPLE_TEXTS, num_threads=2) == [
+    assert [byte_tokenizer.encode_array(text).tolist() for text in SAMPLE_TEXTS] == [
         list(text.encode("utf-8")) for text in SAMPLE_TEXTS]
 
 

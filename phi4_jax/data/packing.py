@@ -29,7 +29,6 @@ pieces (each a segment from position 0) and the pieces packed first-fit, like sh
 from __future__ import annotations
 
 import collections
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ WHOLE_PACKING_BINS = 4  # first-fit bins open at once for long documents
 
 def document_pair(text: str, tokenizer: Phi4Tokenizer) -> dict[str, np.ndarray]:
     """The next-token pair (int32 `inputs`, `targets`) of one document ended by `<|endoftext|>`."""
-    tokens = np.asarray([*tokenizer.encode(text), tokenizer.eot_id], dtype=np.int32)
+    tokens = np.append(tokenizer.encode_array(text), np.int32(tokenizer.eot_id))
     return {"inputs": tokens[:-1], "targets": tokens[1:]}
 
 
@@ -57,9 +56,9 @@ def group_pairs(texts: Sequence[str | None], tokenizer: Phi4Tokenizer) -> dict[s
     """The next-token pairs of a group of documents end to end (int32 `inputs`, `targets`) and
     each pair's length (`lengths`); None (a record the bad-record policy skipped) and empty
     documents, which have no target, are left out."""
-    ids = tokenizer.encode_batch([text for text in texts if text], num_threads=1)
+    ids = [tokenizer.encode_array(text) for text in texts if text]
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    inputs = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
+    inputs = np.concatenate(ids) if ids else np.zeros(0, np.int32)
     targets = np.empty_like(inputs)  # each document's inputs shifted by one, then its end token
     targets[:-1] = inputs[1:]
     targets[np.cumsum(lengths) - 1] = tokenizer.eot_id
