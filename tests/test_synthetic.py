@@ -471,3 +471,29 @@ def test_documents_stream_renders_question_solution_and_answer():
         assert doc == synthetic.render_document(ex)
         assert doc.index(ex.question) < doc.index(ex.solution)
         assert doc.rstrip().endswith(f"Final answer: {ex.answer}")
+
+
+def _fractions_to_write() -> list[Fraction]:
+    rng = np.random.default_rng(5)
+    denominators = [1, 2, 3, 4, 5, 7, 8, 16, 20, 25, 40, 64, 125, 625, 1024, 3125, 5**12, 5**13,
+                    2**12 * 5**3, 2**13, 6, 12, 1000]
+    return [Fraction(int(n), d) for d in denominators for n in rng.integers(-10**6, 10**6, 40)]
+
+
+@pytest.mark.parametrize("limit", [0, 2, 8, 12])
+def test_decimal_places_is_the_fewest_places_that_make_the_value_whole(limit):
+    for value in _fractions_to_write():
+        want = next((p for p in range(limit + 1) if (value * 10**p).denominator == 1), None)
+        assert synthetic.text.decimal_places(value, limit) == want, value
+
+
+def test_fixed_writes_the_exact_decimal():
+    with decimal.localcontext(decimal.Context(prec=60)):
+        for value in _fractions_to_write():
+            for places in range(14):
+                if (value * 10**places).denominator != 1:
+                    with pytest.raises(ValueError, match="decimals"):
+                        synthetic.text.fixed(value, places)
+                    continue
+                exact = decimal.Decimal(value.numerator) / decimal.Decimal(value.denominator)
+                assert synthetic.text.fixed(value, places) == f"{exact:.{places}f}", (value, places)

@@ -30,20 +30,28 @@ class Exercise:
 
 
 def decimal_places(value: Fraction, limit: int = 12) -> int | None:
-    """How many decimals `value` needs, or None if it does not terminate within `limit` places."""
-    for places in range(limit + 1):
-        if (value * 10**places).denominator == 1:
-            return places
-    return None
+    """How many decimals `value` needs, or None if it does not terminate within `limit` places.
+
+    A reduced fraction terminates iff its denominator is 2**a * 5**b, after max(a, b) places;
+    counted on integers, because this runs for every number of every generated exercise."""
+    denominator = value.denominator
+    twos = (denominator & -denominator).bit_length() - 1
+    denominator >>= twos
+    fives = 0
+    while denominator % 5 == 0 and fives <= limit:
+        denominator //= 5
+        fives += 1
+    places = max(twos, fives)
+    return places if denominator == 1 and places <= limit else None
 
 
 def fixed(value: Fraction, places: int) -> str:
     """`value`, a multiple of 10**-places, written with exactly `places` decimals."""
-    scaled = value * 10**places
-    if scaled.denominator != 1:
+    scale, remainder = divmod(10**places, value.denominator)
+    if remainder:
         raise ValueError(f"{value} has more than {places} decimals")
-    digits = str(abs(scaled.numerator)).rjust(places + 1, "0")
-    sign = "-" if scaled < 0 else ""
+    digits = str(abs(value.numerator) * scale).rjust(places + 1, "0")
+    sign = "-" if value.numerator < 0 else ""
     return sign + (f"{digits[:-places]}.{digits[-places:]}" if places else digits)
 
 
