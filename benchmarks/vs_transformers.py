@@ -33,8 +33,9 @@ XLA's `memory_analysis()` of the compiled step (arguments + outputs - aliased + 
 CPU, so the script itself is known to work where no GPU is at hand.
 
 `--cpu` measures the pretraining pipeline's tokens/s (`pipeline.make_train_iterator`, rows
-of 1024, batches of 8, after 2 warm-up batches) against tiktoken's `encode_ordinary_batch`
-on the documents the timed pipeline read, on the same cores, for each of `--read_threads`.
+of 1024, batches of 8, after `--pipeline_warmup_tokens`) against tiktoken's `encode_ordinary_batch`
+on the documents the timed pipeline read, on the same cores, for each of `--read_threads`
+and `--read_processes` (worker processes per source, started during the warm-up).
 Sources: `text`, a JSONL corpus of the standard library's `.py` files cut at blank lines into
 documents of at least 1,500 characters (ready text, so the ratio is the pipeline's own
 cost), and `synthetic+code`, the research sizes' mix (0.6 exercises generated in Python,
@@ -105,6 +106,11 @@ _INIT_DIR = flags.DEFINE_string("init_dir", "", "Internal: phi4_jax writes its i
 _READ_THREADS = flags.DEFINE_list("read_threads", ["0", "1", "2", "4"],
                                   "--cpu: data.read_threads values to time (2: the CPU sizes', "
                                   "4: data's default).")
+_READ_PROCESSES = flags.DEFINE_list("read_processes", ["1", "2", "4"],
+                                    "--cpu: data.read_processes values to time (per source).")
+_PIPELINE_WARMUP_TOKENS = flags.DEFINE_integer(
+    "pipeline_warmup_tokens", 2_000_000, "--cpu: tokens each pipeline run reads before its "
+    "timed ones (read processes start up meanwhile).")
 _PIPELINE_TOKENS = flags.DEFINE_integer("pipeline_tokens", 1_000_000,
                                         "--cpu: tokens timed per pipeline or tiktoken run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "--cpu: interleaved rounds of every pipeline "
@@ -464,7 +470,7 @@ def versions() -> str:
 
 # --- CPU: the data pipeline against raw tiktoken ----------------------------------------------
 
-PIPELINE_SEQ_LEN, PIPELINE_BATCH, PIPELINE_WARMUP = 1024, 8, 2
+PIPELINE_SEQ_LEN, PIPELINE_BATCH = 1024, 8
 CORPUS_MIN_CHARS = 1500
 
 
@@ -495,16 +501,18 @@ def pipeline_sources(corpus: Path) -> dict[str, tuple[dict, dict]]:
             "synthetic+code": (mix, {"synthetic": 0.6, "code": 0.4})}
 
 
-def data_config(specs: dict, mix: dict, read_threads: int) -> dict:
+def data_config(specs: dict, mix: dict, read_threads: int, read_processes: int = 0) -> dict:
     from phi4_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return {**pipeline.DATA_DEFAULTS, "sources": specs, "mix": mix, "read_threads": read_threads}
+    return {**pipeline.DATA_DEFAULTS, "sources": specs, "mix": mix, "read_threads": read_threads,
+            "read_processes": read_processes}
 
 
 def pipeline_rate(cfg: dict, tokens: int) -> float:
-    """Tokens/s of the pipeline's batches after the warm-up batches."""
+    """Tokens/s of the pipeline's batches after the warm-up batches (enough to cover read
+    processes' start-up)."""
     from phi4_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     iterator = pipeline.make_train_iterator(cfg, seq_len=PIPELINE_SEQ_LEN, batch_size=PIPELINE_BATCH)
-    for _ in range(PIPELINE_WARMUP):
+    for _ in range(warmup_batches()):
         next(iterator)
     batches = max(1, tokens // (PIPELINE_SEQ_LEN * PIPELINE_BATCH))
     start = time.perf_counter()
@@ -515,12 +523,16 @@ def pipeline_rate(cfg: dict, tokens: int) -> float:
     return batches * PIPELINE_SEQ_LEN * PIPELINE_BATCH / seconds
 
 
+def warmup_batches() -> int:
+    return max(2, _PIPELINE_WARMUP_TOKENS.value // (PIPELINE_SEQ_LEN * PIPELINE_BATCH))
+
+
 def timed_ranges(cfg: dict, tokens: int) -> dict[str, tuple[int, int]]:
     """Per source, the [first, last) positions in its read order of the documents a timed
     pipeline run reads after its warm-up (each source up to its share of the tokens)."""
     from phi4_jax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
     encoding = load_tokenizer("phi4").encoding
-    warmup = PIPELINE_WARMUP * PIPELINE_SEQ_LEN * PIPELINE_BATCH
+    warmup = warmup_batches() * PIPELINE_SEQ_LEN * PIPELINE_BATCH
     total = sum(cfg["mix"].values())
     ranges = {}
     for name, weight in cfg["mix"].items():
@@ -578,28 +590,31 @@ def spread(values: list[float], digits: int = 2) -> str:
 
 def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
     """One source's interleaved rounds: raw tiktoken on 1 and all cores, then the pipeline at
-    each read-thread count; rates and per-round ratios to the round's faster raw run."""
-    threads = [int(t) for t in _READ_THREADS.value]
+    each read-thread and read-process count; rates and per-round ratios to the round's faster
+    raw run."""
+    readers = ([("read_threads", int(t)) for t in _READ_THREADS.value]
+               + [("read_processes", int(p)) for p in _READ_PROCESSES.value])
     cores = len(os.sched_getaffinity(0))
     tokens = _PIPELINE_TOKENS.value
     cfg = data_config(specs, mix, 0)
     ranges = timed_ranges(cfg, tokens)
     documents = make_documents(cfg, ranges)
     raw_threads = sorted({1, cores})
-    rates = {("raw", t): [] for t in raw_threads} | {("pipeline", t): [] for t in threads}
+    rates = {("raw", t): [] for t in raw_threads} | {reader: [] for reader in readers}
     rates["made", 1] = []
-    ratios = {t: [] for t in threads}
-    to_made = {t: [] for t in threads}
+    ratios = {reader: [] for reader in readers}
+    to_made = {reader: [] for reader in readers}
     load_before = os.getloadavg()[0]
     for _ in range(_REPEATS.value):
         for t in raw_threads:
             rates["raw", t].append(tiktoken_rate(documents, t))
         rates["made", 1].append(make_and_encode_rate(cfg, ranges))
         best_raw = max(rates["raw", t][-1] for t in raw_threads)
-        for t in threads:
-            rates["pipeline", t].append(pipeline_rate(data_config(specs, mix, t), tokens))
-            ratios[t].append(rates["pipeline", t][-1] / best_raw)
-            to_made[t].append(rates["pipeline", t][-1] / rates["made", 1][-1])
+        for reader in readers:
+            threads, processes = (reader[1], 0) if reader[0] == "read_threads" else (0, reader[1])
+            rates[reader].append(pipeline_rate(data_config(specs, mix, threads, processes), tokens))
+            ratios[reader].append(rates[reader][-1] / best_raw)
+            to_made[reader].append(rates[reader][-1] / rates["made", 1][-1])
     lines = [f"### {name}: {len(documents):,} documents timed, load average {load_before:.2f} "
              f"before, {os.getloadavg()[0]:.2f} after", "",
              "| run | tokens/s, median [min, max] | / raw tiktoken (same round) | "
@@ -610,10 +625,10 @@ def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
     values = [v / 1e6 for v in rates["made", 1]]
     lines.append(f"| make the documents + `encode_ordinary_batch`, 1 thread | {spread(values)}M "
                  f"| | |")
-    for t in threads:
-        values = [v / 1e6 for v in rates["pipeline", t]]
-        lines.append(f"| pipeline, read_threads={t} | {spread(values)}M | {spread(ratios[t])} | "
-                     f"{spread(to_made[t])} |")
+    for reader in readers:
+        values = [v / 1e6 for v in rates[reader]]
+        lines.append(f"| pipeline, {reader[0]}={reader[1]} | {spread(values)}M | "
+                     f"{spread(ratios[reader])} | {spread(to_made[reader])} |")
     return [*lines, ""]
 
 
@@ -632,7 +647,7 @@ def run_cpu() -> None:
           f"- versions: {versions()}, grain {grain.__version__}, tiktoken {tiktoken.__version__}",
           f"- command: `python {' '.join(sys.argv)}`",
           *([f"- pipeline: rows of {PIPELINE_SEQ_LEN}, batches of {PIPELINE_BATCH}, "
-             f"{_PIPELINE_TOKENS.value:,} tokens per run after {PIPELINE_WARMUP} warm-up "
+             f"{_PIPELINE_TOKENS.value:,} tokens per run after {warmup_batches()} warm-up "
              f"batches, {_REPEATS.value} interleaved rounds"]
             if "pipeline" in _CPU_PARTS.value else []), ""])
     if "pipeline" in _CPU_PARTS.value:

@@ -29,7 +29,7 @@ def _jsonl(path, lines: dict[int, str], total: int) -> str:
 def _cfg(path, **spec):
     source = {"kind": "jsonl", "paths": path, "text_key": "text", **spec}
     return dict(seed=0, sources={"web": source}, mix={"web": 1.0}, eval_holdout=0.01,
-                read_threads=2, prefetch=1, max_segments_per_row=32)
+                read_threads=2, read_processes=0, prefetch=1, max_segments_per_row=32)
 
 
 def _batches(cfg, n):
@@ -51,6 +51,16 @@ def test_skip_counts_each_bad_record_once_with_its_line(tmp_path, caplog):
     assert len(skipped) == 2, skipped
     assert any(f"{path}:101 is not JSON" in m for m in skipped), skipped
     assert any(f"{path}:150 has no 'text' field (it has ['body'])" in m for m in skipped), skipped
+
+
+def test_read_processes_report_their_bad_records_to_this_process(tmp_path):
+    path = _jsonl(tmp_path / "web.jsonl", BAD_LINES, total=200)
+    _batches({**_cfg(path), "read_processes": 2}, 40)
+    assert bad_records.counts() == {"web": 2}
+    over = _jsonl(tmp_path / "over.jsonl", {i: "{not json" for i in range(10, 200, 20)}, total=200)
+    budget = dict(max_bad_records=3, max_bad_fraction=0.01)
+    with pytest.raises(bad_records.BadRecordError, match="4 bad records.*over its budget"):
+        _batches({**_cfg(over, **budget), "read_processes": 2}, 40)
 
 
 def test_fail_stops_at_the_first_bad_record_at_start_up(tmp_path):

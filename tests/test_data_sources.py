@@ -195,7 +195,7 @@ def test_train_and_eval_partition_a_finite_source(tmp_path):
 
 
 def _cfg(sources_, mix, **overrides):
-    cfg = dict(seed=0, sources=sources_, mix=mix, eval_holdout=0.01, read_threads=1, prefetch=1,
+    cfg = dict(seed=0, sources=sources_, mix=mix, eval_holdout=0.01, read_threads=1, read_processes=0, prefetch=1,
                max_segments_per_row=32)
     return {**cfg, **overrides}
 
@@ -233,6 +233,7 @@ def test_bad_source_spec_is_refused_before_training(spec, message):
     [
         (dict(eval_holdout=1.0), "data.eval_holdout is 1.0"),
         (dict(read_threads=-1), "data.read_threads is -1"),
+        (dict(read_processes=True), "data.read_processes is True; give an integer >= 0"),
         (dict(seed=1.5), "data.seed is 1.5"),
         (dict(mixture={}), "unknown keys ['mixture']"),
     ],

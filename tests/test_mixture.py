@@ -19,7 +19,7 @@ def _write_jsonl(path, texts):
 
 
 def _data_cfg(sources, mix, **overrides):
-    cfg = dict(seed=0, sources=sources, mix=mix, eval_holdout=0.0, read_threads=1, prefetch=2,
+    cfg = dict(seed=0, sources=sources, mix=mix, eval_holdout=0.0, read_threads=1, read_processes=0, prefetch=2,
                max_segments_per_row=32)
     return {**cfg, **overrides}
 
@@ -85,6 +85,32 @@ def test_iterator_state_resumes_the_same_batches(fruit_sources):
     resumed.set_state(state)
     assert _same(expected, [next(resumed) for _ in range(8)])
     resumed.close()
+
+
+def test_read_processes_make_the_thread_stream_and_share_its_state(fruit_sources):
+    # Worker processes make the same rows as read threads, and either resumes the other's state.
+    sources = {f: fruit_sources[f] for f in ("apple", "banana")}
+    cfg = _data_cfg(sources, {"apple": 0.6, "banana": 0.4})
+    threads = pipeline.make_train_iterator(cfg, seq_len=32, batch_size=4)
+    expected = [next(threads) for _ in range(9)]
+    thread_state = threads.get_state()
+    expected += [next(threads) for _ in range(8)]
+    threads.close()
+    processes = pipeline.make_train_iterator({**cfg, "read_processes": 1}, seq_len=32, batch_size=4)
+    assert _same(expected[:9], [next(processes) for _ in range(9)])
+    assert processes.get_state() == thread_state
+    processes.set_state(thread_state)
+    assert _same(expected[9:], [next(processes) for _ in range(8)])
+    processes.close()
+
+
+def test_a_source_read_processes_cannot_take_is_named(fruit_sources, monkeypatch):
+    monkeypatch.setattr(pipeline.packing, "group_pairs", lambda texts, tokenizer: {})
+    cfg = _data_cfg({"apple": fruit_sources["apple"]}, {"apple": 1.0}, read_processes=2)
+    with pytest.raises(pipeline.DataConfigError,
+                       match=r"data\.sources\.apple cannot be sent to read processes .*"
+                             r"--config\.data\.read_processes=0"):
+        pipeline.make_train_iterator(cfg, seq_len=32, batch_size=4)
 
 
 def _document_ids(batches):

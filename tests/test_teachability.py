@@ -30,7 +30,7 @@ def test_subsets_limit_a_source_to_those_records(tmp_path, indexed):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(40)))
     cfg = dict(seed=0, sources={"docs": {"kind": "jsonl", "paths": str(path), "text_key": "text"}},
-               mix={"docs": 1.0}, eval_holdout=0.1, read_threads=0, prefetch=0,
+               mix={"docs": 1.0}, eval_holdout=0.1, read_threads=0, read_processes=0, prefetch=0,
                max_segments_per_row=32)
     train = sources.open_records("docs", cfg["sources"]["docs"], seed=0, split="train",
                                  eval_holdout=0.1)

@@ -23,6 +23,7 @@ loop reports them with the metrics and at the end.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -82,8 +83,15 @@ class Tally:
         self.policy = policy
         self.reads = 0
         self.bad_reads = 0
-        self._seen: set[int] = set()  # hashes of the messages, so each is reported once
+        self._seen: set[int] = set()  # `_digest`s of the messages, so each is reported once
+        self._last = ""  # the last bad record's message
+        self._sent = (0, 0, frozenset())  # what `take_new` has handed out
+        self.budgeted = True  # False in a read process: its parent checks the whole budget
         self._lock = threading.Lock()
+
+    def __reduce__(self):
+        # A copy sent to a read process (`processes`) is that process's own tally of the source.
+        return _read_process_tally, (self.policy,)
 
     @property
     def bad(self) -> int:
@@ -98,20 +106,45 @@ class Tally:
         p = self.policy
         with self._lock:
             self.bad_reads += 1
-            first_time = hash(str(error)) not in self._seen
-            self._seen.add(hash(str(error)))
-            bad, fraction = self.bad, self.bad_reads / max(self.reads, 1)
+            digest = _digest(str(error))
+            first_time = digest not in self._seen
+            self._seen.add(digest)
+            self._last = str(error)
         if p.action == "fail":
             raise BadRecordError(f"data.sources.{p.source}: {error}; the source's bad_records="
                                  f"'fail' stops at the first: fix the record or set "
                                  f"--config.data.sources.{p.source}.bad_records=skip") from error
         if first_time:
-            logging.warning("data.sources.%s: skipped bad record %d: %s", p.source, bad, error)
+            logging.warning("data.sources.%s: skipped bad record %d: %s", p.source, self.bad, error)
+        if self.budgeted:
+            self._check_budget()
+
+    def take_new(self) -> tuple[int, int, frozenset[int], str]:
+        """The reads, bad reads and bad-record hashes since the last call, and the last bad
+        record's message: a read process's share, for the parent's tally (`add`)."""
+        with self._lock:
+            reads, bad_reads, seen = self._sent
+            self._sent = (self.reads, self.bad_reads, frozenset(self._seen))
+            return self.reads - reads, self.bad_reads - bad_reads, self._sent[2] - seen, self._last
+
+    def add(self, reads: int, bad_reads: int, seen: frozenset[int], last: str) -> None:
+        """Counts what a read process took from this source (`take_new`), under the budget."""
+        with self._lock:
+            self.reads += reads
+            self.bad_reads += bad_reads
+            self._seen |= seen
+            self._last = last or self._last
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        p = self.policy
+        with self._lock:
+            bad, fraction = self.bad, self.bad_reads / max(self.reads, 1)
         if bad > p.max_records and fraction > p.max_fraction:
             raise BadRecordError(
                 f"data.sources.{p.source}: {bad} bad records, {fraction:.1%} of the records "
                 f"read, over its budget (max_bad_records={p.max_records}, max_bad_fraction="
-                f"{p.max_fraction}); the last: {error}. Fix the source, or raise "
+                f"{p.max_fraction}); the last: {self._last}. Fix the source, or raise "
                 f"--config.data.sources.{p.source}.max_bad_records / .max_bad_fraction")
 
 
@@ -131,6 +164,31 @@ def counts() -> dict[str, int]:
     """Distinct bad records per source read so far in this run, sources with none left out."""
     with _TALLIES_LOCK:
         return {name: t.bad for name, t in sorted(_TALLIES.items()) if t.bad}
+
+
+def _digest(message: str) -> int:
+    """A message's hash, the same in every process (`hash` of a str is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(message.encode(), digest_size=8).digest(), "little")
+
+
+def _read_process_tally(policy: Policy) -> Tally:
+    counter = tally(policy)
+    counter.budgeted = False
+    return counter
+
+
+def take_new_counts() -> list[tuple[Policy, tuple[int, int, frozenset[int], str]]]:
+    """`Tally.take_new` of every source this process reads (a read process's report)."""
+    with _TALLIES_LOCK:
+        tallies = list(_TALLIES.values())
+    return [(t.policy, new) for t in tallies if (new := t.take_new())[0] or new[1]]
+
+
+def add_counts(counts: list[tuple[Policy, tuple[int, int, frozenset[int], str]]]) -> None:
+    """Adds a read process's report (`take_new_counts`) to this process's tallies; raises
+    when a source is over its budget."""
+    for policy, new in counts:
+        tally(policy).add(*new)
 
 
 def reset() -> None:

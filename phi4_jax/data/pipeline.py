@@ -3,7 +3,8 @@
 Per source: its train or eval records (`sources`), this process's share (every
 `process_count`-th record from `process_index`), shuffled per epoch from a seed derived from
 `data.seed` and the source name (train only), repeated without end, turned into rows by the
-stage's `RowsFn` (pretraining: documents tokenized on `data.read_threads` threads and packed,
+stage's `RowsFn` (pretraining: documents tokenized on `data.read_threads` threads, or in
+`data.read_processes` worker processes, and packed,
 `packing`; post-training: conversations or preference pairs). Sources are mixed by the
 weights (`mixture`), rows batched to the per-process batch and prefetched on a thread
 (`data.prefetch` batches). The returned grain iterator's `get_state()` / `set_state()`
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax.data import bad_records, length_filter, mixture, packing, sources
+from phi4_jax.data import bad_records, length_filter, mixture, packing, processes, sources
 from phi4_jax.data.sources import DataConfigError, EmptySplitError
 from phi4_jax.data.tokenizer import load_tokenizer
 
@@ -37,6 +39,11 @@ DATA_DEFAULTS = {
     "mix": {"synthetic": 0.6, "code": 0.4},
     "eval_holdout": 0.01,
     "read_threads": 4,
+    # Worker processes per source that make and tokenize its documents (0: none, on the read
+    # threads). Threads scale tokenization but not the Python work of making documents, which
+    # holds the interpreter's lock; processes scale both, each costing a start-up (an
+    # interpreter, grain and the tokenizer) and one core. Sources with `min_tokens` read on threads.
+    "read_processes": 0,
     "prefetch": 4,
     # The most documents one packed row may hold; the packer splits rows that would hold
     # more. cuDNN's packed attention compiles this many segment slots in (its backward keeps
@@ -52,6 +59,7 @@ DOCUMENTS_BUFFERED_PER_THREAD = 4  # long documents (`min_tokens`), read one at 
 # tiktoken), and a group's tokenization releases the GIL for the other read threads.
 DOCUMENTS_PER_READ = 32
 GROUPS_BUFFERED_PER_THREAD = 2
+GROUPS_BUFFERED_PER_PROCESS = 4
 
 # (source name, its endless records for this process, the checked data config) -> rows.
 RowsFn = Callable[[str, grain.MapDataset, dict[str, Any]], grain.IterDataset]
@@ -180,7 +188,7 @@ def checked_data_config(data_cfg: Mapping[str, Any]) -> CheckedDataConfig:
     holdout = cfg["eval_holdout"]
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
         raise DataConfigError(f"data.eval_holdout is {holdout!r}; give a fraction in [0, 1), e.g. 0.01")
-    for key in ("read_threads", "prefetch"):
+    for key in ("read_threads", "read_processes", "prefetch"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 0:
             raise DataConfigError(f"data.{key} is {cfg[key]!r}; give an integer >= 0 (0 = none)")
     segments = cfg["max_segments_per_row"]
@@ -250,8 +258,9 @@ def _share(name: str, records: grain.MapDataset, cfg: dict[str, Any], split: str
 
 def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, Any], *,
                          seq_len: int, tokenizer_name: str = "phi4") -> grain.IterDataset:
-    """Pretraining rows of one source: its documents tokenized (by the named tokenizer) on
-    read threads, `DOCUMENTS_PER_READ` at a time, then packed; records without a document are
+    """Pretraining rows of one source: its documents made and tokenized (by the named
+    tokenizer) `DOCUMENTS_PER_READ` at a time, on read threads or in `data.read_processes`
+    worker processes (the same rows either way), then packed; records without a document are
     handled by the source's bad-record policy. A source with `min_tokens` keeps only
     documents that long (counted, `length_filter`) and packs them whole."""
     tokenizer = load_tokenizer(tokenizer_name)
@@ -268,10 +277,17 @@ def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, An
                                             cfg["max_segments_per_row"])
     groups = documents.batch(DOCUMENTS_PER_READ,
                              batch_fn=functools.partial(packing.group_pairs, tokenizer=tokenizer))
-    read_options = grain.ReadOptions(num_threads=threads,
-                                     prefetch_buffer_size=GROUPS_BUFFERED_PER_THREAD * threads)
-    return packing.pack_groups(groups.to_iter_dataset(read_options), seq_len,
-                               cfg["max_segments_per_row"])
+    if workers := cfg["read_processes"]:
+        try:
+            read = processes.ProcessReader(groups, workers, GROUPS_BUFFERED_PER_PROCESS * workers)
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            raise DataConfigError(
+                f"data.sources.{name} cannot be sent to read processes ({error}); read it on "
+                f"threads: --config.data.read_processes=0") from error
+    else:
+        read = groups.to_iter_dataset(grain.ReadOptions(
+            num_threads=threads, prefetch_buffer_size=GROUPS_BUFFERED_PER_THREAD * threads))
+    return packing.pack_groups(read, seq_len, cfg["max_segments_per_row"])
 
 
 def _source_seed(seed: int, name: str) -> int:

@@ -209,6 +209,10 @@ class Phi4Tokenizer:
     special_tokens: Mapping[str, int] = dataclasses.field(repr=False, compare=False)
     encoding: tiktoken.Encoding = dataclasses.field(repr=False, compare=False)
 
+    def __reduce__(self):
+        # By name: a read process (`processes`) loads its own copy from the packaged ranks.
+        return load_tokenizer, (self.name,)
+
     def encode(self, text: str) -> list[int]:
         """Encodes text with special-token strings as ordinary text, so data cannot inject control ids."""
         return self.encoding.encode_ordinary(text)
