@@ -110,14 +110,15 @@ class Tally:
             first_time = digest not in self._seen
             self._seen.add(digest)
             self._last = str(error)
+            bad, fraction = self.bad, self.bad_reads / max(self.reads, 1)
         if p.action == "fail":
             raise BadRecordError(f"data.sources.{p.source}: {error}; the source's bad_records="
                                  f"'fail' stops at the first: fix the record or set "
                                  f"--config.data.sources.{p.source}.bad_records=skip") from error
         if first_time:
-            logging.warning("data.sources.%s: skipped bad record %d: %s", p.source, self.bad, error)
+            logging.warning("data.sources.%s: skipped bad record %d: %s", p.source, bad, error)
         if self.budgeted:
-            self._check_budget()
+            self._check_budget(bad, fraction, str(error))
 
     def take_new(self) -> tuple[int, int, frozenset[int], str]:
         """The reads, bad reads and bad-record hashes since the last call, and the last bad
@@ -134,17 +135,16 @@ class Tally:
             self.bad_reads += bad_reads
             self._seen |= seen
             self._last = last or self._last
-        self._check_budget()
+            bad, fraction, last = self.bad, self.bad_reads / max(self.reads, 1), self._last
+        self._check_budget(bad, fraction, last)
 
-    def _check_budget(self) -> None:
+    def _check_budget(self, bad: int, fraction: float, last: str) -> None:
         p = self.policy
-        with self._lock:
-            bad, fraction = self.bad, self.bad_reads / max(self.reads, 1)
         if bad > p.max_records and fraction > p.max_fraction:
             raise BadRecordError(
                 f"data.sources.{p.source}: {bad} bad records, {fraction:.1%} of the records "
                 f"read, over its budget (max_bad_records={p.max_records}, max_bad_fraction="
-                f"{p.max_fraction}); the last: {self._last}. Fix the source, or raise "
+                f"{p.max_fraction}); the last: {last}. Fix the source, or raise "
                 f"--config.data.sources.{p.source}.max_bad_records / .max_bad_fraction")
 
 
