@@ -78,7 +78,7 @@ class _ProcessReaderIterator(grain.DatasetIterator):
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)  # no worker outlives the reader
             self._pool = None
         self._pending.clear()
         super().close()
