@@ -17,7 +17,9 @@ rows builder on the records the pipeline hands it, before it tokenizes or packs:
 `convert` also reads the first `PREFLIGHT_RECORDS` records at once, so a source that is
 obviously broken (a wrong `text_key`, a file that is not JSONL) stops the run at start-up,
 before anything is compiled. Counts are per process and per run (`counts`, `reset`): the
-loop reports them with the metrics and at the end.
+loop reports them with the metrics and at the end. A read process (`processes`) counts in its
+own tally and sends what is new back with each element; the parent adds it up and applies
+the budget, so the budget is the whole source's, whatever the number of read processes.
 """
 
 from __future__ import annotations
