@@ -53,6 +53,7 @@ def test_skip_counts_each_bad_record_once_with_its_line(tmp_path, caplog):
     assert any(f"{path}:150 has no 'text' field (it has ['body'])" in m for m in skipped), skipped
 
 
+@pytest.mark.slow  # spawns read processes
 def test_read_processes_report_their_bad_records_to_this_process(tmp_path):
     path = _jsonl(tmp_path / "web.jsonl", BAD_LINES, total=200)
     _batches({**_cfg(path), "read_processes": 2}, 40)

@@ -87,6 +87,7 @@ def test_iterator_state_resumes_the_same_batches(fruit_sources):
     resumed.close()
 
 
+@pytest.mark.slow  # spawns read processes
 def test_read_processes_make_the_thread_stream_and_share_its_state(fruit_sources):
     # Worker processes make the same rows as read threads, and either resumes the other's state.
     sources = {f: fruit_sources[f] for f in ("apple", "banana")}
