@@ -7,7 +7,8 @@ contracts both operands' first axis (TN). torch hands all three to one GEMM with
 flags; the question is what XLA's CPU backend pays for the transposed forms. The shapes are
 125m's (D 768, F 2048) at the body benchmark's 2 x 256 = 512 positions. Each form is timed
 `--repeats` times, interleaved, the best of each kept; results are float32 on the same
-inputs, checked equal to 1e-4.
+inputs, checked equal to 1e-4. The last row is the weight gradient with the transposed copy
+of the smaller operand forced, a form the model does not use yet.
 
   python benchmarks/cpu_dots.py
 """
@@ -32,6 +33,11 @@ FORMS = {  # name -> (lhs shape, rhs shape, jax function, torch function)
     "NN  x @ W      (forward)": ((N, D), (D, F), lambda a, b: a @ b, lambda a, b: a @ b),
     "NT  dy @ W^T   (input gradient)": ((N, F), (D, F), lambda a, b: a @ b.T, lambda a, b: a @ b.T),
     "TN  x^T @ dy   (weight gradient)": ((N, D), (N, F), lambda a, b: a.T @ b, lambda a, b: a.T @ b),
+    # The same, x copied to [D, N] first behind a barrier that keeps XLA from folding the
+    # transpose back into the dot: the copy is of the smaller operand, the dot plain NN.
+    "TN  via x^T copied first": ((N, D), (N, F),
+                                 lambda a, b: jax.lax.optimization_barrier(a.T) @ b,
+                                 lambda a, b: a.T @ b),
 }
 
 
