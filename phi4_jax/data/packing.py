@@ -2,8 +2,8 @@
 
 A document `d = encode(text) + [<|endoftext|>]` becomes the pair `inputs = d[:-1]`,
 `targets = d[1:]`, so each token after the first is a target exactly once and `<|endoftext|>`
-is the target that ends a document. Documents are read in groups (`group_pairs`: one
-tiktoken batch call per group, the pairs laid end to end with their lengths), so the
+is the target that ends a document. Documents are read in groups (`group_pairs`: each
+encoded straight to an int32 array, the pairs laid end to end with their lengths), so the
 per-element cost of the input pipeline is paid once per group, not once per document.
 `pack_groups` lays the groups' pairs end to end and cuts them every `seq_len` tokens, so a
 long document continues in the next row and no token is dropped or repeated: grain's
