@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import pickle
+import signal
 from concurrent import futures
 from typing import Any
 
@@ -86,6 +87,9 @@ class _ProcessReaderIterator(grain.DatasetIterator):
 
 def _receive(pickled: bytes) -> None:
     global _DATASET
+    # Ctrl-C reaches the whole process group: the parent saves and closes the reader, which
+    # stops the workers; a worker of its own would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _DATASET = pickle.loads(pickled)
 
 
