@@ -111,3 +111,28 @@ def test_bad_adapter_configs_are_refused_by_name(change, named):
     bad = lora.LoRAConfig(**{**dict(rank=4, alpha=8.0, targets=("q",)), **change})
     with pytest.raises(ModelConfigError, match=named):
         PLAIN.replace(lora=bad)
+
+
+@pytest.mark.parametrize("equation, x_shape, w_shape", [
+    ("btd,dnh->btnh", (2, 5, 6), (6, 3, 4)),   # q/k/v: the input is the smaller operand
+    ("btnh,nhd->btd", (2, 5, 3, 4), (3, 4, 7)),  # o
+    ("btf,fd->btd", (2, 5, 12), (12, 5)),      # down: the output gradient is the smaller
+])
+def test_plain_weight_grad_projection_matches_float64(equation, x_shape, w_shape):
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    loss = lambda x, w: jnp.sum(jnp.sin(lora.einsum_plain_weight_grad(equation, x, w)))
+    value, (dx, dw) = jax.value_and_grad(loss, (0, 1))(jnp.asarray(x, jnp.float32),
+                                                      jnp.asarray(w, jnp.float32))
+    y = np.einsum(equation, x, w)  # float64 reference: d sum(sin(y)) = cos(y) dy
+    lhs, rhs = equation.split("->")[0].split(",")
+    out = equation.split("->")[1]
+    np.testing.assert_allclose(value, np.sin(y).sum(), rtol=1e-5)
+    np.testing.assert_allclose(dx, np.einsum(f"{out},{rhs}->{lhs}", np.cos(y), w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum(f"{lhs},{out}->{rhs}", x, np.cos(y)), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_weight_grad_refuses_other_equations():
+    with pytest.raises(ValueError, match="is not a projection"):
+        jax.grad(lambda w: lora.einsum_plain_weight_grad("btd,td->bd", jnp.ones((2, 3, 4)), w).sum())(
+            jnp.ones((3, 4)))

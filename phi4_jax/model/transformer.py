@@ -75,7 +75,8 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, x_BTD.dtype
 
         def project(kernel, equation, target, x):
-            return lora.project(x, kernel, equation, self.adapters, target, adapter_ids_B)
+            return lora.project(x, kernel, equation, self.adapters, target, adapter_ids_B,
+                                plain_weight_grad=plain_weight_grads(cfg))
 
         q_BTNH = project(self.q_DNH, "btd,dnh->btnh", "q", x_BTD)
         k_BTKH = project(self.k_DKH, "btd,dkh->btkh", "k", x_BTD)
@@ -105,6 +106,13 @@ class Attention(nnx.Module):
         return out_BTD, new_cache_kv
 
 
+def plain_weight_grads(cfg: ModelConfig) -> bool:
+    """Whether the projections make their kernels' gradients as plain dots
+    (`lora.einsum_plain_weight_grad`): on CPU, where XLA's transposing dot is slow, and without
+    layer remat, whose policies look for the dots that the custom gradient hides."""
+    return cfg.remat_policy == "none" and jax.default_backend() == "cpu"
+
+
 class MLP(nnx.Module):
     """SwiGLU: down(up(x) * silu(gate(x)))."""
 
@@ -114,10 +122,12 @@ class MLP(nnx.Module):
         self.up_DF = _param(rngs, (d, f), ("embed", "mlp"), std, dt)
         self.down_FD = _param(rngs, (f, d), ("mlp", "embed"), std, dt)
         self.adapters = lora.adapters_for("mlp", cfg, rngs)
+        self.cfg = cfg
 
     def __call__(self, x_BTD: jax.Array, adapter_ids_B: jax.Array | None = None) -> jax.Array:
         def project(kernel, equation, target, x):
-            return lora.project(x, kernel, equation, self.adapters, target, adapter_ids_B)
+            return lora.project(x, kernel, equation, self.adapters, target, adapter_ids_B,
+                                plain_weight_grad=plain_weight_grads(self.cfg))
 
         gate_BTF = project(self.gate_DF, "btd,df->btf", "gate", x_BTD)
         up_BTF = project(self.up_DF, "btd,df->btf", "up", x_BTD)
