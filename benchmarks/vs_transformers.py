@@ -504,10 +504,9 @@ def pipeline_sources(corpus: Path) -> dict[str, tuple[dict, dict]]:
             "synthetic+code": (mix, {"synthetic": 0.6, "code": 0.4})}
 
 
-def data_config(specs: dict, mix: dict, read_threads: int, read_processes: int = 0) -> dict:
+def data_config(specs: dict, mix: dict, read_threads: int) -> dict:
     from phi4_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return {**pipeline.DATA_DEFAULTS, "sources": specs, "mix": mix, "read_threads": read_threads,
-            "read_processes": read_processes}
+    return {**pipeline.DATA_DEFAULTS, "sources": specs, "mix": mix, "read_threads": read_threads}
 
 
 def pipeline_rate(cfg: dict, tokens: int) -> float:
@@ -613,9 +612,8 @@ def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
             rates["raw", t].append(tiktoken_rate(documents, t))
         rates["made", 1].append(make_and_encode_rate(cfg, ranges))
         best_raw = max(rates["raw", t][-1] for t in raw_threads)
-        for reader in readers:
-            threads, processes = (reader[1], 0) if reader[0] == "read_threads" else (0, reader[1])
-            rates[reader].append(pipeline_rate(data_config(specs, mix, threads, processes), tokens))
+        for reader in readers:  # (data key, value): the one setting that differs from cfg
+            rates[reader].append(pipeline_rate({**cfg, reader[0]: reader[1]}, tokens))
             ratios[reader].append(rates[reader][-1] / best_raw)
             to_made[reader].append(rates[reader][-1] / rates["made", 1][-1])
     lines = [f"### {name}: {len(documents):,} documents timed, load average {load_before:.2f} "
