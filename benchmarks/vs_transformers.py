@@ -348,7 +348,13 @@ def generate_torch(name: str) -> Result:
 
 
 def worker(contender: str, name: str, checkpointing: str) -> None:
-    """Runs one contender at one shape and prints its result as one JSON line."""
+    """Runs one contender at one shape and prints its result as one JSON line. On a CPU-only
+    run every contender's process keeps its freed host memory, as the trainer's does
+    (`train.host_memory`): the same allocator setting on both sides."""
+    from phi4_jax.train import host_memory  # pylint: disable=g-import-not-at-top
+
+    if host_memory.cpu_only():
+        host_memory.keep_freed_memory()
     try:
         if contender == "phi4_jax":
             result = run_phi4_jax(name, checkpointing)

@@ -74,6 +74,9 @@ def _run() -> int:
         raise workdir.WorkdirError("--workdir is required to train: give a folder for checkpoints "
                                    "and logs (a new one, or an earlier run's to resume it).")
     workdir.prepare(_WORKDIR.value)  # before anything is built
+    from phi4_jax.train import host_memory  # pylint: disable=g-import-not-at-top
+
+    kept = host_memory.cpu_only() and host_memory.keep_freed_memory()  # before any backend
     from phi4_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
     distributed.initialize_distributed()  # before anything touches a JAX backend
@@ -83,6 +86,9 @@ def _run() -> int:
 
     metrics.log_to_file(workdir.log_path(_WORKDIR.value, jax.process_index()))
     logging.info("Command: %s", " ".join(sys.argv), extra=metrics.NOT_ON_CONSOLE)
+    if kept:
+        logging.info("CPU run: freed host memory is kept for reuse (%s=0 turns this off).",
+                     host_memory.OPT_OUT_VAR, extra=metrics.NOT_ON_CONSOLE)
     stages.run(config, _WORKDIR.value)
     return 0
 
