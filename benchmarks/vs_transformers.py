@@ -47,12 +47,15 @@ at 1,024), the train step of the three contenders in float32 without checkpointi
 phi4_jax's worker writes its initial weights (Hugging Face format) and transformers starts
 from them, each row giving its first loss; and greedy generation from those weights,
 phi4_jax's KV-cache sampler against transformers' `generate`, with the new tokens compared.
-The CPU runs recorded in RESULTS_cpu.md (pipeline ~12 minutes, step and generation ~15 on 2
+On a CPU-only run every contender's process keeps the host memory it frees
+(`phi4_jax.train.host_memory`, as the trainer does), so neither side's step pays for
+faulting in memory it freed the step before; the first steps grow the heap, hence
+`--warmup=4` on CPU. The CPU runs recorded in RESULTS_cpu.md (pipeline ~12 minutes, step and generation ~15 on 2
 cores):
   python benchmarks/vs_transformers.py --cpu --cpu_parts=pipeline --pipeline_tokens=2000000 \
       --repeats=5 --write=benchmarks/RESULTS_cpu.md
   python benchmarks/vs_transformers.py --cpu --cpu_parts=step,generate --step_rounds=3 \
-      --steps=3 --warmup=1 --timeout=900 --write=benchmarks/RESULTS_cpu.md
+      --steps=3 --warmup=4 --timeout=900 --write=benchmarks/RESULTS_cpu.md
 """
 
 from __future__ import annotations
