@@ -65,6 +65,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "--cpu: interleaved rounds of ever
                                 "condition.")
 _STEP_ROUNDS = flags.DEFINE_integer("step_rounds", 3, "--cpu: rounds of the three train-step "
                                     "contenders in turn at each shape; ratios within a round.")
+_KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_host_memory", True, "On a CPU-only run, every contender's process keeps the host "
+    "memory it frees (`phi4_jax.train.host_memory`, as the trainer does); off: glibc's default.")
 _CPU_PARTS = flags.DEFINE_list("cpu_parts", ["pipeline", "step", "generate"],
                                "--cpu: which comparisons to run.")
 
@@ -174,6 +178,15 @@ def _tokens(name: str, vocab: int):
     return np.random.default_rng(0).integers(0, vocab, (batch, seq_len + 1), np.int32)
 
 
+def _host_note(before: resource.struct_rusage, steps: int) -> str:
+    """Minor page faults and kernel CPU seconds per step since `before`, and the peak RSS:
+    what the process's host allocation costs (`phi4_jax.train.host_memory`)."""
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (f"{(after.ru_minflt - before.ru_minflt) / steps:,.0f} page faults and "
+            f"{(after.ru_stime - before.ru_stime) / steps:.2f} kernel s per timed step, "
+            f"peak RSS {after.ru_maxrss / 2**20:.1f} GiB")
+
+
 def _timed(step, count: int, sync) -> list[float]:
     times = []
     for _ in range(count):
@@ -221,7 +234,9 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
         _timed(step, 1, sync)
         first_loss = float(holder["metrics"]["loss"])
         _timed(step, _WARMUP.value - 1, sync)
+        before = resource.getrusage(resource.RUSAGE_SELF)
         times = _timed(step, _STEPS.value, sync)
+        host = _host_note(before, _STEPS.value)
     if initial is not None:
         from flax import nnx  # pylint: disable=g-import-not-at-top
         from phi4_jax.interop import hf_checkpoint  # pylint: disable=g-import-not-at-top
@@ -240,7 +255,7 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
                   notes=f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, first loss "
                         f"{first_loss:.5f}, loss {loss:.2f}; "
                         f"memory estimate / XLA analysis {estimate / compiled_bytes:.2f} "
-                        f"({estimate / 2**30:.1f} / {compiled_bytes / 2**30:.1f} GiB)")
+                        f"({estimate / 2**30:.1f} / {compiled_bytes / 2**30:.1f} GiB); {host}")
 
 
 def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
@@ -286,13 +301,15 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _timed(step, _WARMUP.value, sync)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     times = _timed(step, _STEPS.value, sync)
+    host = _host_note(before, _STEPS.value)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     contender = "torch_compile" if compiled else "torch_eager"
     return Result(contender, name, checkpointing, times, peak,
                   notes=f"first loss {losses[0]:.5f}, {'bf16 autocast' if autocast else 'float32'}; "
                         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                        f"{device}")
+                        f"{device}; {host}")
 
 
 def _prompts(name: str):
@@ -353,10 +370,10 @@ def generate_torch(name: str) -> Result:
 def worker(contender: str, name: str, checkpointing: str) -> None:
     """Runs one contender at one shape and prints its result as one JSON line. On a CPU-only
     run every contender's process keeps its freed host memory, as the trainer's does
-    (`train.host_memory`): the same allocator setting on both sides."""
+    (`train.host_memory`; `--nokeep_host_memory`: none does): the same setting on both sides."""
     from phi4_jax.train import host_memory  # pylint: disable=g-import-not-at-top
 
-    if host_memory.cpu_only():
+    if _KEEP_HOST_MEMORY.value and host_memory.cpu_only():
         host_memory.keep_freed_memory()
     try:
         if contender == "phi4_jax":
@@ -380,7 +397,8 @@ def run_one(contender: str, name: str, checkpointing: str, init_dir: str = "") -
     initial weights there and transformers starts from them."""
     command = [sys.executable, __file__, f"--worker={contender}", f"--shapes={name}",
                f"--checkpointing={checkpointing}", f"--steps={_STEPS.value}",
-               f"--warmup={_WARMUP.value}", f"--init_dir={init_dir}"]
+               f"--warmup={_WARMUP.value}", f"--init_dir={init_dir}",
+               f"--keep_host_memory={_KEEP_HOST_MEMORY.value}"]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     if _DRY_RUN.value or _CPU.value:
         env["JAX_PLATFORMS"] = "cpu"
