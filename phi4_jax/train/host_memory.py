@@ -3,11 +3,13 @@
 XLA's CPU client mallocs each execution's scratch buffer (0.93 GiB for a 125m step at
 2 x 256 tokens) and frees it when the step ends. glibc hands blocks that large back to the
 kernel, so every step faults the same memory in again, page by page: 244K minor faults and
-about 0.5 CPU-seconds of kernel time per step at that shape, none after this module's
-setting (`benchmarks/RESULTS_cpu.md`). The setting: one malloc arena for every thread (a
-thread's own arena always maps a block that large afresh), large blocks from that heap
-instead of fresh mappings, and no trimming of its top. The process then holds its peak host
-memory until it exits, which suits a training run; `PHI4_KEEP_HOST_MEMORY=0` turns it off.
+about 0.5 CPU-seconds of kernel time per step at that shape, none once the heap has grown
+over the first steps with this module's setting (`benchmarks/RESULTS_cpu.md`). The setting:
+one malloc arena for every thread (a thread's own arena always maps a block that large
+afresh), large blocks from that heap instead of fresh mappings, and no trimming of its top.
+The process then keeps what its heap grew to until it exits (peak RSS 1.5-2x glibc's
+default in the runs measured), which suits a training run; `PHI4_KEEP_HOST_MEMORY=0` turns
+it off.
 Accelerator runs are left alone: their steps' scratch lives on the device.
 """
 
