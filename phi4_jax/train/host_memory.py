@@ -7,9 +7,9 @@ about 0.5 CPU-seconds of kernel time per step at that shape, none once the heap 
 over the first steps with this module's setting (`benchmarks/RESULTS_cpu.md`). The setting:
 one malloc arena for every thread (a thread's own arena always maps a block that large
 afresh), large blocks from that heap instead of fresh mappings, and no trimming of its top.
-The process then keeps what its heap grew to until it exits (peak RSS 1.5-2x glibc's
-default in the runs measured), which suits a training run; `PHI4_KEEP_HOST_MEMORY=0` turns
-it off.
+The process then keeps what its heap grew to, fragmentation included, until it exits (peak
+RSS 1.5-2x glibc's default in the runs measured, up to 2.6x XLA's own count at the 125m full
+step); `PHI4_KEEP_HOST_MEMORY=0` turns it off for a run that must fit in less memory.
 Accelerator runs are left alone: their steps' scratch lives on the device.
 """
 
