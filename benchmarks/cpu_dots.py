@@ -8,7 +8,8 @@ flags; the question is what XLA's CPU backend pays for the transposed forms. The
 125m's (D 768, F 2048) at the body benchmark's 2 x 256 = 512 positions. Each form is timed
 `--repeats` times, interleaved, the best of each kept; results are float32 on the same
 inputs, checked equal to 1e-4. The last row is the weight gradient with the transposed copy
-of the smaller operand forced, a form the model does not use yet.
+of the smaller operand forced, the form the model's projections use on CPU without remat
+(`model.lora.einsum_plain_weight_grad`).
 
   python benchmarks/cpu_dots.py
 """

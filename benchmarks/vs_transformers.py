@@ -178,13 +178,16 @@ def _tokens(name: str, vocab: int):
     return np.random.default_rng(0).integers(0, vocab, (batch, seq_len + 1), np.int32)
 
 
-def _host_note(before: resource.struct_rusage, steps: int) -> str:
-    """Minor page faults and kernel CPU seconds per step since `before`, and the peak RSS:
-    what the process's host allocation costs (`phi4_jax.train.host_memory`)."""
+def _timed_steps(step, sync) -> tuple[list[float], str]:
+    """The `--steps` timed steps, and a note of their minor page faults and kernel CPU seconds
+    per step and the peak RSS: what the process's host allocation costs
+    (`phi4_jax.train.host_memory`)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    times = _timed(step, _STEPS.value, sync)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return (f"{(after.ru_minflt - before.ru_minflt) / steps:,.0f} page faults and "
-            f"{(after.ru_stime - before.ru_stime) / steps:.2f} kernel s per timed step, "
-            f"peak RSS {after.ru_maxrss / 2**20:.1f} GiB")
+    return times, (f"{(after.ru_minflt - before.ru_minflt) / len(times):,.0f} page faults and "
+                   f"{(after.ru_stime - before.ru_stime) / len(times):.2f} kernel s per timed "
+                   f"step, peak RSS {after.ru_maxrss / 2**20:.1f} GiB")
 
 
 def _timed(step, count: int, sync) -> list[float]:
@@ -234,9 +237,7 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
         _timed(step, 1, sync)
         first_loss = float(holder["metrics"]["loss"])
         _timed(step, _WARMUP.value - 1, sync)
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        times = _timed(step, _STEPS.value, sync)
-        host = _host_note(before, _STEPS.value)
+        times, host = _timed_steps(step, sync)
     if initial is not None:
         from flax import nnx  # pylint: disable=g-import-not-at-top
         from phi4_jax.interop import hf_checkpoint  # pylint: disable=g-import-not-at-top
@@ -301,9 +302,7 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _timed(step, _WARMUP.value, sync)
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    times = _timed(step, _STEPS.value, sync)
-    host = _host_note(before, _STEPS.value)
+    times, host = _timed_steps(step, sync)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     contender = "torch_compile" if compiled else "torch_eager"
     return Result(contender, name, checkpointing, times, peak,
@@ -373,7 +372,7 @@ def worker(contender: str, name: str, checkpointing: str) -> None:
     (`train.host_memory`; `--nokeep_host_memory`: none does): the same setting on both sides."""
     from phi4_jax.train import host_memory  # pylint: disable=g-import-not-at-top
 
-    if _KEEP_HOST_MEMORY.value and host_memory.cpu_only():
+    if _KEEP_HOST_MEMORY.value:
         host_memory.keep_freed_memory()
     try:
         if contender == "phi4_jax":

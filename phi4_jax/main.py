@@ -76,7 +76,7 @@ def _run() -> int:
     workdir.prepare(_WORKDIR.value)  # before anything is built
     from phi4_jax.train import host_memory  # pylint: disable=g-import-not-at-top
 
-    kept = host_memory.cpu_only() and host_memory.keep_freed_memory()  # before any backend
+    kept = host_memory.keep_freed_memory()  # before any backend
     from phi4_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
     distributed.initialize_distributed()  # before anything touches a JAX backend

@@ -39,11 +39,12 @@ def cpu_only() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Applies the setting (glibc only) unless `PHI4_KEEP_HOST_MEMORY=0`; whether it did.
+    """Applies the setting in a `cpu_only()` process on glibc, unless
+    `PHI4_KEEP_HOST_MEMORY=0`; whether it did.
 
     Call it before JAX starts a backend: a thread that has allocated already keeps its own
     arena."""
-    if os.environ.get(OPT_OUT_VAR, "1").strip() == "0":
+    if os.environ.get(OPT_OUT_VAR, "1").strip() == "0" or not cpu_only():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
