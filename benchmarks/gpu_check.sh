@@ -9,13 +9,15 @@
 #   1. kernels-cudnn (60 s): benchmarks/gpu_check.py on cudnn packed and one-document: the
 #      start-up numerics check (values, gradients, padding, isolation vs xla) and the
 #      forward+backward time at T=4096 against the no-segment cuDNN call;
-#   2. 14b-4l@4k-full (200 s): benchmarks/vs_transformers.py, phi4_jax's train step against
+#   2. trainer-125m (90 s): `python -m phi4_jax.main --config=configs/pretrain.py:125m` end to
+#      end (start-up, built-in data, 30 steps, eval, checkpoint), then resumed to step 40;
+#   3. 14b-4l@4k-full (200 s): benchmarks/vs_transformers.py, phi4_jax's train step against
 #      transformers + torch.compile, both with full activation checkpointing, batch 4;
-#   3. 14b-4l@4k-none (150 s): the same with no checkpointing on either side;
-#   4. kernels-other (45 s): tokamax and pallas_triton through the same check;
-#   5. 1b@4k-full (150 s): phi4_jax against torch.compile, batch 8;
-#   6. 14b-4l@16k-full (100 s): phi4_jax alone, batch 1.
-# Steps 1-3 fit the budget after the wheel install; 4-6 run when earlier steps end early.
+#   4. 14b-4l@4k-none (150 s): the same with no checkpointing on either side;
+#   5. kernels-other (45 s): tokamax and pallas_triton through the same check;
+#   6. 1b@4k-full (150 s): phi4_jax against torch.compile, batch 8;
+#   7. 14b-4l@16k-full (100 s): phi4_jax alone, batch 1.
+# Steps 1-3 fit the budget after the wheel install; 4-7 run when earlier steps end early.
 #
 # From the repository root, on a machine with jax, flax, optax, orbax, torch and
 # transformers (no internet needed):
@@ -99,11 +101,29 @@ vs_transformers() {  # SHAPE CHECKPOINTING CONTENDERS PLANNED_SECONDS: a tenth o
     --contenders="$3" --timeout=$(( budget * 9 / 10 / count )) --write="$RESULTS" $DRY_FLAG
 }
 
+trainer_run() {  # the trainer end to end, then resumed from its checkpoint; its start-up,
+  # step, eval, resume and end lines are result lines (the whole log goes to gpu_check.log)
+  local workdir="${TMPDIR:-/tmp}/phi4_gpu_check_trainer"
+  local args=(--config="configs/pretrain.py:$TRAINER_SIZE" --workdir="$workdir"
+              --config.log.every_steps=10 --config.eval.every_steps=30 --config.eval.batches=2
+              --config.checkpoint.every_steps=30)
+  rm -rf "$workdir"
+  { python3 -m phi4_jax.main "${args[@]}" --config.train.steps=30 &&
+    python3 -m phi4_jax.main "${args[@]}" --config.train.steps=40; } 2>&1 | tr '\r' '\n' |
+    tee -a "$OUT_DIR/gpu_check.log" |
+    grep --line-buffered -E \
+      "Attention |^  [a-z_]+: |^step [0-9]+:|Resuming|Run ended|Error" |
+    sed -u 's/^/- /' >> "$RESULTS"
+}
+export -f trainer_run
+export OUT_DIR RESULTS
+
 DRY_FLAG=""
 if [[ "$DRY" == 1 ]]; then
   DRY_FLAG="--dry_run"
-  export JAX_PLATFORMS=cpu
+  export JAX_PLATFORMS=cpu TRAINER_SIZE=toy
 else
+  export TRAINER_SIZE=125m
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     >> "$OUT_DIR/gpu_check.log" 2>&1
   if compgen -G ".whl/*.whl" >/dev/null; then
@@ -116,6 +136,7 @@ fi
 
 step kernels-cudnn 60 python3 benchmarks/gpu_check.py --candidates=cudnn,cudnn_single \
   --results="$RESULTS" $DRY_FLAG
+step trainer-125m 90 bash -c trainer_run
 vs_transformers 14b-4l@4k full phi4_jax,torch_compile 200
 vs_transformers 14b-4l@4k none phi4_jax,torch_compile 150
 step kernels-other 45 python3 benchmarks/gpu_check.py --candidates=tokamax,pallas_triton \
