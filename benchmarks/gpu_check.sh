@@ -106,7 +106,8 @@ trainer_run() {  # the trainer end to end, then resumed from its checkpoint; its
   local workdir="${TMPDIR:-/tmp}/phi4_gpu_check_trainer"
   local args=(--config="configs/pretrain.py:$TRAINER_SIZE" --workdir="$workdir"
               --config.log.every_steps=10 --config.eval.every_steps=30 --config.eval.batches=2
-              --config.checkpoint.every_steps=30)
+              --config.checkpoint.every_steps=30
+              --config.train.warmup_steps=5)
   rm -rf "$workdir"
   { python3 -m phi4_jax.main "${args[@]}" --config.train.steps=30 &&
     python3 -m phi4_jax.main "${args[@]}" --config.train.steps=40; } 2>&1 | tr '\r' '\n' |

@@ -224,8 +224,9 @@ def attention_label(c: ml_collections.ConfigDict) -> str:
     impl = c.model.attention_impl
     if impl != "auto":
         return impl
-    return (f"auto ({resolve_impl(impl, c.train.seq_len, c.model.attention_block_size, "
-            f"c.model.compute_dtype)})"
+    resolved = resolve_impl(impl, c.train.seq_len, c.model.attention_block_size,
+                            c.model.compute_dtype)
+    return f"auto ({resolved})"
 
 
 def table(timings: list[StepTiming], configs: list[ml_collections.ConfigDict],
