@@ -306,7 +306,8 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     contender = "torch_compile" if compiled else "torch_eager"
     return Result(contender, name, checkpointing, times, peak,
-                  notes=f"first loss {losses[0]:.5f}, loss {losses[-1]:.2f}, {'bf16 autocast' if autocast else 'float32'}; "
+                  notes=f"first loss {losses[0]:.5f}, loss {losses[-1]:.2f}, "
+                        f"{'bf16 autocast' if autocast else 'float32'}; "
                         f"torch {torch.__version__}, transformers {transformers.__version__}, "
                         f"{device}; {host}")
 
