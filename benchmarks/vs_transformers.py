@@ -20,10 +20,14 @@ costs one row, not the table):
     (printed), after start-up's attention numerics check;
   - torch_compile and torch_eager: transformers' `Phi3ForCausalLM` of the same geometry
     (`interop.hf_checkpoint.hf_config_dict`), fp32 weights under bf16 autocast, SDPA
-    attention, fused AdamW, clipping at 1.0; `torch.compile` on the model for the first.
+    attention, fused AdamW with the size's lr, betas, eps, weight decay and clipping (so
+    rows from the same initial weights end at nearly the same loss); `torch.compile` on the
+    model for the first.
 Every row holds one document of random tokens (torch's SDPA has no packed-document mask),
-and phi4_jax still runs its packed attention path on it. Timing: `--warmup` steps, then the
-median of `--steps` steps, each synchronized. Tokens/s counts every input position. MFU uses
+and phi4_jax still runs its packed attention path on it. Timing: `--warmup` steps (up to
+SETTLE_STEPS more while a step still faults in new memory), then the median of `--steps`
+steps, each synchronized. `--profile_dir` traces two more phi4_jax steps and writes their
+costliest events there. Tokens/s counts every input position. MFU uses
 one formula for all (`phi4_jax.train.flops`: 6N plus causal attention at half) over the
 device's published dense bf16 peak. Peak memory: JAX's `peak_bytes_in_use`, torch's
 `max_memory_allocated`. For phi4_jax the row also gives the start-up memory estimate over
@@ -49,13 +53,14 @@ from them, each row giving its first loss; and greedy generation from those weig
 phi4_jax's KV-cache sampler against transformers' `generate`, with the new tokens compared.
 On a CPU-only run every contender's process keeps the host memory it frees
 (`phi4_jax.train.host_memory`, as the trainer does), so neither side's step pays for
-faulting in memory it freed the step before; the first steps grow the heap, hence
-`--warmup=4` on CPU. The CPU runs recorded in RESULTS_cpu.md (pipeline ~12 minutes, step and generation ~15 on 2
-cores):
+faulting in memory it freed the step before; the first steps grow the heap (and a step
+dispatched before the last one's scratch is freed can grow it again), hence `--warmup=4`
+and the settling steps on CPU. The CPU runs recorded in RESULTS_cpu.md (pipeline ~12
+minutes, step and generation ~20 on 2 cores):
   python benchmarks/vs_transformers.py --cpu --cpu_parts=pipeline --pipeline_tokens=2000000 \
       --repeats=5 --write=benchmarks/RESULTS_cpu.md
   python benchmarks/vs_transformers.py --cpu --cpu_parts=step,generate --step_rounds=3 \
-      --steps=3 --warmup=4 --timeout=900 --write=benchmarks/RESULTS_cpu.md
+      --steps=5 --warmup=4 --timeout=900 --write=benchmarks/RESULTS_cpu.md
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ VOCAB_OVERRIDES = {"125m-v1024@256": 1024}
 # --cpu generation: greedy, random prompts, no stop token (every row decodes to the end).
 GENERATORS = ("phi4_jax_generate", "torch_generate")
 GENERATE_BATCH, GENERATE_PROMPT, GENERATE_NEW = 1, 64, 64
+# Warm-up: at most this many extra steps while a step still faults in this much new memory.
+SETTLE_STEPS, SETTLED_FAULT_BYTES = 3, 256 * 2**20
 CONTENDERS = ("phi4_jax", "torch_compile", "torch_eager")
 CHECKPOINTING = ("full", "none")
 # The issue's goals: phi4_jax / torch.compile tokens/s, and phi4_jax MFU.
@@ -129,6 +136,10 @@ _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "memory it frees (`phi4_jax.train.host_memory`, as the trainer does); off: glibc's default.")
 _CPU_PARTS = flags.DEFINE_list("cpu_parts", ["pipeline", "step", "generate"],
                                "--cpu: which comparisons to run.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "phi4_jax: after its timed steps, trace two more with jax.profiler and "
+    "write the events that took the most time per step to DIR/ops_<shape>_<checkpointing>.md "
+    "(the trace itself is deleted).")
 
 
 @dataclasses.dataclass
@@ -190,6 +201,52 @@ def _timed_steps(step, sync) -> tuple[list[float], str]:
                    f"step, peak RSS {after.ru_maxrss / 2**20:.1f} GiB")
 
 
+def _profile_table(step, sync, path: Path, steps: int = 2, top: int = 40) -> None:
+    """Traces `steps` steps and writes the `top` events by time per step, with the
+    process (host or device stream) each ran on, as a markdown table to `path`: where a
+    device's step time goes, read off one run (on CPU, thunks overlap, so shares overstate)."""
+    import collections  # pylint: disable=g-import-not-at-top
+    import gzip  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        _timed(step, steps, sync)
+        jax.profiler.stop_trace()
+        with gzip.open(next(Path(trace_dir).rglob("*.trace.json.gz")), "rt") as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    process = {e["pid"]: e.get("args", {}).get("name", str(e["pid"])) for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+    time_us, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            key = (process.get(e["pid"], str(e["pid"])), e["name"])
+            time_us[key] += e["dur"]
+            calls[key] += 1
+    lines = ["| process | event | ms per step | calls per step |", "|---|---|---:|---:|"]
+    lines += [f"| {where} | {name[:120]} | {us / steps / 1e3:.2f} | "
+              f"{calls[where, name] / steps:g} |" for (where, name), us in time_us.most_common(top)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _warm_up(step, sync, count: int) -> int:
+    """`count` untimed steps, then up to SETTLE_STEPS more while the last one still faulted in
+    over SETTLED_FAULT_BYTES of new memory: a CPU process's kept heap (`train.host_memory`)
+    grows over its first steps, at a cost per new page that depends on the machine, and the
+    timed steps measure the settled process (`_timed_steps` notes what they still fault).
+    Returns how many steps ran."""
+    done, grew = 0, False
+    while done < count or (grew and done < count + SETTLE_STEPS):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        _timed(step, 1, sync)
+        faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        grew = faulted * resource.getpagesize() > SETTLED_FAULT_BYTES
+        done += 1
+    return done
+
+
 def _timed(step, count: int, sync) -> list[float]:
     times = []
     for _ in range(count):
@@ -236,8 +293,10 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
         sync = lambda: jax.block_until_ready(holder["state"])  # noqa: E731
         _timed(step, 1, sync)
         first_loss = float(holder["metrics"]["loss"])
-        _timed(step, _WARMUP.value - 1, sync)
+        warm = 1 + _warm_up(step, sync, _WARMUP.value - 1)
         times, host = _timed_steps(step, sync)
+        if _PROFILE_DIR.value:
+            _profile_table(step, sync, Path(_PROFILE_DIR.value) / f"ops_{name}_{checkpointing}.md")
     if initial is not None:
         from flax import nnx  # pylint: disable=g-import-not-at-top
         from phi4_jax.interop import hf_checkpoint  # pylint: disable=g-import-not-at-top
@@ -256,7 +315,8 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
                   notes=f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, first loss "
                         f"{first_loss:.5f}, loss {loss:.2f}; "
                         f"memory estimate / XLA analysis {estimate / compiled_bytes:.2f} "
-                        f"({estimate / 2**30:.1f} / {compiled_bytes / 2**30:.1f} GiB); {host}")
+                        f"({estimate / 2**30:.1f} / {compiled_bytes / 2**30:.1f} GiB); "
+                        f"{warm} warm-up steps, {host}")
 
 
 def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
@@ -280,7 +340,12 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
+    # phi4_jax's optimizer settings for the size (its schedule is flat over so few steps;
+    # weight decay here also reaches the norm scales, which phi4_jax leaves undecayed), so
+    # from the same initial weights the two last losses should agree closely.
+    train = _pretrain_config(name, checkpointing).train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.b1, train.b2),
+                                  eps=train.eps, weight_decay=train.weight_decay,
                                   fused=device == "cuda")
     forward = torch.compile(model) if compiled else model
     tokens = torch.from_numpy(_tokens(name, cfg.vocab_size).astype("int64")).to(device)
@@ -293,7 +358,7 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
             logits = forward(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -301,7 +366,7 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _timed(step, _WARMUP.value, sync)
+    warm = _warm_up(step, sync, _WARMUP.value)
     times, host = _timed_steps(step, sync)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     contender = "torch_compile" if compiled else "torch_eager"
@@ -309,7 +374,7 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
                   notes=f"first loss {losses[0]:.5f}, loss {losses[-1]:.2f}, "
                         f"{'bf16 autocast' if autocast else 'float32'}; "
                         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                        f"{device}; {host}")
+                        f"{device}; {warm} warm-up steps, {host}")
 
 
 def _prompts(name: str):
@@ -398,7 +463,8 @@ def run_one(contender: str, name: str, checkpointing: str, init_dir: str = "") -
     command = [sys.executable, __file__, f"--worker={contender}", f"--shapes={name}",
                f"--checkpointing={checkpointing}", f"--steps={_STEPS.value}",
                f"--warmup={_WARMUP.value}", f"--init_dir={init_dir}",
-               f"--keep_host_memory={_KEEP_HOST_MEMORY.value}"]
+               f"--keep_host_memory={_KEEP_HOST_MEMORY.value}",
+               f"--profile_dir={_PROFILE_DIR.value}"]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     if _DRY_RUN.value or _CPU.value:
         env["JAX_PLATFORMS"] = "cpu"

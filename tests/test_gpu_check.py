@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 from absl import flags
@@ -97,3 +98,39 @@ def test_rows_are_written_as_measured_with_their_checkpointing(tmp_path, monkeyp
 def test_phi4_jax_runs_with_the_checkpointing_of_its_row(checkpointing):
     assert (_vs_transformers()._pretrain_config("tiny@64", checkpointing).model.remat_policy
             == checkpointing)
+
+
+def test_profile_table_lists_the_costliest_events_per_step(tmp_path):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    vs = _vs_transformers()
+    square = jax.jit(lambda a: (a @ a).sum())
+    x, held = jnp.ones((128, 128)), {}
+    vs._profile_table(lambda: held.update(out=square(x)), lambda: held["out"].block_until_ready(),
+                      tmp_path / "ops.md", steps=2, top=5)
+    rows = (tmp_path / "ops.md").read_text().splitlines()
+    assert rows[0] == "| process | event | ms per step | calls per step |" and len(rows) == 7
+    times = [float(row.split("|")[3]) for row in rows[2:]]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+
+
+@pytest.mark.parametrize("count, faults_per_step, steps", [
+    (0, [10**6] * 9, 0),          # no warm-up asked: none, however the heap grows
+    (2, [0] * 9, 2),              # a settled heap: just the steps asked for
+    (1, [10**6, 10**6, 0], 3),    # grows twice, then settles: two more steps
+    (2, [10**6] * 9, 5),          # never settles: SETTLE_STEPS more at most
+])
+def test_warm_up_adds_steps_only_while_a_step_faults_in_new_memory(monkeypatch, count,
+                                                                   faults_per_step, steps):
+    vs = _vs_transformers()
+    assert vs.SETTLE_STEPS == 3
+    total = {"faults": 0, "steps": 0}
+
+    def step():
+        total["faults"] += faults_per_step[total["steps"]]
+        total["steps"] += 1
+
+    monkeypatch.setattr(vs.resource, "getrusage",
+                        lambda _: types.SimpleNamespace(ru_minflt=total["faults"]))
+    monkeypatch.setattr(vs.resource, "getpagesize", lambda: 4096)
+    assert vs._warm_up(step, lambda: None, count) == steps == total["steps"]
