@@ -295,6 +295,7 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
         first_loss = float(holder["metrics"]["loss"])
         warm = 1 + _warm_up(step, sync, _WARMUP.value - 1)
         times, host = _timed_steps(step, sync)
+        loss, steps = float(holder["metrics"]["loss"]), warm + len(times)
         if _PROFILE_DIR.value:
             _profile_table(step, sync, Path(_PROFILE_DIR.value) / f"ops_{name}_{checkpointing}.md")
     if initial is not None:
@@ -310,10 +311,9 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
     compiled_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                       - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
     stats = jax.devices()[0].memory_stats() or {}
-    loss = float(holder["metrics"]["loss"])
     return Result("phi4_jax", name, checkpointing, times, stats.get("peak_bytes_in_use"),
                   notes=f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, first loss "
-                        f"{first_loss:.5f}, loss {loss:.2f}; "
+                        f"{first_loss:.5f}, loss {loss:.2f} at step {steps}; "
                         f"memory estimate / XLA analysis {estimate / compiled_bytes:.2f} "
                         f"({estimate / 2**30:.1f} / {compiled_bytes / 2**30:.1f} GiB); "
                         f"{warm} warm-up steps, {host}")
@@ -371,8 +371,8 @@ def run_transformers(name: str, compiled: bool, checkpointing: str) -> Result:
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     contender = "torch_compile" if compiled else "torch_eager"
     return Result(contender, name, checkpointing, times, peak,
-                  notes=f"first loss {losses[0]:.5f}, loss {losses[-1]:.2f}, "
-                        f"{'bf16 autocast' if autocast else 'float32'}; "
+                  notes=f"first loss {losses[0]:.5f}, loss {losses[-1]:.2f} at step "
+                        f"{len(losses)}, {'bf16 autocast' if autocast else 'float32'}; "
                         f"torch {torch.__version__}, transformers {transformers.__version__}, "
                         f"{device}; {warm} warm-up steps, {host}")
 
