@@ -13,7 +13,7 @@
 #      end (start-up, built-in data, 30 steps, eval, checkpoint), then resumed to step 40;
 #   3. 14b-4l@4k-full (200 s): benchmarks/vs_transformers.py, phi4_jax's train step against
 #      transformers + torch.compile, both with full activation checkpointing, batch 4; then
-#      two more phi4_jax steps traced, their costliest events in OUT_DIR/ops_<shape>_full.md;
+#      two more phi4_jax steps traced, their costliest events in OUT_DIR/ops_14b-4l_4k_full.md;
 #   4. 14b-4l@4k-none (150 s): the same with no checkpointing on either side;
 #   5. kernels-other (45 s): tokamax and pallas_triton through the same check;
 #   6. 1b@4k-full (150 s): phi4_jax against torch.compile, batch 8;

@@ -138,8 +138,8 @@ _CPU_PARTS = flags.DEFINE_list("cpu_parts", ["pipeline", "step", "generate"],
                                "--cpu: which comparisons to run.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "", "phi4_jax: after its timed steps, trace two more with jax.profiler and "
-    "write the events that took the most time per step to DIR/ops_<shape>_<checkpointing>.md "
-    "(the trace itself is deleted).")
+    "write the events that took the most time per step to DIR/ops_<shape>_<checkpointing>.md, "
+    "the shape's @ as _ (the trace itself is deleted).")
 
 
 @dataclasses.dataclass
@@ -297,7 +297,9 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
         times, host = _timed_steps(step, sync)
         loss, steps = float(holder["metrics"]["loss"]), warm + len(times)
         if _PROFILE_DIR.value:
-            _profile_table(step, sync, Path(_PROFILE_DIR.value) / f"ops_{name}_{checkpointing}.md")
+            # letters, digits, '.', '_' and '-' only: names a GPU lease copies back
+            table = f"ops_{name.replace('@', '_')}_{checkpointing}.md"
+            _profile_table(step, sync, Path(_PROFILE_DIR.value) / table)
     if initial is not None:
         from flax import nnx  # pylint: disable=g-import-not-at-top
         from phi4_jax.interop import hf_checkpoint  # pylint: disable=g-import-not-at-top
