@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"
     c.model.attention_block_size = 512
     c.model.remat_policy = "none"
+    c.model.scan_unroll = 0  # layers per layer-loop iteration; 0: all on CPU without remat, else 1
 
     # Low-rank adapters on a frozen backbone (phi4_jax.model.lora); rank 0 trains the whole
     # model. Targets from q, k, v, o, gate, up, down. A record picks its adapter with
@@ -235,7 +236,7 @@ def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         m.size, rope_theta=float(m.rope_theta), max_positions=int(m.max_positions),
         param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention_impl=m.attention_impl,
         attention_block_size=int(m.attention_block_size), remat_policy=m.remat_policy,
-        max_segments_per_row=int(config.data.max_segments_per_row),
+        scan_unroll=int(m.scan_unroll), max_segments_per_row=int(config.data.max_segments_per_row),
         lora=adapters if a.rank else None)
 
 

@@ -7,6 +7,7 @@ its float32 logits compared; the export is reloaded with `from_pretrained` and c
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,6 +90,35 @@ def test_import_matches_transformers(case, sharded, tmp_path):
     tokens = _token_ids()
     _assert_close(_jax_logits(cfg, hf.load_hf_checkpoint(directory, cfg), tokens),
                   _hf_logits(model, tokens))
+
+
+@pytest.mark.parametrize("scan_unroll", [1, 2, 3], ids=["rolled", "two_per_step", "unrolled"])
+def test_layer_loop_unrolling_keeps_logits_and_gradients_of_transformers(scan_unroll, tmp_path):
+    """3 layers rolled, 2 per iteration (a remainder of one), and no loop at all: logits and
+    the embedding's gradient (which every layer's backward reaches) against torch's."""
+    model = _hf_model(seed=2)
+    directory = _saved(model, tmp_path, "hf")
+    cfg = hf.model_config_from_hf(directory).replace(scan_unroll=scan_unroll)
+    params = hf.load_hf_checkpoint(directory, cfg)
+    tokens = _token_ids(length=16)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    logits = model(torch.from_numpy(inputs)).logits.float()
+    torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(targets)[..., None]).sum().backward()
+    reference = model.model.embed_tokens.weight.grad.numpy()
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_model(cfg)))
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+
+    def log_likelihood(params):
+        out = nnx.merge(graphdef, params)(jnp.asarray(inputs), positions,
+                                          jnp.ones_like(positions))
+        log_probs = jax.nn.log_softmax(out, -1)
+        return jnp.take_along_axis(log_probs, jnp.asarray(targets)[..., None], -1).sum(), out
+
+    grads, jax_logits = jax.grad(log_likelihood, has_aux=True)(params)
+    _assert_close(np.asarray(jax_logits), logits.detach().numpy())
+    _assert_close(np.asarray(grads["embed_VD"][...]), reference)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

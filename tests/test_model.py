@@ -8,6 +8,7 @@ from flax import nnx
 
 from phi4_jax.model import attention as attention_lib
 from phi4_jax.model.kv_cache import KVCache
+from phi4_jax.model import transformer
 from phi4_jax.model.transformer import init_model
 from phi4_jax.model.config import SIZE_NAMES, ModelConfigError, model_config_for, param_count
 from phi4_jax.model.rope import apply_rope
@@ -49,10 +50,19 @@ def test_phi4_mini_geometry():
     (dict(rotary_fraction=0.3), "rotary_fraction"),  # 16 * 0.3 is not an even integer
     (dict(num_layers=0), "num_layers"),
     (dict(attention_impl="flash"), "attention_impl"),
+    (dict(scan_unroll=3), "scan_unroll"),  # 2 layers
+    (dict(scan_unroll=-1), "scan_unroll"),
 ])
 def test_bad_geometry_is_refused_with_field_name(overrides, field):
     with pytest.raises(ModelConfigError, match=f"model.{field}"):
         model_config_for("tiny", **overrides)
+
+
+def test_layer_loop_unrolls_on_cpu_only_without_remat():
+    assert jax.default_backend() == "cpu"
+    assert transformer.scan_unroll(TINY.replace(num_layers=6)) == 6
+    assert transformer.scan_unroll(TINY.replace(num_layers=6, remat_policy="full")) == 1
+    assert transformer.scan_unroll(TINY.replace(num_layers=6, scan_unroll=2)) == 2
 
 
 def test_unknown_size_lists_known_sizes():
@@ -177,9 +187,9 @@ def test_blockwise_equals_plain_attention_values_and_grads():
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
-@pytest.mark.parametrize("rotary_fraction", [1.0, 0.75])
-def test_kv_cache_decoding_equals_full_forward(rotary_fraction):
-    cfg = TINY.replace(rotary_fraction=rotary_fraction, num_layers=3)
+@pytest.mark.parametrize("rotary_fraction, scan_unroll", [(1.0, 0), (0.75, 0), (1.0, 1), (1.0, 2)])
+def test_kv_cache_decoding_equals_full_forward(rotary_fraction, scan_unroll):
+    cfg = TINY.replace(rotary_fraction=rotary_fraction, num_layers=3, scan_unroll=scan_unroll)
     model = init_model(cfg, seed=3)
     tokens, positions, segments = _batch(3, 14, seed=7)
     full = model(tokens, positions, segments)

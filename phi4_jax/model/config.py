@@ -45,6 +45,9 @@ class ModelConfig:
     # data.max_segments_per_row) and cuDNN's packed attention compiles it in.
     max_segments_per_row: int = 32
     remat_policy: RematPolicy = "none"
+    # Layers per iteration of the layer loop: 1 a rolled scan (compile time per layer),
+    # num_layers no loop at all; 0 resolves per backend (`transformer.scan_unroll`).
+    scan_unroll: int = 0
     init_std: float = 0.02
     long_rope: LongRoPE | None = None  # Phi-4-mini's rescaled frequencies; None: plain RoPE
     lora: LoRAConfig | None = None  # adapters beside the weights; None: none
@@ -110,6 +113,11 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.remat_policy not in RematPolicy.__args__:
         raise ModelConfigError(
             f"model.remat_policy={cfg.remat_policy!r}: choose one of {RematPolicy.__args__}.")
+    if (not isinstance(cfg.scan_unroll, int) or isinstance(cfg.scan_unroll, bool)
+            or not 0 <= cfg.scan_unroll <= cfg.num_layers):
+        raise ModelConfigError(
+            f"model.scan_unroll={cfg.scan_unroll!r} must be an integer from 0 (chosen per "
+            f"backend) to model.num_layers={cfg.num_layers} (no layer loop).")
     if cfg.long_rope is not None:
         _validate_long_rope(cfg)
     if cfg.lora is not None:

@@ -4,7 +4,7 @@ Axes: B batch, T query length, S key length, N query heads, K kv heads, H head d
 D model dim, F ffn dim, V vocab, L layers (J adapters, R adapter rank: `model.lora`).
 
 Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so compile time
-and remat are per layer, not per model. Every parameter carries logical axis names
+and remat are per layer, not per model (unrolled on CPU without remat: `scan_unroll`). Every parameter carries logical axis names
 (`out_sharding` metadata); `phi4_jax.sharding` maps them onto the mesh. Training code
 treats the model as `graphdef` + parameter pytree (`nnx.split` / `nnx.merge`), so a
 train step is a pure function of arrays. With `cfg.lora`, each adapted projection adds its
@@ -111,6 +111,17 @@ def plain_weight_grads(cfg: ModelConfig) -> bool:
     (`lora.einsum_plain_weight_grad`): on CPU, where XLA's transposing dot is slow, and without
     layer remat, whose policies look for the dots that the custom gradient hides."""
     return cfg.remat_policy == "none" and jax.default_backend() == "cpu"
+
+
+def scan_unroll(cfg: ModelConfig) -> int:
+    """Layers per iteration of the layer loop (`model.scan_unroll`, 0 resolved here). On CPU
+    without remat, all of them: the rolled loop copies each layer's weights out of the stack
+    and its saved activations and gradients into stacks, ~0.9x the step time unrolled
+    (benchmarks/RESULTS_cpu.md) for ~1.7x the compile time. Elsewhere 1: a 40-layer model
+    compiles one layer, and remat's recompute stays in the loop."""
+    if cfg.scan_unroll:
+        return cfg.scan_unroll
+    return cfg.num_layers if plain_weight_grads(cfg) else 1
 
 
 class MLP(nnx.Module):
@@ -233,10 +244,13 @@ class Transformer(nnx.Module):
             block = nnx.merge(graphdef, layer_state)
             return block(x, positions_BT, segment_ids_BT, adapter_ids_B=adapter_ids_B)[0], None
 
+        unroll = scan_unroll(self.cfg)
         if self.cfg.remat_policy != "none":
+            # Inside a rolled loop nothing can merge the recompute with the forward; unrolled,
+            # XLA's CSE would, and remat would save nothing.
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat_policy],
-                                   prevent_cse=False)
-        return jax.lax.scan(layer, x_BTD, stacked)[0]
+                                   prevent_cse=unroll > 1)
+        return jax.lax.scan(layer, x_BTD, stacked, unroll=unroll)[0]
 
     def _run_blocks_cached(self, x_BTD, positions_BT, segment_ids_BT, cache: KVCache,
                            adapter_ids_B):
@@ -253,7 +267,8 @@ class Transformer(nnx.Module):
             return x, k_v
 
         x_BTD, (k_LBSKH, v_LBSKH) = jax.lax.scan(layer, x_BTD,
-                                                 (stacked, cache.k_LBSKH, cache.v_LBSKH))
+                                                 (stacked, cache.k_LBSKH, cache.v_LBSKH),
+                                                 unroll=scan_unroll(self.cfg))
         return x_BTD, KVCache(k_LBSKH, v_LBSKH, kv_segments, cache.index + t)
 
 

@@ -28,7 +28,7 @@ from phi4_jax.model import attention as attention_lib
 from phi4_jax.model import lora
 from phi4_jax.model.attention.check import check_attention
 from phi4_jax.model.config import ModelConfig
-from phi4_jax.model.transformer import init_model
+from phi4_jax.model.transformer import init_model, scan_unroll
 from phi4_jax.parallel.sharding import MESH_AXES, logical_to_spec, make_mesh, state_shardings
 from phi4_jax.train import memory
 from phi4_jax.train.optimizer import make_optimizer
@@ -208,9 +208,11 @@ def resolve_attention(model_cfg: ModelConfig, seq_len: int) -> ModelConfig:
 def announce_model(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
     """Logs the attention and remat chosen and checks a fused kernel's numerics against the
     reference, before any parameter is loaded: every job that runs the model does this."""
-    logging.info("Attention %s (model.attention_impl=%s), remat %s (model.remat_policy=%s)",
+    logging.info("Attention %s (model.attention_impl=%s), remat %s (model.remat_policy=%s), "
+                 "%d layer(s) per layer-loop iteration (model.scan_unroll=%d)",
                  model_cfg.attention_impl, config.model.attention_impl, model_cfg.remat_policy,
-                 config.model.remat_policy)
+                 config.model.remat_policy, scan_unroll(model_cfg),
+                 config.model.scan_unroll)
     if model_cfg.attention_impl in attention_lib.FUSED_IMPLS:
         logging.info(check_attention(model_cfg).describe())
 
