@@ -263,6 +263,7 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
     """The trainer's step: build_run (resolution, numerics check) -> compile_steps -> time."""
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
+    from phi4_jax.model import transformer  # pylint: disable=g-import-not-at-top
     from phi4_jax.parallel.sharding import logical_rules  # pylint: disable=g-import-not-at-top
     from phi4_jax.stages import evaluation  # pylint: disable=g-import-not-at-top
     from phi4_jax.train import loop, memory  # pylint: disable=g-import-not-at-top
@@ -314,7 +315,8 @@ def run_phi4_jax(name: str, checkpointing: str) -> Result:
                       - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
     stats = jax.devices()[0].memory_stats() or {}
     return Result("phi4_jax", name, checkpointing, times, stats.get("peak_bytes_in_use"),
-                  notes=f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, first loss "
+                  notes=f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, "
+                        f"{transformer.scan_unroll(cfg)} layer(s) per loop iteration, first loss "
                         f"{first_loss:.5f}, loss {loss:.2f} at step {steps}; "
                         f"memory estimate / XLA analysis {estimate / compiled_bytes:.2f} "
                         f"({estimate / 2**30:.1f} / {compiled_bytes / 2**30:.1f} GiB); "
