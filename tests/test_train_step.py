@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -15,7 +16,7 @@ from phi4_jax.parallel.sharding import logical_rules
 from phi4_jax.stages import evaluation
 from phi4_jax.train import loop
 from phi4_jax.train import state as state_lib
-from phi4_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
+from phi4_jax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 
 
 def _train_cfg(**overrides):
@@ -45,6 +46,36 @@ def test_weight_decay_mask_skips_norms_unless_asked():
     assert weight_decay_mask(params) == {"blocks": {"attn_norm": {"scale": False},
                                                     "mlp": {"up_DF": True}}, "embed_VD": True}
     assert weight_decay_mask(params, decay_norms=True)["blocks"]["attn_norm"]["scale"] is True
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05, 100.0], ids=["no_clip", "clipping", "under"])
+def test_fused_adamw_equals_optax_chain(grad_clip):
+    """optax's clip_by_global_norm + adamw (the state layout it keeps) as the reference: four
+    steps through warm-up, a masked norm scale, float32; the same state tree and values."""
+    train = _train_cfg(grad_clip=grad_clip, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8)
+    train.update(lr=1e-2, warmup_steps=2)
+    rng = np.random.default_rng(0)
+    params = {"blocks": {"attn_norm": {"scale": jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+                         "mlp": {"up_DF": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)}},
+              "embed_VD": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+    chain = optax.chain(
+        optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
+        optax.adamw(learning_rate_schedule(train), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                    mask=weight_decay_mask(params)))
+    fused = make_optimizer(train, params)
+    ours, reference = params, params
+    our_state, reference_state = fused.init(params), chain.init(params)
+    assert jax.tree.structure(our_state) == jax.tree.structure(reference_state)
+    for _ in range(4):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        updates, our_state = jax.jit(fused.update)(grads, our_state, ours)
+        ours = optax.apply_updates(ours, updates)
+        updates, reference_state = chain.update(grads, reference_state, reference)
+        reference = optax.apply_updates(reference, updates)
+    assert float(jnp.abs(ours["embed_VD"] - params["embed_VD"]).max()) > 1e-3  # it moved
+    close = functools.partial(np.testing.assert_allclose, rtol=2e-6, atol=1e-7)
+    jax.tree.map(close, ours, reference)
+    jax.tree.map(close, our_state, reference_state)
 
 
 def test_loss_sum_against_numpy():
