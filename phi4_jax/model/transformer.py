@@ -4,12 +4,12 @@ Axes: B batch, T query length, S key length, N query heads, K kv heads, H head d
 D model dim, F ffn dim, V vocab, L layers (J adapters, R adapter rank: `model.lora`).
 
 Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so compile time
-and remat are per layer, not per model (unrolled on CPU without remat: `scan_unroll`). Every parameter carries logical axis names
-(`out_sharding` metadata); `phi4_jax.sharding` maps them onto the mesh. Training code
-treats the model as `graphdef` + parameter pytree (`nnx.split` / `nnx.merge`), so a
-train step is a pure function of arrays. With `cfg.lora`, each adapted projection adds its
-adapter's low-rank update (`model.lora`); `adapter_ids` [B] picks each row's adapter
-(None: adapter 0 for every row; a negative id: none for that row).
+and remat are per layer, not per model (unrolled on CPU without remat: `scan_unroll`). Every
+parameter carries logical axis names (`out_sharding` metadata); `phi4_jax.sharding` maps them
+onto the mesh. Training code treats the model as `graphdef` + parameter pytree (`nnx.split` /
+`nnx.merge`), so a train step is a pure function of arrays. With `cfg.lora`, each adapted
+projection adds its adapter's low-rank update (`model.lora`); `adapter_ids` [B] picks each
+row's adapter (None: adapter 0 for every row; a negative id: none for that row).
 """
 
 from __future__ import annotations
