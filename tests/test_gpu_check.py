@@ -16,8 +16,8 @@ import pytest
 from absl import flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = ["kernels-cudnn", "trainer-125m", "14b-4l@4k-full", "14b-4l@4k-none", "kernels-other", "1b@4k-full",
-         "14b-4l@16k-full"]
+STEPS = ["kernels-cudnn", "trainer-125m", "14b-4l@4k-full", "14b-4l@4k-none", "kernels-other",
+         "1b@4k-full", "14b-4l@16k-full"]
 
 
 def _summary_rows(path: pathlib.Path) -> list[list[str]]:
