@@ -9,19 +9,20 @@
 #   1. kernels-cudnn (60 s): benchmarks/gpu_check.py on cudnn packed and one-document: the
 #      start-up numerics check (values, gradients, padding, isolation vs xla) and the
 #      forward+backward time at T=4096 against the no-segment cuDNN call;
-#   2. trainer-125m (120 s): `python -m phi4_jax.main --config=configs/pretrain.py:125m` end to
+#   2. trainer-125m (150 s): `python -m phi4_jax.main --config=configs/pretrain.py:125m` end to
 #      end (start-up, built-in data, 30 steps, eval, checkpoint), then resumed to step 40;
 #   3. 14b-4l@4k-full (200 s): benchmarks/vs_transformers.py, phi4_jax's train step against
 #      transformers + torch.compile, both with full activation checkpointing, batch 4; then
 #      two more phi4_jax steps traced, their costliest events in OUT_DIR/ops_14b-4l_4k_full.md;
 #   4. 14b-4l@4k-none (150 s): the same with no checkpointing on either side;
 #   5. kernels-other (45 s): tokamax and pallas_triton through the same check;
-#   6. 1b@4k-full (150 s): phi4_jax against torch.compile, batch 8;
+#   6. 1b@4k-full (170 s): phi4_jax against torch.compile, batch 8;
 #   7. 14b-4l@16k-full (100 s): phi4_jax alone, batch 1.
 # Steps 1-3 fit the budget after the wheel install; 4-7 run when earlier steps end early.
 # Measured on one H200 (2026-12-04, RESULTS_gpu.md): wheels 3 s, kernels-cudnn 30, the trainer
 # ~95 (by hand), 14b-4l@4k 99 / 89, kernels-other 34, 1b 103, 16k 43; BUDGET_S=565 ran all
-# of them inside a 15-minute device lease, the machine's start included.
+# of them inside a 15-minute device lease, the machine's start included. A second run (16:01):
+# the trainer cut at 120 s near its last steps, torch.compile at 1b past its 67 s share.
 #
 # From the repository root, on a machine with jax, flax, optax, orbax, torch and
 # transformers (no internet needed):
@@ -145,10 +146,10 @@ fi
 
 step kernels-cudnn 60 python3 benchmarks/gpu_check.py --candidates=cudnn,cudnn_single \
   --results="$RESULTS" $DRY_FLAG
-step trainer-125m 120 bash -c trainer_run
+step trainer-125m 150 bash -c trainer_run
 vs_transformers 14b-4l@4k full phi4_jax,torch_compile 200 --profile_dir="$OUT_DIR"
 vs_transformers 14b-4l@4k none phi4_jax,torch_compile 150 --profile_dir="$OUT_DIR"
 step kernels-other 45 python3 benchmarks/gpu_check.py --candidates=tokamax,pallas_triton \
   --results="$RESULTS" $DRY_FLAG
-vs_transformers 1b@4k full phi4_jax,torch_compile 150
+vs_transformers 1b@4k full phi4_jax,torch_compile 170
 vs_transformers 14b-4l@16k full phi4_jax 100

@@ -80,8 +80,7 @@ def _over_chunks(score, x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Ar
     targets_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
 
     def chunk_scores(x_BCD, targets_BC):
-        logits_BCV = jnp.einsum("bcd,dv->bcv", x_BCD, head_DV.astype(x_BCD.dtype),
-                                preferred_element_type=jnp.float32)
+        logits_BCV = head_logits(x_BCD, head_DV)
         return score(constrain(logits_BCV, ("batch", "seq", "vocab")), targets_BC)
 
     if remat:
@@ -90,6 +89,37 @@ def _over_chunks(score, x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Ar
     _, scores_NBC = jax.lax.scan(lambda _, xs: (None, chunk_scores(*xs)), None,
                                  (x_NBCD, targets_NBC))
     return jax.tree.map(lambda s: s.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], scores_NBC)
+
+
+@jax.custom_vjp
+def head_logits(x_BCD: jax.Array, head_DV: jax.Array) -> jax.Array:
+    """float32 logits of hidden states in the compute dtype and the head cast to it.
+
+    Its backward takes the logits' gradient in the compute dtype, as every other matmul of
+    the model does, where differentiating the float32 output would run both of the head's
+    gradient matmuls in float32 (on an H200 in bfloat16: TF32 kernels, a quarter of a
+    14b-4l step, `benchmarks/RESULTS_gpu.md`). Both gradients accumulate in float32; the
+    head's comes back in its parameter dtype. With float32 hidden states it is the plain
+    einsum's gradient.
+    """
+    return jnp.einsum("bcd,dv->bcv", x_BCD, head_DV.astype(x_BCD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _head_logits_forward(x_BCD, head_DV):
+    return head_logits(x_BCD, head_DV), (x_BCD, head_DV)
+
+
+def _head_logits_backward(residuals, grad_BCV):
+    x_BCD, head_DV = residuals
+    grad_BCV = grad_BCV.astype(x_BCD.dtype)
+    grad_x = jnp.einsum("bcv,dv->bcd", grad_BCV, head_DV.astype(x_BCD.dtype),
+                        preferred_element_type=jnp.float32)
+    grad_head = jnp.einsum("bcd,bcv->dv", x_BCD, grad_BCV, preferred_element_type=jnp.float32)
+    return grad_x.astype(x_BCD.dtype), grad_head.astype(head_DV.dtype)
+
+
+head_logits.defvjp(_head_logits_forward, _head_logits_backward)
 
 
 def next_token_loss_sum(log_probs_BT: jax.Array, weights_BT: jax.Array
