@@ -689,8 +689,9 @@ def spread(values: list[float], digits: int = 2) -> str:
 
 def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
     """One source's interleaved rounds: raw tiktoken on 1 and all cores, then the pipeline at
-    each read-thread and read-process count; rates and per-round ratios to the round's faster
-    raw run."""
+    each read-thread and read-process count; rates, per-round ratios to the round's faster
+    raw run, and each count's per-round ratio to the count before it (does one more reader
+    ever slow it down?)."""
     readers = ([("read_threads", int(t)) for t in _READ_THREADS.value]
                + [("read_processes", int(p)) for p in _READ_PROCESSES.value])
     cores = len(os.sched_getaffinity(0))
@@ -716,17 +717,21 @@ def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
     lines = [f"### {name}: {len(documents):,} documents timed, load average {load_before:.2f} "
              f"before, {os.getloadavg()[0]:.2f} after", "",
              "| run | tokens/s, median [min, max] | / raw tiktoken (same round) | "
-             "/ make + tiktoken (same round) |", "|---|---:|---:|---:|"]
+             "/ make + tiktoken (same round) | / the count before (same round) |",
+             "|---|---:|---:|---:|---:|"]
     for t in raw_threads:
         values = [v / 1e6 for v in rates["raw", t]]
-        lines.append(f"| raw `encode_ordinary_batch`, {t} thread(s) | {spread(values)}M | | |")
+        lines.append(f"| raw `encode_ordinary_batch`, {t} thread(s) | {spread(values)}M | | | |")
     values = [v / 1e6 for v in rates["made", 1]]
     lines.append(f"| make the documents + `encode_ordinary_batch`, 1 thread | {spread(values)}M "
-                 f"| | |")
-    for reader in readers:
+                 f"| | | |")
+    for before, reader in zip([None, *readers], readers):
         values = [v / 1e6 for v in rates[reader]]
+        step = ""
+        if before is not None and before[0] == reader[0]:
+            step = f"{spread([a / b for a, b in zip(rates[reader], rates[before])])} (vs {before[1]})"
         lines.append(f"| pipeline, {reader[0]}={reader[1]} | {spread(values)}M | "
-                     f"{spread(ratios[reader])} | {spread(to_made[reader])} |")
+                     f"{spread(ratios[reader])} | {spread(to_made[reader])} | {step} |")
     return [*lines, ""]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import re
 import sysconfig
 
@@ -64,6 +65,23 @@ def test_jsonl_bytes_that_are_not_utf8_are_replaced(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(b'{"text": "caf\xe9 ok"}\n\xef\xbb\xbf{"text": "bom"}\n')
     spec = {"kind": "jsonl", "paths": str(tmp_path / "a.jsonl"), "text_key": "text"}
     assert _train("j", spec) == ["caf\ufffd ok", "bom"]
+
+
+def test_jsonl_records_across_more_files_than_it_keeps_mapped(tmp_path, monkeypatch):
+    """Records read in a shuffled order, twice, from 5 files with 2 kept mapped at a time, and
+    from a pickled copy (as read processes get it)."""
+    monkeypatch.setattr(sources, "MAPPED_FILES", 2)
+    want, paths = [], []
+    for f in range(5):
+        texts = [f"file {f} line {i} " + "y" * (i * 700) for i in range(3)]
+        (tmp_path / f"{f}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        paths.append(str(tmp_path / f"{f}.jsonl"))
+        want += texts
+    records = sources.JsonlRecords(paths)
+    copy = pickle.loads(pickle.dumps(records))
+    order = np.random.default_rng(0).permutation(np.tile(np.arange(len(want)), 2))
+    for reader in (records, copy):
+        assert [reader[int(i)]["text"] for i in order] == [want[i] for i in order]
 
 
 def test_text_reads_one_document_per_file_in_sorted_order(tmp_path):

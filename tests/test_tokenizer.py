@@ -204,6 +204,29 @@ def test_special_strings_in_data_are_plain_text(phi4, text):
     assert phi4.encode_array(text).tolist() == ids
 
 
+DOCUMENT_GROUPS = [
+    [text for text in SAMPLE_TEXTS if text],
+    ["ends in spaces   ", "   starts with spaces", "", "\n\n", "x\n", "\ny", "'s", "123", "456"],
+    ["before", *INJECTIONS, "after"],  # the end-of-text string in a text: encoded text by text
+    ["lone \ud800 surrogate", "after"],
+    ["one"],
+    [],
+]
+
+
+@pytest.mark.parametrize("name", ["phi4", "phi4-mini", "bytes"])
+@pytest.mark.parametrize("texts", DOCUMENT_GROUPS)
+def test_encode_documents_equals_each_text_encoded_alone_then_end_of_text(name, texts,
+                                                                          monkeypatch):
+    tokenizer = tk.load_tokenizer(name)
+    want = [i for text in texts for i in tokenizer.encode(text) + [tokenizer.eot_id]]
+    if not any("<|endoftext|>" in text or "\ud800" in text for text in texts):
+        # these take the one-call path: the text-by-text fallback must not be what passes
+        monkeypatch.setattr(tk.Phi4Tokenizer, "encode_array", lambda *_: pytest.fail("fell back"))
+    ids = tokenizer.encode_documents(texts)
+    assert ids.dtype == np.int32 and ids.tolist() == want
+
+
 @pytest.mark.parametrize("role", ["user", "assistant", "system"])
 def test_special_strings_in_chat_content_are_plain_text(phi4, role):
     text = INJECTIONS[0]

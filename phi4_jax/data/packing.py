@@ -56,13 +56,12 @@ def group_pairs(texts: Sequence[str | None], tokenizer: Phi4Tokenizer) -> dict[s
     """The next-token pairs of a group of documents end to end (int32 `inputs`, `targets`) and
     each pair's length (`lengths`); None (a record the bad-record policy skipped) and empty
     documents, which have no target, are left out."""
-    ids = [tokenizer.encode_array(text) for text in texts if text]
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    inputs = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-    targets = np.empty_like(inputs)  # each document's inputs shifted by one, then its end token
-    targets[:-1] = inputs[1:]
-    targets[np.cumsum(lengths) - 1] = tokenizer.eot_id
-    return {"inputs": inputs, "targets": targets, "lengths": lengths}
+    ids = tokenizer.encode_documents([text for text in texts if text])  # each ends in eot
+    is_end = ids == tokenizer.eot_id  # ordinary text never encodes to it
+    ends = np.flatnonzero(is_end)
+    lengths = np.diff(ends, prepend=-1) - 1
+    # each document's tokens, and each one's next token: the document's next, then its eot
+    return {"inputs": ids[~is_end], "targets": ids[1:][~is_end[:-1]], "lengths": lengths}
 
 
 def pack_groups(groups: grain.IterDataset, seq_len: int, max_segments: int) -> grain.IterDataset:

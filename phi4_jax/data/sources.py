@@ -37,6 +37,7 @@ counted (`length_filter`), and packs them whole (`packing.pack_whole_documents`)
 
 from __future__ import annotations
 
+import bisect
 import functools
 import glob
 import json
@@ -288,26 +289,45 @@ class JsonRecord(dict):
         self._where = value
 
 
+MAPPED_FILES = 64  # jsonl files a reader keeps memory-mapped at once, each an open descriptor
+
+
 class JsonlRecords:
-    """One record per non-empty JSON line; line offsets are indexed once so any record is one seek away."""
+    """One record per non-empty JSON line; line offsets are indexed once, and a record is a
+    slice of its memory-mapped file: no system call, so read threads keep the GIL through it
+    (an open, seek, read and close per record let it go each time; on two cores, two read
+    threads took 2.5x as long to read the same records as one reading them inline)."""
 
     def __init__(self, paths: Sequence[str]):
         self._paths = tuple(paths)
         spans = [_line_spans(path) for path in self._paths]
         self._file_ids = np.concatenate([np.full(len(s), i, np.int32) for i, s in enumerate(spans)])
         self._spans = np.concatenate(spans) if spans else np.zeros((0, 2), np.int64)
+        self._keep_maps()
 
     def __len__(self) -> int:
         return len(self._spans)
 
     def __getitem__(self, index: int) -> Any:
-        path = self._paths[self._file_ids[index]]
+        file_id = int(self._file_ids[index])
         start, stop = (int(x) for x in self._spans[index])
-        with open(path, "rb") as f:
-            f.seek(start)
-            line = f.read(stop - start)
-        return _json_record(line, functools.partial(_line_location, path, start),
+        line = self._mapped(file_id)[start:stop]
+        return _json_record(line, functools.partial(_line_location, self._paths[file_id], start),
                             "a jsonl file needs one JSON value per line")
+
+    def _map_file(self, file_id: int) -> mmap.mmap:
+        with open(self._paths[file_id], "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def _keep_maps(self) -> None:
+        self._mapped = functools.lru_cache(maxsize=MAPPED_FILES)(self._map_file)
+
+    def __getstate__(self) -> dict[str, Any]:  # a read process maps the files itself
+        return {key: value for key, value in self.__dict__.items() if key != "_mapped"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._keep_maps()
 
 
 def _line_location(path: str, offset: int) -> str:
@@ -439,5 +459,7 @@ def _train_record(records: grain.MapDataset, gaps: np.ndarray, train_index: int)
     """The `train_index`-th record that is not held out: skip one record per held-out index at or below it.
 
     `gaps[k]` is the k-th held-out index minus k, the count of training records before it.
+    Searched with `bisect`, which keeps the GIL (NumPy's searchsorted lets it go, a thread
+    switch per record when read threads contend).
     """
-    return records[train_index + int(np.searchsorted(gaps, train_index, side="right"))]
+    return records[train_index + bisect.bisect_right(gaps.data, train_index)]
