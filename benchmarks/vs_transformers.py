@@ -692,6 +692,7 @@ def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
     each read-thread and read-process count; rates, per-round ratios to the round's faster
     raw run, and each count's per-round ratio to the count before it (does one more reader
     ever slow it down?)."""
+    from phi4_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     readers = ([("read_threads", int(t)) for t in _READ_THREADS.value]
                + [("read_processes", int(p)) for p in _READ_PROCESSES.value])
     cores = len(os.sched_getaffinity(0))
@@ -730,7 +731,9 @@ def pipeline_table(name: str, specs: dict, mix: dict) -> list[str]:
         step = ""
         if before is not None and before[0] == reader[0]:
             step = f"{spread([a / b for a, b in zip(rates[reader], rates[before])])} (vs {before[1]})"
-        lines.append(f"| pipeline, {reader[0]}={reader[1]} | {spread(values)}M | "
+        used = pipeline.readers({reader[0]: reader[1]}, reader[0])
+        label = f"{reader[0]}={reader[1]}" + (f" ({used} used)" if used != reader[1] else "")
+        lines.append(f"| pipeline, {label} | {spread(values)}M | "
                      f"{spread(ratios[reader])} | {spread(to_made[reader])} | {step} |")
     return [*lines, ""]
 

@@ -1,6 +1,7 @@
 """Sources read back what was written; held-out splits; the config errors raised before training."""
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -82,6 +83,18 @@ def test_jsonl_records_across_more_files_than_it_keeps_mapped(tmp_path, monkeypa
     order = np.random.default_rng(0).permutation(np.tile(np.arange(len(want)), 2))
     for reader in (records, copy):
         assert [reader[int(i)]["text"] for i in order] == [want[i] for i in order]
+
+
+@pytest.mark.parametrize("requested, cores, want", [(4, 2, 2), (2, 2, 2), (0, 2, 0), (3, 1, 1)])
+@pytest.mark.parametrize("key", ["read_threads", "read_processes"])
+def test_readers_are_capped_at_the_cores_the_process_may_run_on(key, requested, cores, want,
+                                                                  monkeypatch, caplog):
+    monkeypatch.setattr(pipeline, "_usable_cores", lambda: cores)
+    pipeline._log_cap.cache_clear()
+    with caplog.at_level(logging.INFO):
+        assert pipeline.readers({key: requested}, key) == want
+    assert (f"data.{key}={requested} is more than the {cores} cores" in caplog.text) == (
+        requested > cores)
 
 
 def test_text_reads_one_document_per_file_in_sorted_order(tmp_path):

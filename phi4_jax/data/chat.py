@@ -29,7 +29,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax.data import adapters, bad_records, synthetic
+from phi4_jax.data import adapters, bad_records, pipeline, synthetic
 from phi4_jax.data.packing import training_row
 from phi4_jax.data.synthetic.reasoning import ReasoningFormat
 from phi4_jax.data.sources import BadRecordError
@@ -163,7 +163,7 @@ def conversation_rows(name: str, records: grain.MapDataset, cfg: Mapping[str, An
                                 reasoning_format=reasoning_format, routing=routing)
     examples = bad_records.convert(name, records, example, cfg["sources"][name])
     examples = examples.filter(lambda e: e is not None)
-    read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
-                                     prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
+    threads = pipeline.readers(cfg, "read_threads")
+    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * max(threads, 1))
     return pack_examples(examples.to_iter_dataset(read_options), seq_len,
                          cfg["max_segments_per_row"], with_adapter_ids=bool(routing.adapters))

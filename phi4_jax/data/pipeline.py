@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import pickle
 import zlib
 from collections.abc import Callable, Mapping
@@ -43,6 +44,7 @@ DATA_DEFAULTS = {
     # threads). Threads scale tokenization but not the Python work of making documents, which
     # holds the interpreter's lock; processes scale both, each costing a start-up (an
     # interpreter, grain and the tokenizer) and one core. Sources with `min_tokens` read on threads.
+    # Both counts are capped at the cores this process may run on (`readers`).
     "read_processes": 0,
     "prefetch": 4,
     # The most documents one packed row may hold; the packer splits rows that would hold
@@ -267,7 +269,7 @@ def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, An
     spec = cfg["sources"][name]
     documents = bad_records.convert(name, records, functools.partial(sources.document_text, name, spec),
                                     spec)
-    threads = cfg["read_threads"]
+    threads = readers(cfg, "read_threads")
     if min_tokens := spec.get("min_tokens", 0):
         pairs = documents.map(functools.partial(packing.document_pair, tokenizer=tokenizer))
         pairs = pairs.filter(packing.has_tokens).filter(length_filter.MinTokens(name, min_tokens))
@@ -277,7 +279,7 @@ def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, An
                                             cfg["max_segments_per_row"])
     groups = documents.batch(DOCUMENTS_PER_READ,
                              batch_fn=functools.partial(packing.group_pairs, tokenizer=tokenizer))
-    if workers := cfg["read_processes"]:
+    if workers := readers(cfg, "read_processes"):
         try:
             read = processes.ProcessReader(groups, workers, GROUPS_BUFFERED_PER_PROCESS * workers)
         except (pickle.PicklingError, TypeError, AttributeError) as error:
@@ -288,6 +290,29 @@ def packed_document_rows(name: str, records: grain.MapDataset, cfg: dict[str, An
         read = groups.to_iter_dataset(grain.ReadOptions(
             num_threads=threads, prefetch_buffer_size=GROUPS_BUFFERED_PER_THREAD * threads))
     return packing.pack_groups(read, seq_len, cfg["max_segments_per_row"])
+
+
+def readers(cfg: Mapping[str, Any], key: str) -> int:
+    """`data.<key>` (read_threads or read_processes) capped at the cores this process may run
+    on: readers past them only add hand-offs (on 2 cores, 4 read threads ran at 0.80-0.84x
+    the tokens/s of 2, `benchmarks/RESULTS_cpu.md`). Logged once when it caps."""
+    cores = _usable_cores()
+    if cfg[key] > cores:
+        _log_cap(key, cfg[key], cores)
+    return min(cfg[key], cores)
+
+
+@functools.cache
+def _log_cap(key: str, requested: int, cores: int) -> None:
+    logging.info("data.%s=%d is more than the %d cores this process may run on: each source "
+                 "reads with %d", key, requested, cores, cores)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity outside Linux
+        return os.cpu_count() or 1
 
 
 def _source_seed(seed: int, name: str) -> int:

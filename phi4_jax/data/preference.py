@@ -35,7 +35,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from phi4_jax.data import adapters, bad_records, synthetic
+from phi4_jax.data import adapters, bad_records, pipeline, synthetic
 from phi4_jax.data.chat import Counts, RecordPlace, prompt_messages, where
 from phi4_jax.data.sources import BadRecordError
 from phi4_jax.data.tokenizer import Phi4Tokenizer
@@ -320,6 +320,6 @@ def pair_rows(name: str, records: grain.MapDataset, cfg: Mapping[str, Any], *,
     if reference is not None:
         example = functools.partial(with_reference, reference[name], example)
     rows = bad_records.convert(name, records, example, cfg["sources"][name])
-    read_options = grain.ReadOptions(num_threads=cfg["read_threads"],
-                                     prefetch_buffer_size=4 * max(cfg["read_threads"], 1))
+    threads = pipeline.readers(cfg, "read_threads")
+    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * max(threads, 1))
     return rows.filter(lambda r: r is not None).to_iter_dataset(read_options)
