@@ -58,7 +58,8 @@ DATA_KEYS = ("sources", *DATA_DEFAULTS)
 DOCUMENTS_BUFFERED_PER_THREAD = 4  # long documents (`min_tokens`), read one at a time
 # Other documents are read and tokenized in groups: grain's per-element work (about 60 us) is
 # then paid once per group, not per document (a synthetic exercise is ~100 tokens, ~45 us of
-# tiktoken), and a group's tokenization releases the GIL for the other read threads.
+# tiktoken), and a group is one tokenizer call, which lets the GIL go to the other read
+# threads once (`Phi4Tokenizer.encode_documents`).
 DOCUMENTS_PER_READ = 32
 GROUPS_BUFFERED_PER_THREAD = 2
 GROUPS_BUFFERED_PER_PROCESS = 4
