@@ -97,6 +97,16 @@ def test_readers_are_capped_at_the_cores_the_process_may_run_on(key, requested, 
         requested > cores)
 
 
+def test_jsonl_file_cut_after_indexing_is_named_not_read_past_its_end(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    records = sources.JsonlRecords([str(path)])
+    path.write_text(json.dumps({"text": DOCS[0]}) + "\n")
+    with pytest.raises(sources.DataConfigError,
+                       match=r"a\.jsonl is \d+ bytes, shorter than the \d+ indexed .* restart"):
+        records[len(DOCS) - 1]
+
+
 def test_text_reads_one_document_per_file_in_sorted_order(tmp_path):
     for i, doc in enumerate(DOCS):
         (tmp_path / "books" / f"{i:02d}").mkdir(parents=True)

@@ -303,6 +303,7 @@ class JsonlRecords:
         spans = [_line_spans(path) for path in self._paths]
         self._file_ids = np.concatenate([np.full(len(s), i, np.int32) for i, s in enumerate(spans)])
         self._spans = np.concatenate(spans) if spans else np.zeros((0, 2), np.int64)
+        self._indexed_bytes = [int(s[-1, 1]) if len(s) else 0 for s in spans]
         self._keep_maps()
 
     def __len__(self) -> int:
@@ -316,7 +317,14 @@ class JsonlRecords:
                             "a jsonl file needs one JSON value per line")
 
     def _map_file(self, file_id: int) -> mmap.mmap:
-        with open(self._paths[file_id], "rb") as f:
+        """The file mapped whole, refused if it is now shorter than its indexed lines (reading
+        past a mapping's end would kill the process); a file cut after it is mapped still does."""
+        path, indexed = self._paths[file_id], self._indexed_bytes[file_id]
+        with open(path, "rb") as f:
+            if (size := os.fstat(f.fileno()).st_size) < indexed:
+                raise DataConfigError(
+                    f"{path} is {size} bytes, shorter than the {indexed} indexed when the run "
+                    f"started: it changed during the run; restore it, or restart to index it again")
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def _keep_maps(self) -> None:
